@@ -1,0 +1,1 @@
+//! herdsman: a container-first prefork runtime for axum web services on PaaS.
