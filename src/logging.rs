@@ -1,0 +1,115 @@
+//! Log lines on stderr, in the shape a PaaS log drain expects.
+//!
+//! Master and workers write to the same stderr, so every line carries the pid and the role of
+//! the process that wrote it, like gunicorn's `[pid] [LEVEL]` prefix:
+//!
+//! ```text
+//! 2026-11-25T08:00:00.123456Z [4242] [master] INFO Listening at: http://[::]:8080
+//! ```
+//!
+//! With `LOG_FORMAT=json` the same fields become one JSON object per line.
+
+use std::fmt::Write as _;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber. Called once per process; a second call is a no-op.
+pub fn init(format: LogFormat, filter: &str, role: &'static str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .event_format(LineFormat { format, role, pid: std::process::id() })
+        .try_init();
+}
+
+struct LineFormat {
+    format: LogFormat,
+    role: &'static str,
+    pid: u32,
+}
+
+/// Collects an event's message and fields.
+#[derive(Default)]
+struct Fields {
+    message: String,
+    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.message, "{value:?}");
+        } else {
+            self.rest.insert(field.name().into(), format!("{value:?}").into());
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else {
+            self.rest.insert(field.name().into(), value.into());
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.rest.insert(field.name().into(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.rest.insert(field.name().into(), value.into());
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.rest.insert(field.name().into(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.rest.insert(field.name().into(), value.into());
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for LineFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let mut time = String::new();
+        SystemTime.format_time(&mut Writer::new(&mut time))?;
+        let level = event.metadata().level();
+        match self.format {
+            LogFormat::Text => {
+                write!(writer, "{time} [{}] [{}] {level} {}", self.pid, self.role, fields.message)?;
+                for (key, value) in &fields.rest {
+                    match value {
+                        serde_json::Value::String(s) => write!(writer, " {key}={s}")?,
+                        other => write!(writer, " {key}={other}")?,
+                    }
+                }
+                writeln!(writer)
+            }
+            LogFormat::Json => {
+                let mut line = serde_json::Map::new();
+                line.insert("ts".into(), time.into());
+                line.insert("level".into(), level.as_str().into());
+                line.insert("pid".into(), self.pid.into());
+                line.insert("role".into(), self.role.into());
+                line.insert("msg".into(), fields.message.into());
+                line.extend(fields.rest);
+                writeln!(writer, "{}", serde_json::Value::Object(line))
+            }
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! A worker process: one single-threaded tokio runtime serving the app on the shared socket.
+//!
+//! The master starts each worker by re-executing its own binary as `herdsman __worker`, with
+//! the listening socket on fd 3, the write end of its control pipe on fd 4 (see
+//! [`crate::control`]) and its resolved configuration in `HERDSMAN_WORKER_CONFIG`. Re-executing
+//! rather than forking means the master never forks with a runtime's threads and locks in
+//! flight, and a worker starts from a clean process image, the same binary, like gunicorn's
+//! workers but without inheriting anything by accident.
+//!
+//! One runtime thread per worker (and `WEB_CONCURRENCY` workers, one per CPU by default) is the
+//! prefork model: a worker whose runtime blocks stops its heartbeat and is replaced; it cannot
+//! be hidden by other threads still making progress.
+//!
+//! The life of a worker:
+//! 1. take the socket and the pipe, start the runtime, tell the master `Ready`, serve;
+//! 2. run the warm-up tasks in the background and beat the heart every `GUNICORN_TIMEOUT / 4`;
+//! 3. on SIGTERM or SIGINT (or when the master is gone) drain: stop accepting, answer every
+//!    request with `Connection: close`, close idle connections, let in-flight requests finish
+//!    within `GRACEFUL_TIMEOUT`, exit 0. SIGQUIT exits at once;
+//! 4. on SIGABRT (the master's verdict that it hung) a side thread logs what the worker was
+//!    doing — each in-flight request's method, path and age — and exits.
+
+use std::net::TcpListener as StdTcpListener;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::unix::pipe;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::app::{App, Services};
+use crate::config::Config;
+use crate::control::{Message, CONTROL_FD};
+use crate::http::{self, RequestTracker};
+use crate::warmup::Warmup;
+use crate::{listener, logging};
+
+/// The variable through which the master hands a worker its configuration.
+pub const CONFIG_ENV: &str = "HERDSMAN_WORKER_CONFIG";
+
+/// How long a draining worker lets keep-alive clients pick up their `Connection: close` before
+/// it closes the connections that stayed idle.
+const CLOSE_IDLE_AFTER: Duration = Duration::from_secs(1);
+
+/// Why a worker stops serving.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    Graceful(&'static str),
+    Fast,
+}
+
+/// Runs a worker to completion. Called from [`App::run`] for `herdsman __worker`.
+pub fn run(app: &App) -> ExitCode {
+    let config = match std::env::var(CONFIG_ENV)
+        .map_err(|e| e.to_string())
+        .and_then(|json| serde_json::from_str::<Config>(&json).map_err(|e| e.to_string()))
+    {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("herdsman: `herdsman __worker` is started by the herdsman master only ({CONFIG_ENV}: {e})");
+            return ExitCode::from(2);
+        }
+    };
+    // Subprocesses the app starts must not think they are herdsman workers.
+    std::env::remove_var(CONFIG_ENV);
+    logging::init(config.log_format, &config.log_level, "worker");
+    install_panic_hook();
+    ignore_operator_signals();
+
+    #[cfg(feature = "test-hooks")]
+    test_boot_hooks();
+
+    // SAFETY: this process was started by the master as a worker (CONFIG_ENV was set), and the
+    // master puts the listening socket on LISTEN_FD and the pipe on CONTROL_FD before exec.
+    let (listener, control) = match unsafe { listener::inherited() } {
+        Ok(listener) => (listener, unsafe { OwnedFd::from_raw_fd(CONTROL_FD) }),
+        Err(e) => {
+            tracing::error!("worker cannot use the socket passed by the master: {e}");
+            return ExitCode::from(1);
+        }
+    };
+
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!("worker cannot start its runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(serve(app, Arc::new(config), listener, control));
+    // Warm-up tasks may still run; they are not worth waiting for on the way out.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("worker failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve(app: &App, config: Arc<Config>, listener: StdTcpListener, control: OwnedFd) -> std::io::Result<()> {
+    let listener = TcpListener::from_std(listener)?;
+    let control = Arc::new(pipe::Sender::from_owned_fd(control)?);
+    let (stop_tx, mut stop_rx) = mpsc::channel::<Stop>(4);
+
+    let recycle_after = recycle_threshold(&config);
+    let tracker = {
+        let control = control.clone();
+        RequestTracker::new(recycle_after, move || {
+            tracing::info!("served MAX_REQUESTS; asking the master for a replacement");
+            let control = control.clone();
+            tokio::spawn(async move { tell(&control, Message::Recycle).await });
+        })
+    };
+    spawn_abort_diagnostics(tracker.clone());
+
+    let services = Services {
+        config: config.clone(),
+        warmup: Warmup::default(),
+        started: Instant::now(),
+        tracker: tracker.clone(),
+    };
+    let router = http::router(&services, app.user_routes(&services), tracker.clone());
+
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(config.header_timeout);
+    let graceful = GracefulShutdown::new();
+
+    spawn_stop_signals(stop_tx.clone())?;
+    spawn_heartbeat(control.clone(), heartbeat_interval(config.timeout), stop_tx);
+    tell(&control, Message::Ready).await?;
+    tracing::info!("worker serving");
+    services.warmup.spawn_all(
+        crate::builtin_warmups(&config).into_iter().chain(app.user_warmups()).collect(),
+        &services,
+        config.startup_operation_timeout,
+    );
+
+    let stop = loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone()));
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!("connection ended with an error: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(stop) = stop_rx.recv() => break stop,
+        }
+    };
+    drop(listener);
+
+    match stop {
+        Stop::Fast => {
+            tracing::info!("worker exiting at once (SIGQUIT)");
+            Ok(())
+        }
+        Stop::Graceful(reason) => {
+            drain(tracker, graceful, config.graceful_timeout, reason).await;
+            Ok(())
+        }
+    }
+}
+
+/// Lets in-flight requests finish; see step 3 of the module documentation.
+async fn drain(tracker: RequestTracker, graceful: GracefulShutdown, grace: Duration, reason: &str) {
+    let deadline = tokio::time::Instant::now() + grace;
+    tracker.start_draining();
+    tracing::info!("worker draining ({reason}): {} connections open", graceful.count());
+    let close_idle_at = (tokio::time::Instant::now() + CLOSE_IDLE_AFTER).min(deadline);
+    while graceful.count() > 0 && tokio::time::Instant::now() < close_idle_at {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match tokio::time::timeout_at(deadline, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("worker drained; exiting"),
+        Err(_) => tracing::warn!(
+            "worker exiting with {} requests unfinished after GRACEFUL_TIMEOUT",
+            tracker.in_flight().len()
+        ),
+    }
+}
+
+/// `MAX_REQUESTS` plus this worker's share of the jitter; `None` when recycling is off.
+fn recycle_threshold(config: &Config) -> Option<u64> {
+    (config.max_requests > 0).then(|| config.max_requests + rand::random_range(0..=config.max_requests_jitter))
+}
+
+/// Often enough that one lost beat never looks like a hang.
+fn heartbeat_interval(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+fn spawn_heartbeat(control: Arc<pipe::Sender>, every: Duration, stop: mpsc::Sender<Stop>) {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(every);
+        loop {
+            ticker.tick().await;
+            match tell(&control, Message::Heartbeat).await {
+                Ok(()) => {}
+                Err(_) => {
+                    tracing::warn!("the master is gone; draining");
+                    let _ = stop.send(Stop::Graceful("master gone")).await;
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Writes one message to the master. One byte is below `PIPE_BUF`, so writes never interleave.
+async fn tell(control: &pipe::Sender, message: Message) -> std::io::Result<()> {
+    loop {
+        control.writable().await?;
+        match control.try_write(&[message.to_byte()]) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn spawn_stop_signals(stop: mpsc::Sender<Stop>) -> std::io::Result<()> {
+    let table = [
+        (SignalKind::terminate(), Stop::Graceful("SIGTERM")),
+        // Ctrl-C reaches the whole process group; the master turns it into a drain.
+        (SignalKind::interrupt(), Stop::Graceful("SIGINT")),
+        (SignalKind::quit(), Stop::Fast),
+    ];
+    for (kind, intent) in table {
+        let mut stream = signal(kind)?;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if stop.send(intent).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// SIGABRT is the master's "you hung" (as in gunicorn). The runtime may be blocked, so the
+/// report comes from a side thread that reads the request tracker, then ends the process.
+fn spawn_abort_diagnostics(tracker: RequestTracker) {
+    let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGABRT]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            tracing::warn!("cannot install the SIGABRT handler, a hang will not be explained: {e}");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new().name("abort-diagnostics".into()).spawn(move || {
+        if signals.forever().next().is_some() {
+            let in_flight = tracker.in_flight();
+            tracing::error!("worker aborted by the master: its runtime sent no heartbeat for GUNICORN_TIMEOUT; {} requests in flight", in_flight.len());
+            for (request, age) in in_flight {
+                tracing::error!("in flight: {} {} for {:.1}s", request.method, request.path, age.as_secs_f64());
+            }
+            std::process::exit(1);
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the diagnostics thread: {e}");
+    }
+}
+
+/// A panicking handler is answered 500 by the catch-panic layer; this makes its log entry one
+/// line with the message and location, never a multi-line dump.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        tracing::error!("panic: {message}{location}");
+    }));
+}
+
+/// HUP, TTIN and TTOU are for the master. A terminal can send them to the whole process group,
+/// and the default action of TTIN/TTOU would stop the worker.
+fn ignore_operator_signals() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    for sig in [Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU] {
+        // SAFETY: SIG_IGN installs no handler code; nothing else in the worker handles these.
+        let _ = unsafe { signal(sig, SigHandler::SigIgn) };
+    }
+}
+
+/// Test-only misbehaviour at boot, driven by variables the tests set.
+#[cfg(feature = "test-hooks")]
+fn test_boot_hooks() {
+    if let Some(ms) = std::env::var("HERDSMAN_TEST_BOOT_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    if std::env::var_os("HERDSMAN_TEST_FAIL_BOOT").is_some() {
+        tracing::error!("test hook: failing this worker's boot on purpose");
+        std::process::exit(1);
+    }
+}
