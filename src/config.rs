@@ -107,69 +107,69 @@ pub struct ConfigError {
 #[derive(Debug, Default, Clone, Args)]
 pub struct Flags {
     /// Address to bind [env: HERDSMAN_HOST] [default: :: (IPv6 and IPv4)]
-    #[arg(long, value_name = "ADDR")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "ADDR")]
     pub host: Option<String>,
     /// Port to bind [env: PORT] [default: 8080]
-    #[arg(long, short = 'p', value_name = "PORT")]
+    #[arg(global = true, allow_hyphen_values = true, long, short = 'p', value_name = "PORT")]
     pub port: Option<String>,
     /// Worker processes, 1 to 512 [env: WEB_CONCURRENCY] [default: CPUs available]
-    #[arg(long, short = 'w', value_name = "N")]
+    #[arg(global = true, allow_hyphen_values = true, long, short = 'w', value_name = "N")]
     pub workers: Option<String>,
     /// Seconds a worker may stay silent before it is aborted [env: GUNICORN_TIMEOUT] [default: 30]
-    #[arg(long, short = 't', value_name = "SECONDS")]
+    #[arg(global = true, allow_hyphen_values = true, long, short = 't', value_name = "SECONDS")]
     pub timeout: Option<String>,
     /// Seconds a new worker may take to start serving [env: HERDSMAN_BOOT_TIMEOUT] [default: 30]
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "SECONDS")]
     pub boot_timeout: Option<String>,
     /// Failed boots (no worker ever ready) before giving up with exit status 3
     /// [env: HERDSMAN_BOOT_ATTEMPTS] [default: 5]
-    #[arg(long, value_name = "N")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "N")]
     pub boot_attempts: Option<String>,
     /// Seconds in-flight requests get on shutdown [env: GRACEFUL_TIMEOUT] [default: 25]
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "SECONDS")]
     pub graceful_timeout: Option<String>,
     /// Requests before a worker is replaced, 0 = never [env: MAX_REQUESTS] [default: 0]
-    #[arg(long, value_name = "N")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "N")]
     pub max_requests: Option<String>,
     /// Random extra requests per worker [env: MAX_REQUESTS_JITTER] [default: 0]
-    #[arg(long, value_name = "N")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "N")]
     pub max_requests_jitter: Option<String>,
     /// Seconds a handler may run before 503 [env: HERDSMAN_REQUEST_TIMEOUT] [default: 30]
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "SECONDS")]
     pub request_timeout: Option<String>,
     /// Seconds a client may take to send its headers [env: HERDSMAN_HEADER_TIMEOUT] [default: 10]
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "SECONDS")]
     pub header_timeout: Option<String>,
     /// Largest request body, in bytes [env: HERDSMAN_MAX_BODY_BYTES] [default: 1048576]
-    #[arg(long, value_name = "BYTES")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "BYTES")]
     pub max_body_bytes: Option<String>,
     /// text or json [env: LOG_FORMAT] [default: text]
-    #[arg(long, value_name = "FORMAT")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "FORMAT")]
     pub log_format: Option<String>,
     /// Log filter, e.g. info or herdsman=debug [env: LOG_LEVEL] [default: info]
-    #[arg(long, value_name = "FILTER")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "FILTER")]
     pub log_level: Option<String>,
     /// redis:// or rediss:// URL; unset = in-memory cache only [env: REDIS_URL] [default: none]
-    #[arg(long, value_name = "URL")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "URL")]
     pub redis_url: Option<String>,
     /// /ready waits for Redis: true or false [env: REDIS_REQUIRED] [default: false]
-    #[arg(long, value_name = "BOOL")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "BOOL")]
     pub redis_required: Option<String>,
     /// Seconds one Redis command may take before the cache falls back to memory
     /// [env: HERDSMAN_REDIS_TIMEOUT] [default: 0.25]
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "SECONDS")]
     pub redis_timeout: Option<String>,
     /// Seconds each warm-up task may take [env: STARTUP_OPERATION_TIMEOUT] [default: 2]
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "SECONDS")]
     pub startup_operation_timeout: Option<String>,
     /// bcrypt cost, 4 to 31 [env: BCRYPT_COST] [default: 10]
-    #[arg(long, value_name = "COST")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "COST")]
     pub bcrypt_cost: Option<String>,
     /// Comma-separated keys loaded from Redis at boot [env: CACHE_WARM_KEYS] [default: none]
-    #[arg(long, value_name = "KEYS")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "KEYS")]
     pub cache_warm_keys: Option<String>,
     /// Entries the in-memory cache holds [env: HERDSMAN_CACHE_ENTRIES] [default: 10000]
-    #[arg(long, value_name = "N")]
+    #[arg(global = true, allow_hyphen_values = true, long, value_name = "N")]
     pub cache_entries: Option<String>,
 }
 

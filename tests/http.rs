@@ -1,0 +1,95 @@
+//! The HTTP promises of a worker, on the real binary: health endpoints, slow headers, large
+//! bodies, slow handlers, panicking handlers.
+#![cfg(feature = "test-hooks")]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use support::start;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_endpoints_answer_from_the_first_request() {
+    let server = start(&[("WEB_CONCURRENCY", "1")]);
+    let live = reqwest::get(server.url("/live")).await.unwrap();
+    assert_eq!(live.status(), 200);
+    assert_eq!(live.text().await.unwrap(), "ok");
+    let ready = reqwest::get(server.url("/ready")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let health: serde_json::Value = reqwest::get(server.url("/health")).await.unwrap().json().await.unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
+    assert!(health["pid"].as_u64().unwrap() > 0);
+    assert!(health["uptime_s"].as_f64().unwrap() >= 0.0);
+    assert!(health["checks"].is_object());
+}
+
+#[test]
+fn headers_sent_too_slowly_are_cut_off() {
+    let server = start(&[("WEB_CONCURRENCY", "1"), ("HERDSMAN_HEADER_TIMEOUT", "1")]);
+    let mut stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(b"GET /live HTTP/1.1\r\nHost: slow\r\n").unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    // The server closes the connection: read ends with EOF (or a reset), not with our timeout.
+    let _ = stream.read_to_end(&mut rest);
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(5), "cut off after {waited:?}");
+    assert!(waited >= Duration::from_millis(800), "not before the timeout: {waited:?}");
+    assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_get_413_and_the_worker_lives_on() {
+    let server = start(&[("WEB_CONCURRENCY", "1"), ("HERDSMAN_MAX_BODY_BYTES", "1024")]);
+    let client = reqwest::Client::new();
+    let response = client.post(server.url("/live")).body(vec![b'x'; 4096]).send().await.unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(reqwest::get(server.url("/live")).await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_gets_503_at_the_request_timeout() {
+    let server = start(&[("WEB_CONCURRENCY", "1"), ("HERDSMAN_REQUEST_TIMEOUT", "0.5")]);
+    let started = Instant::now();
+    let response = reqwest::get(server.url("/__test/sleep?ms=5000")).await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("longer than 0.5s"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_gets_500_and_the_worker_lives_on() {
+    let server = start(&[("WEB_CONCURRENCY", "1")]);
+    let response = reqwest::get(server.url("/__test/panic")).await.unwrap();
+    assert_eq!(response.status(), 500);
+    assert_eq!(reqwest::get(server.url("/live")).await.unwrap().status(), 200);
+    let line = server.wait_for_log("panic: test hook: a handler panicked on purpose", Duration::from_secs(2));
+    assert!(line.contains("[worker] ERROR"), "{line}");
+    assert_eq!(server.count_logs("ready in"), 1, "the same worker still serves");
+    assert!(!server.logs().iter().any(|l| l.contains("stack backtrace")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_400() {
+    let server = start(&[("WEB_CONCURRENCY", "1")]);
+    let mut stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    stream.write_all(b"NOT A REQUEST\r\n\r\n").unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 400"), "{response:?}");
+    assert_eq!(reqwest::get(server.url("/live")).await.unwrap().status(), 200);
+}
+
+#[test]
+fn the_healthcheck_command_sees_a_running_server() {
+    let server = start(&[("WEB_CONCURRENCY", "1")]);
+    server.wait_for_log("ready in", Duration::from_secs(5));
+    let port = server.port.to_string();
+    let (status, output) = support::run_to_exit(&["healthcheck"], &[("PORT", &port), ("HERDSMAN_HOST", "127.0.0.1")]);
+    assert!(status.success(), "{output}");
+}

@@ -1,0 +1,252 @@
+//! Test support: the real `herdsman` binary as a child process on 127.0.0.1, its log lines,
+//! real signals, and a small load generator that records every request's outcome.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// A running herdsman master, killed (with its workers) when dropped.
+pub struct Herdsman {
+    child: Option<Child>,
+    pub port: u16,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+/// Starts `herdsman` with these variables on an ephemeral port of 127.0.0.1 and waits until it
+/// logs `Listening at`.
+pub fn start(env: &[(&str, &str)]) -> Herdsman {
+    start_with_args(&[], env)
+}
+
+pub fn start_with_args(args: &[&str], env: &[(&str, &str)]) -> Herdsman {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_herdsman"));
+    command
+        .args(args)
+        .env_clear()
+        .env("PORT", "0")
+        .env("HERDSMAN_HOST", "127.0.0.1")
+        .env("WEB_CONCURRENCY", "2")
+        .env("BCRYPT_COST", "4")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("spawn herdsman");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if std::env::var_os("HERDSMAN_TEST_ECHO").is_some() {
+                eprintln!("{line}");
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let mut server = Herdsman { child: Some(child), port: 0, logs };
+    let line = server.wait_for_log("Listening at: http://", Duration::from_secs(10));
+    let port = line
+        .split("Listening at: http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|addr| addr.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("port in the Listening line");
+    server.port = port;
+    server
+}
+
+impl Herdsman {
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn count_logs(&self, needle: &str) -> usize {
+        self.logs().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits for a log line containing `needle`, returns it; panics with the logs on timeout.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_nth_log(needle, 1, timeout)
+    }
+
+    pub fn wait_for_nth_log(&self, needle: &str, n: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let matching: Vec<String> = self.logs().into_iter().filter(|l| l.contains(needle)).collect();
+            if matching.len() >= n {
+                return matching[n - 1].clone();
+            }
+            if Instant::now() > deadline {
+                panic!("no {n}th log line containing {needle:?} within {timeout:?}; logs:\n{}", self.logs().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("signal the master");
+    }
+
+    /// The master's live worker processes.
+    pub fn workers(&self) -> Vec<Pid> {
+        children_of(self.pid())
+    }
+
+    /// Waits until the master has exactly `n` workers whose boot was logged as ready.
+    pub fn wait_for_workers(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.workers().len() != n {
+            if Instant::now() > deadline {
+                panic!("expected {n} workers, have {:?}; logs:\n{}", self.workers(), self.logs().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the master to exit and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("herdsman did not exit within {timeout:?}; logs:\n{}", self.logs().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Herdsman {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let workers = children_of(Pid::from_raw(child.id() as i32));
+            let _ = child.kill();
+            let _ = child.wait();
+            for pid in workers {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// The processes whose parent is `parent`, read from /proc.
+pub fn children_of(parent: Pid) -> Vec<Pid> {
+    let mut children = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return children };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // Fields after the command name, which is in parentheses and may contain spaces.
+        let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else { continue };
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // fields[0] = state, fields[1] = ppid. Zombies are gone as far as serving goes.
+        if fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(parent.as_raw()) && fields[0] != "Z" {
+            children.push(Pid::from_raw(pid));
+        }
+    }
+    children
+}
+
+/// Runs `herdsman` to completion with these arguments and variables; returns status and stderr.
+pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_herdsman"))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run herdsman");
+    let mut text = String::from_utf8_lossy(&output.stderr).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stdout));
+    (output.status, text)
+}
+
+/// The outcome of a load run.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    pub ok: u64,
+    pub failed: u64,
+    pub errors: Vec<String>,
+    pub max_latency: Duration,
+}
+
+/// `concurrency` tasks sending GET `path` over keep-alive connections until stopped.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    handles: Vec<tokio::task::JoinHandle<LoadReport>>,
+    pub sent: Arc<AtomicU64>,
+}
+
+impl Load {
+    pub fn start(url: String, concurrency: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+        let handles = (0..concurrency)
+            .map(|_| {
+                let (stop, sent, client, url) = (stop.clone(), sent.clone(), client.clone(), url.clone());
+                tokio::spawn(async move {
+                    let mut report = LoadReport::default();
+                    while !stop.load(Ordering::Relaxed) {
+                        let started = Instant::now();
+                        let outcome = client.get(&url).send().await;
+                        report.max_latency = report.max_latency.max(started.elapsed());
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        match outcome {
+                            Ok(r) if r.status().is_success() => match r.bytes().await {
+                                Ok(_) => report.ok += 1,
+                                Err(e) => {
+                                    report.failed += 1;
+                                    report.errors.push(format!("body: {e:?}"));
+                                }
+                            },
+                            Ok(r) => {
+                                report.failed += 1;
+                                report.errors.push(format!("status {}", r.status()));
+                            }
+                            Err(e) => {
+                                report.failed += 1;
+                                report.errors.push(format!("{e:?}"));
+                            }
+                        }
+                    }
+                    report
+                })
+            })
+            .collect();
+        Load { stop, handles, sent }
+    }
+
+    pub async fn finish(self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = LoadReport::default();
+        for handle in self.handles {
+            let r = handle.await.expect("load task");
+            total.ok += r.ok;
+            total.failed += r.failed;
+            total.errors.extend(r.errors);
+            total.max_latency = total.max_latency.max(r.max_latency);
+        }
+        total
+    }
+}
