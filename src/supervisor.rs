@@ -324,7 +324,8 @@ impl Supervisor {
             tracing::debug!("reaped process {pid} ({how}), not a worker");
             return;
         };
-        let expected = !worker.is_active() || matches!(self.phase, Phase::Stopping { .. });
+        let stopping = matches!(self.phase, Phase::Stopping { .. });
+        let expected = !worker.is_active() || stopping;
         match (worker.retirement, signal) {
             (Retirement::Aborting { .. }, _) => {
                 tracing::warn!("Worker {} (pid:{pid}) {how} after its timeout abort", worker.serial)
@@ -338,10 +339,12 @@ impl Supervisor {
             }
             _ => tracing::error!("Worker {} (pid:{pid}) {how}", worker.serial),
         }
-        if expected
-            && worker.retirement != Retirement::Killed
-            && !matches!(worker.retirement, Retirement::Aborting { .. })
-        {
+        let failed = match worker.retirement {
+            Retirement::Draining { .. } => false,
+            Retirement::Aborting { .. } | Retirement::Killed => true,
+            Retirement::Active => !stopping,
+        };
+        if !failed {
             return;
         }
         // An unplanned death, a hang or a failed boot: the replacement waits out a back-off.

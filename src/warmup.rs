@@ -146,6 +146,14 @@ impl Warmup {
         entries.iter().map(|(name, entry)| (name.clone(), serde_json::to_value(entry).unwrap_or_default())).collect()
     }
 
+    /// The tasks still running, if any, for the diagnostics of an aborted worker.
+    pub fn pending(&self) -> Option<String> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let pending: Vec<&str> =
+            entries.iter().filter(|(_, e)| e.state == TaskState::Pending).map(|(name, _)| name.as_str()).collect();
+        (!pending.is_empty()).then(|| pending.join(", "))
+    }
+
     /// Why this worker is not ready yet: the required tasks that have not succeeded.
     pub fn not_ready_reason(&self) -> Option<String> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());

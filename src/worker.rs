@@ -119,14 +119,10 @@ async fn serve(app: &App, config: Arc<Config>, listener: StdTcpListener, control
             tokio::spawn(async move { tell(&control, Message::Recycle).await });
         })
     };
-    spawn_abort_diagnostics(tracker.clone());
+    let warmup = Warmup::default();
+    spawn_abort_diagnostics(tracker.clone(), warmup.clone());
 
-    let services = Services {
-        config: config.clone(),
-        warmup: Warmup::default(),
-        started: Instant::now(),
-        tracker: tracker.clone(),
-    };
+    let services = Services { config: config.clone(), warmup, started: Instant::now(), tracker: tracker.clone() };
     let router = http::router(&services, app.user_routes(&services), tracker.clone());
 
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -259,7 +255,7 @@ fn spawn_stop_signals(stop: mpsc::Sender<Stop>) -> std::io::Result<()> {
 
 /// SIGABRT is the master's "you hung" (as in gunicorn). The runtime may be blocked, so the
 /// report comes from a side thread that reads the request tracker, then ends the process.
-fn spawn_abort_diagnostics(tracker: RequestTracker) {
+fn spawn_abort_diagnostics(tracker: RequestTracker, warmup: Warmup) {
     let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGABRT]) {
         Ok(signals) => signals,
         Err(e) => {
@@ -271,6 +267,9 @@ fn spawn_abort_diagnostics(tracker: RequestTracker) {
         if signals.forever().next().is_some() {
             let in_flight = tracker.in_flight();
             tracing::error!("worker aborted by the master: its runtime sent no heartbeat for GUNICORN_TIMEOUT; {} requests in flight", in_flight.len());
+            if let Some(pending) = warmup.pending() {
+                tracing::error!("warm-up still running: {pending}");
+            }
             for (request, age) in in_flight {
                 tracing::error!("in flight: {} {} for {:.1}s", request.method, request.path, age.as_secs_f64());
             }
