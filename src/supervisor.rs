@@ -120,6 +120,7 @@ pub struct Supervisor {
 
 /// Binds the socket and runs the master until it stops. Returns the process exit status.
 pub fn run(config: Config) -> ExitCode {
+    become_subreaper();
     let listener = match listener::bind(config.bind_addr()) {
         Ok(listener) => listener,
         Err(e) => {
@@ -562,6 +563,15 @@ impl Supervisor {
                 send(pid, Signal::SIGKILL);
             }
         }
+    }
+}
+
+/// Makes orphaned descendants (a worker's subprocess whose worker died) children of the master,
+/// as they would be of PID 1 in a container, so the master reaps them the same way everywhere.
+fn become_subreaper() {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER only sets a flag on this process.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        tracing::debug!("cannot become a child subreaper: {}", std::io::Error::last_os_error());
     }
 }
 

@@ -194,3 +194,16 @@ fn json_logs_are_one_object_per_line() {
         assert!(value["pid"].is_u64() && value["level"].is_string() && value["msg"].is_string(), "{line}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_of_workers_are_reaped_quietly_like_pid_1_would() {
+    let server = start(&[("WEB_CONCURRENCY", "1"), ("LOG_LEVEL", "debug")]);
+    server.wait_for_log("ready in", SECS(5));
+    let body = reqwest::get(server.url("/__test/orphan")).await.unwrap().text().await.unwrap();
+    assert_eq!(body, "orphaned");
+    // The orphaned `sleep` is re-parented to the master, exits, and is reaped without fuss.
+    server.wait_for_log("not a worker", SECS(5));
+    let children = support::children_with_state(server.pid());
+    assert_eq!(children.len(), 1, "only the worker is left, no zombie: {children:?}");
+    assert_eq!(server.count_logs("Booting worker"), 1, "an orphan's exit is not a worker failure");
+}

@@ -32,6 +32,21 @@ pub fn routes() -> Router {
             }),
         )
         .route("/__test/panic", get(|| async { panic_on_purpose() }))
+        // Leaves an orphan process behind (a shell that exits before its `sleep`), as apps that
+        // shell out do; the master must reap it.
+        .route(
+            "/__test/orphan",
+            get(|| async {
+                let status = tokio::task::spawn_blocking(|| {
+                    std::process::Command::new("sh").args(["-c", "sleep 0.3 &"]).status()
+                })
+                .await;
+                match status {
+                    Ok(Ok(s)) if s.success() => "orphaned",
+                    _ => "spawn failed",
+                }
+            }),
+        )
 }
 
 fn panic_on_purpose() -> &'static str {

@@ -149,8 +149,13 @@ impl Drop for Herdsman {
     }
 }
 
-/// The processes whose parent is `parent`, read from /proc.
+/// The live (non-zombie) processes whose parent is `parent`.
 pub fn children_of(parent: Pid) -> Vec<Pid> {
+    children_with_state(parent).into_iter().filter(|(_, state)| state != "Z").map(|(pid, _)| pid).collect()
+}
+
+/// Every process whose parent is `parent`, zombies included, with its state letter from /proc.
+pub fn children_with_state(parent: Pid) -> Vec<(Pid, String)> {
     let mut children = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else { return children };
     for entry in entries.flatten() {
@@ -159,9 +164,9 @@ pub fn children_of(parent: Pid) -> Vec<Pid> {
         // Fields after the command name, which is in parentheses and may contain spaces.
         let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else { continue };
         let fields: Vec<&str> = after.split_whitespace().collect();
-        // fields[0] = state, fields[1] = ppid. Zombies are gone as far as serving goes.
-        if fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(parent.as_raw()) && fields[0] != "Z" {
-            children.push(Pid::from_raw(pid));
+        // fields[0] = state, fields[1] = ppid.
+        if fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(parent.as_raw()) {
+            children.push((Pid::from_raw(pid), fields[0].to_string()));
         }
     }
     children
