@@ -117,7 +117,7 @@ mod tests {
         assert_eq!(status, 0);
         // Help text wraps at the terminal width; compare with the wrapping undone.
         let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
-        for var in Config::default().describe().keys() {
+        for (var, _) in Config::default().describe() {
             assert!(help.contains(&format!("env: {var}")), "--help lacks {var}");
         }
     }

@@ -1,6 +1,7 @@
 //! Settings: where they come from, what they mean, and what values they accept.
 //!
-//! Every setting has three sources, merged in one visible step ([`Config::resolve`]):
+//! Every setting is one row of the `settings!` table below and has three sources, merged in one
+//! visible step ([`Config::resolve`]):
 //! a command-line flag (clap) wins over an environment variable (envy), which wins over the
 //! default. PaaS platforms configure apps through the environment (`PORT`, `WEB_CONCURRENCY`,
 //! `REDIS_URL`), so the variable names are the ones those platforms and gunicorn users know.
@@ -13,7 +14,7 @@
 //! The resolved [`Config`] is serialisable: the master hands it to each worker it re-executes,
 //! so workers never parse the environment again and can never disagree with their master.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
@@ -102,123 +103,102 @@ pub struct ConfigError {
     pub expected: String,
 }
 
-/// Settings given as flags. Every field is a string so that [`Config::resolve`] parses flags and
-/// variables with the same code and the same messages.
-#[derive(Debug, Default, Clone, Args)]
-pub struct Flags {
-    /// Address to bind [env: HERDSMAN_HOST] [default: :: (IPv6 and IPv4)]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "ADDR")]
-    pub host: Option<String>,
-    /// Port to bind [env: PORT] [default: 8080]
-    #[arg(global = true, allow_hyphen_values = true, long, short = 'p', value_name = "PORT")]
-    pub port: Option<String>,
-    /// Worker processes, 1 to 512 [env: WEB_CONCURRENCY] [default: CPUs available]
-    #[arg(global = true, allow_hyphen_values = true, long, short = 'w', value_name = "N")]
-    pub workers: Option<String>,
-    /// Seconds a worker may stay silent before it is aborted [env: GUNICORN_TIMEOUT] [default: 30]
-    #[arg(global = true, allow_hyphen_values = true, long, short = 't', value_name = "SECONDS")]
-    pub timeout: Option<String>,
-    /// Seconds a new worker may take to start serving [env: HERDSMAN_BOOT_TIMEOUT] [default: 30]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "SECONDS")]
-    pub boot_timeout: Option<String>,
-    /// Failed boots (no worker ever ready) before giving up with exit status 3
-    /// [env: HERDSMAN_BOOT_ATTEMPTS] [default: 5]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "N")]
-    pub boot_attempts: Option<String>,
-    /// Seconds in-flight requests get on shutdown [env: GRACEFUL_TIMEOUT] [default: 25]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "SECONDS")]
-    pub graceful_timeout: Option<String>,
-    /// Requests before a worker is replaced, 0 = never [env: MAX_REQUESTS] [default: 0]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "N")]
-    pub max_requests: Option<String>,
-    /// Random extra requests per worker [env: MAX_REQUESTS_JITTER] [default: 0]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "N")]
-    pub max_requests_jitter: Option<String>,
-    /// Seconds a handler may run before 503 [env: HERDSMAN_REQUEST_TIMEOUT] [default: 30]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "SECONDS")]
-    pub request_timeout: Option<String>,
-    /// Seconds a client may take to send its headers [env: HERDSMAN_HEADER_TIMEOUT] [default: 10]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "SECONDS")]
-    pub header_timeout: Option<String>,
-    /// Largest request body, in bytes [env: HERDSMAN_MAX_BODY_BYTES] [default: 1048576]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "BYTES")]
-    pub max_body_bytes: Option<String>,
-    /// text or json [env: LOG_FORMAT] [default: text]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "FORMAT")]
-    pub log_format: Option<String>,
-    /// Log filter, e.g. info or herdsman=debug [env: LOG_LEVEL] [default: info]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "FILTER")]
-    pub log_level: Option<String>,
-    /// redis:// or rediss:// URL; unset = in-memory cache only [env: REDIS_URL] [default: none]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "URL")]
-    pub redis_url: Option<String>,
-    /// /ready waits for Redis: true or false [env: REDIS_REQUIRED] [default: false]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "BOOL")]
-    pub redis_required: Option<String>,
-    /// Seconds one Redis command may take before the cache falls back to memory
-    /// [env: HERDSMAN_REDIS_TIMEOUT] [default: 0.25]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "SECONDS")]
-    pub redis_timeout: Option<String>,
-    /// Seconds each warm-up task may take [env: STARTUP_OPERATION_TIMEOUT] [default: 2]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "SECONDS")]
-    pub startup_operation_timeout: Option<String>,
-    /// bcrypt cost, 4 to 31 [env: BCRYPT_COST] [default: 10]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "COST")]
-    pub bcrypt_cost: Option<String>,
-    /// Comma-separated keys loaded from Redis at boot [env: CACHE_WARM_KEYS] [default: none]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "KEYS")]
-    pub cache_warm_keys: Option<String>,
-    /// Entries the in-memory cache holds [env: HERDSMAN_CACHE_ENTRIES] [default: 10000]
-    #[arg(global = true, allow_hyphen_values = true, long, value_name = "N")]
-    pub cache_entries: Option<String>,
+/// The one table of settings: for each, the [`Config`] field, the environment variable, the
+/// flag, the flag's value name, the help line, the default and the parser. Adding a setting is
+/// a field in `Config` and a row here; the flags, `--help`, the environment lookup and
+/// `herdsman check` all come from this table.
+macro_rules! settings {
+    ($( $field:ident, $var:literal, $flag:literal $(short $short:literal)?, $value_name:literal,
+        $help:literal, default $default:expr, parse $parse:expr; )*) => {
+        /// Settings given as flags. Every value is a string so that [`Config::resolve`] parses
+        /// flags and variables with the same code and the same messages.
+        #[derive(Debug, Default, Clone, Args)]
+        pub struct Flags {
+            $(
+                #[arg(global = true, allow_hyphen_values = true, long = $flag, $(short = $short,)?
+                      value_name = $value_name, help = concat!($help, " [env: ", $var, "]"))]
+                pub $field: Option<String>,
+            )*
+        }
+
+        /// `(variable, Config field)` for every setting, in table order.
+        const VARIABLES: &[(&str, &str)] = &[$(($var, stringify!($field))),*];
+
+        fn resolve_table(flags: &Flags, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+            Ok(Config {
+                $( $field: match pick(&flags.$field, $flag, env.get(&$var.to_ascii_lowercase()), $var) {
+                    Some(raw) => ($parse)(&raw)?,
+                    None => $default,
+                }, )*
+            })
+        }
+    };
 }
 
-/// The same settings as read from the environment by envy. envy matches variables case-
-/// insensitively (it lowercases their names); the renames give the names PaaS users know.
-#[derive(Debug, Default, Deserialize)]
-struct Env {
-    #[serde(rename = "herdsman_host")]
-    host: Option<String>,
-    #[serde(rename = "port")]
-    port: Option<String>,
-    #[serde(rename = "web_concurrency")]
-    workers: Option<String>,
-    #[serde(rename = "gunicorn_timeout")]
-    timeout: Option<String>,
-    #[serde(rename = "herdsman_boot_timeout")]
-    boot_timeout: Option<String>,
-    #[serde(rename = "herdsman_boot_attempts")]
-    boot_attempts: Option<String>,
-    #[serde(rename = "graceful_timeout")]
-    graceful_timeout: Option<String>,
-    #[serde(rename = "max_requests")]
-    max_requests: Option<String>,
-    #[serde(rename = "max_requests_jitter")]
-    max_requests_jitter: Option<String>,
-    #[serde(rename = "herdsman_request_timeout")]
-    request_timeout: Option<String>,
-    #[serde(rename = "herdsman_header_timeout")]
-    header_timeout: Option<String>,
-    #[serde(rename = "herdsman_max_body_bytes")]
-    max_body_bytes: Option<String>,
-    #[serde(rename = "log_format")]
-    log_format: Option<String>,
-    #[serde(rename = "log_level")]
-    log_level: Option<String>,
-    #[serde(rename = "redis_url")]
-    redis_url: Option<String>,
-    #[serde(rename = "redis_required")]
-    redis_required: Option<String>,
-    #[serde(rename = "herdsman_redis_timeout")]
-    redis_timeout: Option<String>,
-    #[serde(rename = "startup_operation_timeout")]
-    startup_operation_timeout: Option<String>,
-    #[serde(rename = "bcrypt_cost")]
-    bcrypt_cost: Option<String>,
-    #[serde(rename = "cache_warm_keys")]
-    cache_warm_keys: Option<String>,
-    #[serde(rename = "herdsman_cache_entries")]
-    cache_entries: Option<String>,
+settings! {
+    host, "HERDSMAN_HOST", "host", "ADDR",
+        "Address to bind [default: ::, which accepts IPv6 and IPv4]",
+        default IpAddr::V6(Ipv6Addr::UNSPECIFIED), parse Raw::ip;
+    port, "PORT", "port" short 'p', "PORT",
+        "Port to bind [default: 8080]",
+        default 8080, parse |r: &Raw| r.integer(0u16, 65535);
+    workers, "WEB_CONCURRENCY", "workers" short 'w', "N",
+        "Worker processes, 1 to 512 [default: the CPUs available]",
+        default default_workers(), parse |r: &Raw| r.integer(1usize, MAX_WORKERS);
+    timeout, "GUNICORN_TIMEOUT", "timeout" short 't', "SECONDS",
+        "Seconds a worker may stay silent before it is aborted [default: 30]",
+        default Duration::from_secs(30), parse Raw::seconds;
+    boot_timeout, "HERDSMAN_BOOT_TIMEOUT", "boot-timeout", "SECONDS",
+        "Seconds a new worker may take to start serving [default: 30]",
+        default Duration::from_secs(30), parse Raw::seconds;
+    boot_attempts, "HERDSMAN_BOOT_ATTEMPTS", "boot-attempts", "N",
+        "Failed boots, with no worker ever ready, before exit status 3 [default: 5]",
+        default 5, parse |r: &Raw| r.integer(1u32, 1000);
+    graceful_timeout, "GRACEFUL_TIMEOUT", "graceful-timeout", "SECONDS",
+        "Seconds in-flight requests get on shutdown [default: 25]",
+        default Duration::from_secs(25), parse Raw::seconds;
+    max_requests, "MAX_REQUESTS", "max-requests", "N",
+        "Requests before a worker is replaced, 0 = never [default: 0]",
+        default 0, parse |r: &Raw| r.integer(0u64, u64::MAX / 2);
+    max_requests_jitter, "MAX_REQUESTS_JITTER", "max-requests-jitter", "N",
+        "Up to this many extra requests per worker, at random [default: 0]",
+        default 0, parse |r: &Raw| r.integer(0u64, u64::MAX / 2);
+    request_timeout, "HERDSMAN_REQUEST_TIMEOUT", "request-timeout", "SECONDS",
+        "Seconds a handler may run before the client gets 503 [default: 30]",
+        default Duration::from_secs(30), parse Raw::seconds;
+    header_timeout, "HERDSMAN_HEADER_TIMEOUT", "header-timeout", "SECONDS",
+        "Seconds a client may take to send its request headers [default: 10]",
+        default Duration::from_secs(10), parse Raw::seconds;
+    max_body_bytes, "HERDSMAN_MAX_BODY_BYTES", "max-body-bytes", "BYTES",
+        "Largest request body [default: 1048576]",
+        default 1 << 20, parse |r: &Raw| r.integer(1usize, 1 << 30);
+    log_format, "LOG_FORMAT", "log-format", "FORMAT",
+        "text or json [default: text]",
+        default LogFormat::Text, parse Raw::log_format;
+    log_level, "LOG_LEVEL", "log-level", "FILTER",
+        "Log filter such as info or herdsman=debug,warn [default: info]",
+        default "info".to_string(), parse Raw::log_filter;
+    redis_url, "REDIS_URL", "redis-url", "URL",
+        "redis:// or rediss:// URL; unset means an in-memory cache only [default: unset]",
+        default None, parse Raw::redis_url;
+    redis_required, "REDIS_REQUIRED", "redis-required", "BOOL",
+        "/ready waits for Redis: true or false [default: false]",
+        default false, parse Raw::boolean;
+    redis_timeout, "HERDSMAN_REDIS_TIMEOUT", "redis-timeout", "SECONDS",
+        "Seconds one Redis command may take before the cache falls back to memory [default: 0.25]",
+        default Duration::from_millis(250), parse Raw::seconds;
+    startup_operation_timeout, "STARTUP_OPERATION_TIMEOUT", "startup-operation-timeout", "SECONDS",
+        "Seconds each warm-up task may take [default: 2]",
+        default Duration::from_secs(2), parse Raw::seconds;
+    bcrypt_cost, "BCRYPT_COST", "bcrypt-cost", "COST",
+        "bcrypt cost for passwords, 4 to 31 [default: 10]",
+        default 10, parse |r: &Raw| r.integer(4u32, 31);
+    cache_warm_keys, "CACHE_WARM_KEYS", "cache-warm-keys", "KEYS",
+        "Comma-separated keys loaded from Redis into memory at boot [default: none]",
+        default Vec::new(), parse Raw::list;
+    cache_entries, "HERDSMAN_CACHE_ENTRIES", "cache-entries", "N",
+        "Entries the in-memory cache holds at most [default: 10000]",
+        default 10_000, parse |r: &Raw| r.integer(1u64, 100_000_000);
 }
 
 /// A raw value and where it came from, so a parse error can name its culprit.
@@ -249,6 +229,44 @@ impl Raw<'_> {
         }
     }
 
+    fn ip(&self) -> Result<IpAddr, ConfigError> {
+        let bare = self.value.trim().trim_start_matches('[').trim_end_matches(']');
+        bare.parse().map_err(|_| self.error("an IP address such as :: or 0.0.0.0 or 127.0.0.1"))
+    }
+
+    fn log_format(&self) -> Result<LogFormat, ConfigError> {
+        match self.value.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(self.error("text or json")),
+        }
+    }
+
+    fn log_filter(&self) -> Result<String, ConfigError> {
+        let filter = self.value.trim().to_string();
+        tracing_subscriber::EnvFilter::try_new(&filter)
+            .map(|_| filter)
+            .map_err(|_| self.error("a level (error, warn, info, debug, trace) or a filter such as herdsman=debug"))
+    }
+
+    fn redis_url(&self) -> Result<Option<String>, ConfigError> {
+        let url = self.value.trim();
+        if url.starts_with("redis://") || url.starts_with("rediss://") {
+            return Ok(Some(url.to_string()));
+        }
+        // The value may hold a password: show only its scheme.
+        let shown = url.split_once("://").map_or("(no scheme)", |(scheme, _)| scheme);
+        Err(ConfigError {
+            source_name: self.source_name.clone(),
+            value: format!("{shown}://…"),
+            expected: "a redis:// or rediss:// URL".into(),
+        })
+    }
+
+    fn list(&self) -> Result<Vec<String>, ConfigError> {
+        Ok(self.value.split(',').map(str::trim).filter(|k| !k.is_empty()).map(String::from).collect())
+    }
+
     fn boolean(&self) -> Result<bool, ConfigError> {
         match self.value.trim().to_ascii_lowercase().as_str() {
             "1" | "true" | "yes" | "on" => Ok(true),
@@ -259,22 +277,12 @@ impl Raw<'_> {
 }
 
 /// Picks the flag over the variable, keeping the name of whichever was used.
-fn pick<'a>(flag: &'a Option<String>, flag_name: &str, env: &'a Option<String>, var: &str) -> Option<Raw<'a>> {
+fn pick<'a>(flag: &'a Option<String>, flag_name: &str, env: Option<&'a String>, var: &str) -> Option<Raw<'a>> {
     match (flag, env) {
         (Some(value), _) => Some(Raw { source_name: format!("--{flag_name}"), value }),
         (None, Some(value)) => Some(Raw { source_name: var.to_string(), value }),
         (None, None) => None,
     }
-}
-
-/// Parses one setting: `setting!(flags, env, field, "flag-name", "VAR", default, |raw| parse)`.
-macro_rules! setting {
-    ($flags:ident, $env:ident, $field:ident, $flag:literal, $var:literal, $default:expr, $parse:expr) => {
-        match pick(&$flags.$field, $flag, &$env.$field, $var) {
-            Some(raw) => $parse(&raw)?,
-            None => $default,
-        }
-    };
 }
 
 impl Config {
@@ -284,180 +292,15 @@ impl Config {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        // Empty variables count as unset: `PORT=` in a .env file means "not configured".
-        let env: Env =
-            envy::from_iter(env.into_iter().filter(|(_, v)| !v.trim().is_empty())).map_err(|e| ConfigError {
+        // envy reads the variables (lower-casing their names); empty ones count as unset:
+        // `PORT=` in a .env file means "not configured".
+        let env: HashMap<String, String> = envy::from_iter(env.into_iter().filter(|(_, v)| !v.trim().is_empty()))
+            .map_err(|e| ConfigError {
                 source_name: "environment".into(),
                 value: e.to_string(),
                 expected: "variables holding UTF-8 text".into(),
             })?;
-
-        let config = Config {
-            host: setting!(flags, env, host, "host", "HERDSMAN_HOST", IpAddr::V6(Ipv6Addr::UNSPECIFIED), |r: &Raw| {
-                r.value
-                    .trim()
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<IpAddr>()
-                    .map_err(|_| r.error("an IP address such as :: or 0.0.0.0 or 127.0.0.1"))
-            }),
-            port: setting!(flags, env, port, "port", "PORT", 8080, |r: &Raw| r.integer(0u16, 65535)),
-            workers: setting!(flags, env, workers, "workers", "WEB_CONCURRENCY", default_workers(), |r: &Raw| r
-                .integer(1usize, MAX_WORKERS)),
-            timeout: setting!(
-                flags,
-                env,
-                timeout,
-                "timeout",
-                "GUNICORN_TIMEOUT",
-                Duration::from_secs(30),
-                Raw::seconds
-            ),
-            boot_timeout: setting!(
-                flags,
-                env,
-                boot_timeout,
-                "boot-timeout",
-                "HERDSMAN_BOOT_TIMEOUT",
-                Duration::from_secs(30),
-                Raw::seconds
-            ),
-            boot_attempts: setting!(
-                flags,
-                env,
-                boot_attempts,
-                "boot-attempts",
-                "HERDSMAN_BOOT_ATTEMPTS",
-                5,
-                |r: &Raw| r.integer(1u32, 1000)
-            ),
-            graceful_timeout: setting!(
-                flags,
-                env,
-                graceful_timeout,
-                "graceful-timeout",
-                "GRACEFUL_TIMEOUT",
-                Duration::from_secs(25),
-                Raw::seconds
-            ),
-            max_requests: setting!(flags, env, max_requests, "max-requests", "MAX_REQUESTS", 0, |r: &Raw| r
-                .integer(0u64, u64::MAX / 2)),
-            max_requests_jitter: setting!(
-                flags,
-                env,
-                max_requests_jitter,
-                "max-requests-jitter",
-                "MAX_REQUESTS_JITTER",
-                0,
-                |r: &Raw| r.integer(0u64, u64::MAX / 2)
-            ),
-            request_timeout: setting!(
-                flags,
-                env,
-                request_timeout,
-                "request-timeout",
-                "HERDSMAN_REQUEST_TIMEOUT",
-                Duration::from_secs(30),
-                Raw::seconds
-            ),
-            header_timeout: setting!(
-                flags,
-                env,
-                header_timeout,
-                "header-timeout",
-                "HERDSMAN_HEADER_TIMEOUT",
-                Duration::from_secs(10),
-                Raw::seconds
-            ),
-            max_body_bytes: setting!(
-                flags,
-                env,
-                max_body_bytes,
-                "max-body-bytes",
-                "HERDSMAN_MAX_BODY_BYTES",
-                1 << 20,
-                |r: &Raw| r.integer(1usize, 1 << 30)
-            ),
-            log_format: setting!(flags, env, log_format, "log-format", "LOG_FORMAT", LogFormat::Text, |r: &Raw| {
-                match r.value.trim().to_ascii_lowercase().as_str() {
-                    "text" => Ok(LogFormat::Text),
-                    "json" => Ok(LogFormat::Json),
-                    _ => Err(r.error("text or json")),
-                }
-            }),
-            log_level: setting!(flags, env, log_level, "log-level", "LOG_LEVEL", "info".to_string(), |r: &Raw| {
-                let filter = r.value.trim().to_string();
-                tracing_subscriber::EnvFilter::try_new(&filter).map(|_| filter).map_err(|_| {
-                    r.error("a level (error, warn, info, debug, trace) or a filter such as herdsman=debug")
-                })
-            }),
-            redis_url: setting!(flags, env, redis_url, "redis-url", "REDIS_URL", None, |r: &Raw| {
-                let url = r.value.trim();
-                if url.starts_with("redis://") || url.starts_with("rediss://") {
-                    Ok(Some(url.to_string()))
-                } else {
-                    // The value may hold a password: show only its scheme.
-                    let shown = url.split_once("://").map_or("(no scheme)", |(scheme, _)| scheme);
-                    Err(ConfigError {
-                        source_name: r.source_name.clone(),
-                        value: format!("{shown}://…"),
-                        expected: "a redis:// or rediss:// URL".into(),
-                    })
-                }
-            }),
-            redis_required: setting!(
-                flags,
-                env,
-                redis_required,
-                "redis-required",
-                "REDIS_REQUIRED",
-                false,
-                Raw::boolean
-            ),
-            redis_timeout: setting!(
-                flags,
-                env,
-                redis_timeout,
-                "redis-timeout",
-                "HERDSMAN_REDIS_TIMEOUT",
-                Duration::from_millis(250),
-                Raw::seconds
-            ),
-            startup_operation_timeout: setting!(
-                flags,
-                env,
-                startup_operation_timeout,
-                "startup-operation-timeout",
-                "STARTUP_OPERATION_TIMEOUT",
-                Duration::from_secs(2),
-                Raw::seconds
-            ),
-            bcrypt_cost: setting!(flags, env, bcrypt_cost, "bcrypt-cost", "BCRYPT_COST", 10, |r: &Raw| r
-                .integer(4u32, 31)),
-            cache_warm_keys: setting!(
-                flags,
-                env,
-                cache_warm_keys,
-                "cache-warm-keys",
-                "CACHE_WARM_KEYS",
-                Vec::new(),
-                |r: &Raw| {
-                    Ok::<_, ConfigError>(
-                        r.value.split(',').map(str::trim).filter(|k| !k.is_empty()).map(String::from).collect(),
-                    )
-                }
-            ),
-            cache_entries: setting!(
-                flags,
-                env,
-                cache_entries,
-                "cache-entries",
-                "HERDSMAN_CACHE_ENTRIES",
-                10_000,
-                |r: &Raw| r.integer(1u64, 100_000_000)
-            ),
-        };
-        Ok(config)
+        resolve_table(flags, &env)
     }
 
     /// Resolves the configuration from the given flags and this process's environment.
@@ -474,32 +317,28 @@ impl Config {
         std::net::SocketAddr::new(self.host, self.port)
     }
 
-    /// The resolved settings as `NAME = value` lines for `herdsman check`, secrets redacted.
-    pub fn describe(&self) -> BTreeMap<&'static str, String> {
-        let secs = |d: Duration| format!("{}s", d.as_secs_f64());
-        BTreeMap::from([
-            ("HERDSMAN_HOST", self.host.to_string()),
-            ("PORT", self.port.to_string()),
-            ("WEB_CONCURRENCY", self.workers.to_string()),
-            ("GUNICORN_TIMEOUT", secs(self.timeout)),
-            ("HERDSMAN_BOOT_TIMEOUT", secs(self.boot_timeout)),
-            ("HERDSMAN_BOOT_ATTEMPTS", self.boot_attempts.to_string()),
-            ("GRACEFUL_TIMEOUT", secs(self.graceful_timeout)),
-            ("MAX_REQUESTS", self.max_requests.to_string()),
-            ("MAX_REQUESTS_JITTER", self.max_requests_jitter.to_string()),
-            ("HERDSMAN_REQUEST_TIMEOUT", secs(self.request_timeout)),
-            ("HERDSMAN_HEADER_TIMEOUT", secs(self.header_timeout)),
-            ("HERDSMAN_MAX_BODY_BYTES", self.max_body_bytes.to_string()),
-            ("LOG_FORMAT", format!("{:?}", self.log_format).to_lowercase()),
-            ("LOG_LEVEL", self.log_level.clone()),
-            ("REDIS_URL", self.redis_url.as_deref().map_or("(unset: in-memory cache only)".into(), redact_url)),
-            ("REDIS_REQUIRED", self.redis_required.to_string()),
-            ("HERDSMAN_REDIS_TIMEOUT", secs(self.redis_timeout)),
-            ("STARTUP_OPERATION_TIMEOUT", secs(self.startup_operation_timeout)),
-            ("BCRYPT_COST", self.bcrypt_cost.to_string()),
-            ("CACHE_WARM_KEYS", self.cache_warm_keys.join(",")),
-            ("HERDSMAN_CACHE_ENTRIES", self.cache_entries.to_string()),
-        ])
+    /// The resolved settings as `(VARIABLE, value)` pairs for `herdsman check`, in table order,
+    /// secrets redacted.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        let fields = match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(fields)) => fields,
+            _ => serde_json::Map::new(),
+        };
+        VARIABLES
+            .iter()
+            .map(|&(var, field)| {
+                let shown = match fields.get(field) {
+                    None | Some(serde_json::Value::Null) => "(unset)".to_string(),
+                    Some(serde_json::Value::String(s)) if var == "REDIS_URL" => redact_url(s),
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(serde_json::Value::Array(items)) => {
+                        items.iter().filter_map(|i| i.as_str()).collect::<Vec<_>>().join(",")
+                    }
+                    Some(other) => other.to_string(),
+                };
+                (var, shown)
+            })
+            .collect()
     }
 }
 
