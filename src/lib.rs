@@ -1,1 +1,3 @@
 //! herdsman: a container-first prefork runtime for axum web services on PaaS.
+
+pub mod cache;
