@@ -143,7 +143,10 @@ impl TestRedis {
             if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(500), ping).await {
                 return;
             }
-            assert!(Instant::now() < deadline, "redis not ready within {limit:?}");
+            assert!(
+                Instant::now() < deadline,
+                "redis not ready within {limit:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
