@@ -1,3 +1,4 @@
 //! herdsman: a container-first prefork runtime for axum web services on PaaS.
 
 pub mod cache;
+pub mod http;

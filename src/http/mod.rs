@@ -1,0 +1,3 @@
+//! HTTP routes. (Core module owned by the main branch; this worktree only adds `cache_api`.)
+
+pub mod cache_api;
