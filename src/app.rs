@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use axum::Router;
 
+use crate::cache::Cache;
 use crate::cli::{self, Command};
 use crate::config::Config;
 use crate::http::RequestTracker;
@@ -34,6 +35,8 @@ pub struct Services {
     pub config: Arc<Config>,
     /// The worker's warm-up tasks and their states.
     pub warmup: Warmup,
+    /// Redis when it answers, memory when it does not.
+    pub cache: Cache,
     /// When this worker started, for `uptime_s`.
     pub started: Instant,
     pub(crate) tracker: RequestTracker,
@@ -102,6 +105,11 @@ impl App {
                 }
             },
         };
+        // A REDIS_URL the cache cannot use is a configuration error too: say so before binding.
+        if let Err(e) = Cache::new(crate::cache::CacheConfig::from_config(&config)) {
+            eprintln!("herdsman: {e}");
+            return ExitCode::from(2);
+        }
         match command {
             Command::Check => {
                 print!("{}", cli::check(&config));

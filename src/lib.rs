@@ -17,9 +17,12 @@
 //! - [`worker`]: a worker process: runtime, accept loop, drain, hang diagnostics.
 //! - [`http`]: the router, built-in routes and the layers around every request.
 //! - [`warmup`]: background start-up tasks with timeouts, shown in `/health`.
+//! - [`cache`]: Redis through a bb8 pool, a bounded in-memory cache when Redis is away, and the
+//!   circuit breaker that switches between them.
 //! - [`logging`]: one line per event on stderr, text or JSON, with pid and role.
 
 pub mod app;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -175,10 +175,12 @@ fn state_word(state: &TaskState) -> &'static str {
     }
 }
 
-/// The warm-up tasks every worker runs.
+/// The warm-up tasks every worker runs: bcrypt pre-warm, the first Redis connection and the
+/// cache load. None is required unless `REDIS_REQUIRED` is set, and `/ready` checks that one
+/// against the live connection, not against this task.
 pub fn builtin(config: &crate::config::Config) -> Vec<WarmupTask> {
     let cost = config.bcrypt_cost;
-    vec![WarmupTask::new("bcrypt_prewarm", move |_services| async move {
+    let mut tasks = vec![WarmupTask::new("bcrypt_prewarm", move |_services| async move {
         // One hash at the configured cost: pages in the code and tells the operator, through
         // /health and a warning, whether the cost suits this CPU.
         let started = Instant::now();
@@ -194,8 +196,35 @@ pub fn builtin(config: &crate::config::Config) -> Vec<WarmupTask> {
             );
         }
         Ok::<(), String>(())
-    })]
+    })];
+    if config.redis_url.is_some() {
+        // Workers booting together must not all connect in the same instant.
+        tasks.push(
+            WarmupTask::new("redis", |services: Services| async move { services.cache.connect().await })
+                .jitter(REDIS_CONNECT_JITTER),
+        );
+        if !config.cache_warm_keys.is_empty() {
+            let keys = config.cache_warm_keys.clone();
+            tasks.push(
+                WarmupTask::new("cache_warmup", move |services: Services| {
+                    let keys = keys.clone();
+                    async move {
+                        // Waits for the connection (with its own jitter) rather than racing it.
+                        services.cache.connect().await?;
+                        let loaded = services.cache.warm(&keys).await?;
+                        tracing::info!("cache warm-up loaded {loaded} of {} keys", keys.len());
+                        Ok::<(), crate::cache::CacheError>(())
+                    }
+                })
+                .jitter(REDIS_CONNECT_JITTER),
+            );
+        }
+    }
+    tasks
 }
 
 /// A login hashing longer than this feels slow to a user and limits logins per core.
 const SLOW_HASH: Duration = Duration::from_millis(250);
+
+/// The spread of the workers' first Redis connections.
+const REDIS_CONNECT_JITTER: Duration = Duration::from_millis(200);

@@ -35,6 +35,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::app::{App, Services};
+use crate::cache::{Cache, CacheConfig};
 use crate::config::Config;
 use crate::control::{Message, CONTROL_FD};
 use crate::http::{self, RequestTracker};
@@ -122,7 +123,10 @@ async fn serve(app: &App, config: Arc<Config>, listener: StdTcpListener, control
     let warmup = Warmup::default();
     spawn_abort_diagnostics(tracker.clone(), warmup.clone());
 
-    let services = Services { config: config.clone(), warmup, started: Instant::now(), tracker: tracker.clone() };
+    // The master validated the URL before it bound the port, so this does not fail in practice.
+    let cache = Cache::new(CacheConfig::from_config(&config)).map_err(std::io::Error::other)?;
+    let services =
+        Services { config: config.clone(), warmup, cache, started: Instant::now(), tracker: tracker.clone() };
     let router = http::router(&services, app.user_routes(&services), tracker.clone());
 
     let mut http = hyper::server::conn::http1::Builder::new();

@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::app::Services;
+use crate::cache::RedisStatus;
 
 pub fn routes(services: Services) -> Router {
     Router::new()
@@ -37,14 +38,27 @@ fn not_ready_reason(services: &Services) -> Option<String> {
     if services.draining() {
         return Some("draining: this worker is shutting down".into());
     }
+    if services.config.redis_required && services.cache.status() != RedisStatus::Up {
+        return Some("waiting for Redis (REDIS_REQUIRED=true)".into());
+    }
     services.warmup.not_ready_reason()
 }
 
 async fn health(State(services): State<Services>) -> Json<serde_json::Value> {
-    let checks = services.warmup.snapshot();
-    let degraded = checks.values().any(|check| {
-        check.get("state").and_then(|s| s.as_str()) != Some("ok") && check.get("required") == Some(&json!(true))
+    let mut checks = services.warmup.snapshot();
+    // A required warm-up task that did not succeed, or a Redis we are not using, is a degraded
+    // service: it still answers, from memory, but an operator should look.
+    let warmup_failed = checks.values().any(|check| {
+        check.get("required") == Some(&json!(true)) && check.get("state").and_then(|s| s.as_str()) != Some("ok")
     });
+    let degraded = warmup_failed || services.cache.is_degraded();
+    // The live state of the connection, with the warm-up task that first made it inside.
+    let redis_warmup = checks.remove("redis");
+    let mut redis = serde_json::to_value(services.cache.status()).unwrap_or_default();
+    if let (Some(redis), Some(warmup)) = (redis.as_object_mut(), redis_warmup) {
+        redis.insert("warmup".into(), warmup);
+    }
+    checks.insert("redis".into(), redis);
     Json(json!({
         "status": if degraded { "degraded" } else { "ok" },
         "version": env!("CARGO_PKG_VERSION"),

@@ -14,6 +14,7 @@
 //! Headers that arrive too slowly are cut off by hyper itself (`header_read_timeout`), see
 //! [`crate::worker`].
 
+pub mod cache_api;
 pub mod health;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
@@ -31,10 +32,16 @@ use crate::app::Services;
 
 pub use tracker::RequestTracker;
 
+/// Cache keys longer than this are refused with 400; Redis keys are cheap but not free.
+pub const MAX_CACHE_KEY_BYTES: usize = 512;
+
 /// The whole router of a worker: built-ins, then the user's routes, under the common layers.
 pub fn router(services: &Services, user_routes: Router, tracker: RequestTracker) -> Router {
     let config = &services.config;
-    let router = Router::new().merge(health::routes(services.clone())).merge(user_routes);
+    let router = Router::new()
+        .merge(health::routes(services.clone()))
+        .merge(cache_api::routes(services.cache.clone(), MAX_CACHE_KEY_BYTES, config.max_body_bytes))
+        .merge(user_routes);
     #[cfg(feature = "test-hooks")]
     let router = router.merge(test_hooks::routes());
     let timeout = config.request_timeout;

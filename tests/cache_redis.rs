@@ -1,0 +1,205 @@
+//! The cache against a real Redis (testcontainers): write-through, namespacing,
+//! and the circuit breaker when Redis refuses (stopped) or hangs (paused).
+//!
+//! Image: `HERDSMAN_REDIS_IMAGE` (default `redis:7`); see `tests/support/redis.rs`.
+
+#[path = "support/redis.rs"]
+mod redis_support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use herdsman::cache::{Cache, CacheConfig, CacheError, RedisStatus, Tier};
+use redis_support::TestRedis;
+
+const OP_TIMEOUT: Duration = Duration::from_millis(250);
+/// Slack over the operation timeout for scheduling on a busy 2-core machine.
+const SLACK: Duration = Duration::from_millis(200);
+
+fn cache_for(redis: &TestRedis) -> Cache {
+    Cache::new(CacheConfig {
+        redis_url: Some(redis.url.clone()),
+        operation_timeout: OP_TIMEOUT,
+        ..CacheConfig::default()
+    })
+    .expect("valid url")
+}
+
+async fn raw_get(redis: &TestRedis, key: &str) -> Option<Vec<u8>> {
+    let mut conn = redis.client().await;
+    redis::cmd("GET").arg(key).query_async(&mut conn).await.expect("raw GET")
+}
+
+async fn wait_for_up(cache: &Cache, limit: Duration) -> Duration {
+    let started = Instant::now();
+    while cache.status() != RedisStatus::Up {
+        assert!(started.elapsed() < limit, "cache not back on redis within {limit:?}: {:?}", cache.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn round_trip_goes_through_redis_under_the_namespace() {
+    let redis = TestRedis::start().await;
+    let cache = cache_for(&redis);
+    assert_eq!(cache.status(), RedisStatus::Connecting);
+    cache.connect().await.expect("connect");
+    assert_eq!(cache.status(), RedisStatus::Up);
+    assert!(!cache.is_degraded());
+
+    let tier = cache.set_with_tier("greeting", Bytes::from_static(b"hello"), None).await.expect("set");
+    assert_eq!(tier, Tier::Redis);
+    assert_eq!(raw_get(&redis, "herdsman:cache:greeting").await.as_deref(), Some(&b"hello"[..]));
+    assert_eq!(raw_get(&redis, "greeting").await, None);
+
+    // TTL reaches Redis.
+    cache.set("ttl", Bytes::from_static(b"x"), Some(Duration::from_secs(30))).await.expect("set ttl");
+    let mut conn = redis.client().await;
+    let pttl: i64 = redis::cmd("PTTL").arg("herdsman:cache:ttl").query_async(&mut conn).await.expect("PTTL");
+    assert!((1..=30_000).contains(&pttl), "pttl {pttl}");
+
+    // Values written by someone else (another worker) are read from Redis.
+    let _: () = redis::cmd("SET")
+        .arg("herdsman:cache:external")
+        .arg("from-elsewhere")
+        .query_async(&mut conn)
+        .await
+        .expect("raw SET");
+    assert_eq!(
+        cache.get_with_tier("external").await.expect("get"),
+        (Some(Bytes::from_static(b"from-elsewhere")), Tier::Redis)
+    );
+
+    // Warm-up loads what exists.
+    let _: () = redis::cmd("SET").arg("herdsman:cache:warm-me").arg("w").query_async(&mut conn).await.expect("raw SET");
+    let loaded = cache.warm(&["warm-me".to_string(), "absent".to_string()]).await.expect("warm");
+    assert_eq!(loaded, 1);
+
+    cache.delete("greeting").await.expect("delete");
+    assert_eq!(raw_get(&redis, "herdsman:cache:greeting").await, None);
+    assert_eq!(cache.get("greeting").await.expect("get"), None);
+}
+
+/// Outcome of [`run_load`]: every operation's latency, and any error.
+struct LoadReport {
+    ops: usize,
+    errors: Vec<String>,
+    slowest: Duration,
+}
+
+/// Several tasks doing get/set for `length`; `fault` runs after `fault_after`.
+async fn run_load<F, Fut>(cache: &Cache, length: Duration, fault_after: Duration, fault: F) -> LoadReport
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for task in 0..4 {
+        let cache = cache.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut report = LoadReport { ops: 0, errors: Vec::new(), slowest: Duration::ZERO };
+            let mut i = 0u64;
+            while started.elapsed() < length {
+                let key = format!("load-{task}-{}", i % 50);
+                let op = Instant::now();
+                if let Err(err) = cache.set(&key, Bytes::from(i.to_string()), None).await {
+                    report.errors.push(format!("set: {err}"));
+                }
+                report.slowest = report.slowest.max(op.elapsed());
+                let op = Instant::now();
+                match cache.get(&key).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => report.errors.push(format!("get {key}: missing")),
+                    Err(err) => report.errors.push(format!("get: {err}")),
+                }
+                report.slowest = report.slowest.max(op.elapsed());
+                report.ops += 2;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            report
+        }));
+    }
+    tokio::time::sleep(fault_after).await;
+    fault().await;
+    let mut total = LoadReport { ops: 0, errors: Vec::new(), slowest: Duration::ZERO };
+    for task in tasks {
+        let report = task.await.expect("load task");
+        total.ops += report.ops;
+        total.errors.extend(report.errors);
+        total.slowest = total.slowest.max(report.slowest);
+    }
+    total
+}
+
+/// Shared body of the stop and pause scenarios.
+async fn outage_scenario(redis: Arc<TestRedis>, pause: bool) {
+    let cache = cache_for(&redis);
+    cache.connect().await.expect("connect");
+
+    let faulty = redis.clone();
+    let report = run_load(&cache, Duration::from_millis(2500), Duration::from_millis(500), || async move {
+        if pause {
+            faulty.pause().await
+        } else {
+            faulty.stop().await
+        }
+    })
+    .await;
+    eprintln!("pause={pause}: {} ops, slowest {:?}", report.ops, report.slowest);
+    assert!(report.errors.is_empty(), "errors: {:?}", report.errors);
+    assert!(report.ops > 100, "only {} ops", report.ops);
+    assert!(report.slowest <= OP_TIMEOUT + SLACK, "slowest op took {:?}", report.slowest);
+    match cache.status() {
+        RedisStatus::Fallback { reason, .. } => assert!(!reason.is_empty()),
+        other => panic!("expected fallback, got {other:?}"),
+    }
+    assert!(cache.is_degraded());
+
+    // Fail fast while the breaker is open: no op waits for the timeout.
+    let op = Instant::now();
+    let tier =
+        cache.set_with_tier("during-outage", Bytes::from_static(b"kept"), None).await.expect("set during outage");
+    assert_eq!(tier, Tier::Memory);
+    assert!(op.elapsed() < Duration::from_millis(50), "{:?}", op.elapsed());
+    let durable = cache.durable().expect("durable store");
+    assert!(matches!(durable.get("herdsman:user:x").await, Err(CacheError::Unavailable(_))));
+
+    if pause {
+        redis.unpause().await;
+    } else {
+        redis.restart().await;
+    }
+    let took = wait_for_up(&cache, Duration::from_secs(5)).await;
+    eprintln!("back on redis {took:?} after redis answered");
+
+    // The outage write was replayed, and new writes reach Redis.
+    assert_eq!(raw_get(&redis, "herdsman:cache:during-outage").await.as_deref(), Some(&b"kept"[..]));
+    let tier = cache.set_with_tier("after", Bytes::from_static(b"recovered"), None).await.expect("set after recovery");
+    assert_eq!(tier, Tier::Redis);
+    assert_eq!(raw_get(&redis, "herdsman:cache:after").await.as_deref(), Some(&b"recovered"[..]));
+    assert!(durable.get("herdsman:user:x").await.expect("durable get").is_none());
+}
+
+#[tokio::test]
+async fn stopped_redis_mid_load_falls_back_and_recovers() {
+    let redis = Arc::new(TestRedis::start().await);
+    outage_scenario(redis, false).await;
+}
+
+#[tokio::test]
+async fn paused_redis_mid_load_falls_back_and_recovers() {
+    let redis = Arc::new(TestRedis::start().await);
+    outage_scenario(redis, true).await;
+}
+
+#[test]
+fn bad_scheme_is_invalid_url() {
+    let err =
+        Cache::new(CacheConfig { redis_url: Some("memcached://127.0.0.1:11211".into()), ..CacheConfig::default() })
+            .expect_err("bad scheme");
+    assert!(matches!(err, CacheError::InvalidUrl(_)), "{err}");
+}
