@@ -1,0 +1,157 @@
+//! The real binary against a real Redis (testcontainers): a worker serves from its first
+//! millisecond whatever Redis does, and a Redis that stops or hangs mid-load costs no request.
+//!
+//! Image: `HERDSMAN_REDIS_IMAGE` (default `redis:7`); see `tests/support/redis.rs`.
+
+#[path = "support/redis.rs"]
+mod redis_support;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use redis_support::TestRedis;
+use support::start;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+async fn health(url: &str) -> serde_json::Value {
+    reqwest::get(url).await.expect("GET /health").json().await.expect("JSON health")
+}
+
+async fn wait_for_redis_status(server: &support::Herdsman, status: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let h = health(&server.url("/health")).await;
+        if h["checks"]["redis"]["status"] == status {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "redis status never became {status} within {within:?}: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_redis_does_not_delay_the_first_health_answer() {
+    let redis = TestRedis::start().await;
+    redis.pause().await;
+    // Long Redis timeouts, so that an answer that waited on Redis would be obvious.
+    let spawned = Instant::now();
+    let server = start(&[
+        ("WEB_CONCURRENCY", "2"),
+        ("REDIS_URL", &redis.url),
+        ("HERDSMAN_REDIS_TIMEOUT", "3"),
+        ("STARTUP_OPERATION_TIMEOUT", "5"),
+    ]);
+    let h = loop {
+        if let Ok(response) = reqwest::get(server.url("/health")).await {
+            break response.json::<serde_json::Value>().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let first_answer = spawned.elapsed();
+    assert!(first_answer < SECS(1), "first /health after {first_answer:?}, Redis timeout is 3 s");
+    assert_eq!(h["checks"]["redis"]["status"], "connecting", "{h}");
+    assert_eq!(h["status"], "degraded", "{h}");
+    // Readiness does not wait for Redis unless told to.
+    assert_eq!(reqwest::get(server.url("/ready")).await.unwrap().status(), 200);
+    redis.unpause().await;
+    wait_for_redis_status(&server, "up", SECS(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_required_holds_readiness_until_redis_answers() {
+    let redis = TestRedis::start().await;
+    redis.pause().await;
+    let server = start(&[("WEB_CONCURRENCY", "1"), ("REDIS_URL", &redis.url), ("REDIS_REQUIRED", "true")]);
+    let ready = reqwest::get(server.url("/ready")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert!(body["reason"].as_str().unwrap().contains("Redis"), "{body}");
+    // Liveness is not readiness: the worker is alive.
+    assert_eq!(reqwest::get(server.url("/live")).await.unwrap().status(), 200);
+    redis.unpause().await;
+    let deadline = Instant::now() + SECS(10);
+    while reqwest::get(server.url("/ready")).await.unwrap().status() != 200 {
+        assert!(Instant::now() < deadline, "never ready after Redis came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_values_go_through_redis_and_a_plain_client_sees_them() {
+    let redis = TestRedis::start().await;
+    let server = start(&[("WEB_CONCURRENCY", "2"), ("REDIS_URL", &redis.url)]);
+    server.wait_for_nth_log("redis connected", 2, SECS(10));
+    let client = reqwest::Client::new();
+    let put = client.put(server.url("/cache/greeting?ttl=60")).body("hello from herdsman").send().await.unwrap();
+    assert_eq!(put.status(), 204);
+    let mut conn = redis.client().await;
+    let raw: Option<String> = redis::cmd("GET").arg("herdsman:cache:greeting").query_async(&mut conn).await.unwrap();
+    assert_eq!(raw.as_deref(), Some("hello from herdsman"));
+    let ttl: i64 = redis::cmd("TTL").arg("herdsman:cache:greeting").query_async(&mut conn).await.unwrap();
+    assert!((1..=60).contains(&ttl), "ttl {ttl}");
+    // Every worker reads it from Redis, whichever one wrote it.
+    for _ in 0..10 {
+        let got = reqwest::get(server.url("/cache/greeting")).await.unwrap();
+        assert_eq!(got.headers()["x-cache-tier"], "redis");
+        assert_eq!(got.text().await.unwrap(), "hello from herdsman");
+    }
+    assert_eq!(client.delete(server.url("/cache/greeting")).send().await.unwrap().status(), 204);
+    assert_eq!(reqwest::get(server.url("/cache/greeting")).await.unwrap().status(), 404);
+}
+
+/// Cache traffic (writes and reads of a few keys) while Redis goes away and comes back.
+/// Returns the load's report; every request got an answer, fast.
+async fn cache_load_through(
+    server: &support::Herdsman,
+    outage: impl std::future::Future<Output = ()>,
+    recover: impl std::future::Future<Output = ()>,
+) -> support::LoadReport {
+    // Both workers connected: a write to a worker still connecting would live in its memory only.
+    server.wait_for_nth_log("redis connected", 2, SECS(10));
+    let client = reqwest::Client::new();
+    assert_eq!(client.put(server.url("/cache/hot")).body("v").send().await.unwrap().status(), 204);
+    // Readers on several connections, so every worker reads (and keeps a copy of) the key.
+    let get_load = support::Load::start(server.url("/cache/hot"), 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    outage.await;
+    let fell_back_in = wait_for_redis_status(server, "fallback", SECS(5)).await;
+    // Writes keep working too, from memory.
+    for i in 0..20 {
+        let put = client.put(server.url("/cache/hot")).body(format!("v{i}")).send().await.unwrap();
+        assert_eq!(put.status(), 204);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    recover.await;
+    let back_in = wait_for_redis_status(server, "up", SECS(5)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = get_load.finish().await;
+
+    assert_eq!(report.failed, 0, "failed cache requests: {:?}", &report.errors[..report.errors.len().min(5)]);
+    assert!(report.ok > 50, "the load ran: {report:?}");
+    // The worst request waited at most about one Redis operation timeout (0.25 s) plus slack.
+    assert!(report.max_latency < Duration::from_millis(800), "slowest request {:?}", report.max_latency);
+    eprintln!("fallback seen after {fell_back_in:?}, back on Redis {back_in:?} after recovery, {report:?}");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_mid_load_costs_no_request_and_is_used_again_when_back() {
+    let redis = TestRedis::start().await;
+    let server = start(&[("WEB_CONCURRENCY", "2"), ("REDIS_URL", &redis.url)]);
+    let report = cache_load_through(&server, redis.stop(), redis.restart()).await;
+    // This Redis runs without persistence: it restarts empty, so a reader may miss `hot` between
+    // the restart and the replay of the outage writes. A miss is an answer, not a failure.
+    eprintln!("{} misses after the restart", report.not_found);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_mid_load_costs_no_request_and_is_used_again_when_back() {
+    let redis = TestRedis::start().await;
+    let server = start(&[("WEB_CONCURRENCY", "2"), ("REDIS_URL", &redis.url)]);
+    let report = cache_load_through(&server, redis.pause(), redis.unpause()).await;
+    // A paused Redis keeps its data: the hot key is served throughout.
+    assert_eq!(report.not_found, 0, "{report:?}");
+}
