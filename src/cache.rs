@@ -163,6 +163,38 @@ pub enum CacheError {
     Timeout(Duration),
 }
 
+impl CacheError {
+    /// Whether this error means Redis is unreachable or unhealthy (trip the
+    /// breaker), as opposed to Redis answering "no" to one command (e.g.
+    /// `WRONGTYPE`, or `OOM` on a write), which says nothing about the next one.
+    pub fn is_outage(&self) -> bool {
+        use redis::{ErrorKind, ServerErrorKind};
+        match self {
+            CacheError::InvalidUrl(_) => false,
+            CacheError::Unavailable(_) | CacheError::Timeout(_) => true,
+            CacheError::Redis(err) => match err.kind() {
+                // The server is there but cannot serve (failover, loading...).
+                ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                    | ServerErrorKind::ReadOnly
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::TryAgain,
+                ) => true,
+                // Any other reply: the command was refused, Redis is fine.
+                // (`Extension` is an error code the client does not know,
+                // such as WRONGTYPE or OOM.)
+                ErrorKind::Server(_)
+                | ErrorKind::Extension
+                | ErrorKind::UnexpectedReturnType
+                | ErrorKind::Parse => false,
+                // I/O, authentication, client-side failures.
+                _ => true,
+            },
+        }
+    }
+}
+
 /// Where the cache is reading and writing right now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RedisStatus {
@@ -505,7 +537,8 @@ impl Cache {
                     self.inner.memory.invalidate(key).await;
                     return Ok((None, Tier::Redis));
                 }
-                Err(err) => trip(&self.inner, redis, &err),
+                Err(err) if err.is_outage() => trip(&self.inner, redis, &err),
+                Err(err) => debug!(key, error = %err, "redis refused a cache read"),
             }
         }
         let value = self
@@ -570,7 +603,13 @@ impl Cache {
                 let cmd = write_command(key, &op);
                 match redis.query::<()>(Request::Cmd(&cmd)).await {
                     Ok(()) => return Ok(Tier::Redis),
-                    Err(err) => trip(&self.inner, redis, &err),
+                    Err(err) if err.is_outage() => trip(&self.inner, redis, &err),
+                    Err(err) => {
+                        // Redis is up but said no (e.g. OOM): keep the value
+                        // in memory; replaying would be refused again.
+                        debug!(key, error = %err, "redis refused a cache write");
+                        return Ok(Tier::Memory);
+                    }
                 }
             } else {
                 ensure_probe(&self.inner, redis, &mut redis.lock());
@@ -610,7 +649,9 @@ impl Cache {
             let replies: Vec<redis::Value> = match redis.query(Request::Pipe(&pipe)).await {
                 Ok(replies) => replies,
                 Err(err) => {
-                    trip(&self.inner, redis, &err);
+                    if err.is_outage() {
+                        trip(&self.inner, redis, &err);
+                    }
                     return Err(err);
                 }
             };
@@ -799,11 +840,18 @@ fn jitter(delay: Duration) -> Duration {
 /// section that sees the pending map empty, so no write can slip between.
 async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheError> {
     let mut replayed = 0;
+    let mut refused = 0usize;
     loop {
         let batch: Vec<(String, Pending)> = {
             let mut shared = redis.lock();
             if shared.pending.is_empty() {
                 let dropped = std::mem::take(&mut shared.pending_dropped);
+                if refused > 0 {
+                    warn!(
+                        refused,
+                        "redis refused some replayed cache writes; they stay in memory only"
+                    );
+                }
                 let was = std::mem::replace(&mut shared.breaker, Breaker::Up);
                 shared.probing = false;
                 redis.up.store(true, Ordering::Release);
@@ -827,6 +875,9 @@ async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheError> {
                 .collect()
         };
         let mut pipe = redis::pipe();
+        // One refused command (e.g. OOM) must not fail the batch: replaying
+        // it again would be refused again and keep the breaker open forever.
+        pipe.ignore_errors();
         for (key, op) in &batch {
             let op_now = match op {
                 Pending::Set(entry) if !entry.is_live() => &Pending::Delete,
@@ -834,15 +885,24 @@ async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheError> {
             };
             pipe.add_command(write_command(key, op_now));
         }
-        if let Err(err) = redis.query::<redis::Value>(Request::Pipe(&pipe)).await {
-            // Put back what was not superseded by a newer write meanwhile.
-            let mut shared = redis.lock();
-            for (key, op) in batch {
-                shared.pending.entry(key).or_insert(op);
+        match redis
+            .query::<Vec<redis::RedisResult<redis::Value>>>(Request::Pipe(&pipe))
+            .await
+        {
+            Ok(results) => {
+                let failed = results.iter().filter(|result| result.is_err()).count();
+                refused += failed;
+                replayed += batch.len() - failed;
             }
-            return Err(err);
+            Err(err) => {
+                // Put back what was not superseded by a newer write meanwhile.
+                let mut shared = redis.lock();
+                for (key, op) in batch {
+                    shared.pending.entry(key).or_insert(op);
+                }
+                return Err(err);
+            }
         }
-        replayed += batch.len();
     }
 }
 
@@ -886,8 +946,9 @@ impl DurableStore {
             return Err(CacheError::Unavailable(unavailable_reason(status)));
         };
         let result = redis.query(Request::Cmd(&cmd)).await;
-        if let Err(err) = &result {
-            trip(&self.inner, redis, err);
+        match &result {
+            Err(err) if err.is_outage() => trip(&self.inner, redis, err),
+            _ => {}
         }
         result
     }
