@@ -384,6 +384,16 @@ pub fn routes(durable: Option<DurableStore>, hasher: Hasher, cost: u32) -> Route
         cost,
         dummy_hash: OnceCell::new(),
     });
+    // Compute the dummy hash now, so that even the first unknown-user login
+    // costs one bcrypt, not two. Without a runtime it is made on first use.
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let state = state.clone();
+        runtime.spawn(async move {
+            if let Err(err) = state.dummy_hash().await {
+                warn!(error = %err, "cannot precompute the dummy password hash");
+            }
+        });
+    }
     Router::new()
         .route("/auth/register", post(register))
         .route("/auth/login", post(login))

@@ -152,6 +152,9 @@ pub enum CacheError {
     /// The configured URL cannot be used; the message never contains the password.
     #[error("invalid REDIS_URL: {0}")]
     InvalidUrl(String),
+    /// Another setting is unusable (e.g. a zero operation timeout).
+    #[error("invalid cache configuration: {0}")]
+    InvalidConfig(String),
     /// Redis is not usable right now (breaker open, not yet connected, or not configured).
     #[error("redis unavailable: {0}")]
     Unavailable(String),
@@ -170,7 +173,7 @@ impl CacheError {
     pub fn is_outage(&self) -> bool {
         use redis::{ErrorKind, ServerErrorKind};
         match self {
-            CacheError::InvalidUrl(_) => false,
+            CacheError::InvalidUrl(_) | CacheError::InvalidConfig(_) => false,
             CacheError::Unavailable(_) | CacheError::Timeout(_) => true,
             CacheError::Redis(err) => match err.kind() {
                 // The server is there but cannot serve (failover, loading...).
@@ -446,7 +449,7 @@ impl Cache {
     /// Validates the configuration; never connects, never blocks, spawns nothing.
     pub fn new(config: CacheConfig) -> Result<Cache, CacheError> {
         if config.operation_timeout.is_zero() {
-            return Err(CacheError::InvalidUrl(
+            return Err(CacheError::InvalidConfig(
                 "operation_timeout must be greater than zero".to_string(),
             ));
         }
@@ -1121,6 +1124,48 @@ mod tests {
             durable.get("x").await,
             Err(CacheError::Unavailable(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn outage_writes_are_bounded_and_last_write_wins() {
+        let cache = Cache::new(CacheConfig {
+            redis_url: Some("redis://127.0.0.1:1".to_string()),
+            memory_capacity: 100,
+            ..CacheConfig::default()
+        })
+        .expect("cache");
+        let _ = cache.connect().await;
+        for i in 0..MAX_PENDING_WRITES + 5 {
+            cache
+                .set(&format!("k{i}"), Bytes::from_static(b"v"), None)
+                .await
+                .expect("set");
+        }
+        // Rewriting a remembered key still lands, as its latest value.
+        cache
+            .set("k0", Bytes::from_static(b"newest"), None)
+            .await
+            .expect("set");
+        cache.delete("k1").await.expect("delete");
+        let redis = cache.inner.redis.as_ref().expect("redis tier");
+        let shared = redis.lock();
+        assert_eq!(shared.pending.len(), MAX_PENDING_WRITES);
+        assert_eq!(shared.pending_dropped, 5);
+        assert!(matches!(
+            shared.pending.get("k0"),
+            Some(Pending::Set(entry)) if entry.value == Bytes::from_static(b"newest")
+        ));
+        assert!(matches!(shared.pending.get("k1"), Some(Pending::Delete)));
+    }
+
+    #[test]
+    fn zero_timeout_is_invalid_config() {
+        let err = Cache::new(CacheConfig {
+            operation_timeout: Duration::ZERO,
+            ..CacheConfig::default()
+        })
+        .expect_err("zero timeout");
+        assert!(matches!(err, CacheError::InvalidConfig(_)), "{err}");
     }
 
     #[test]

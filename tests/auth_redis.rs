@@ -233,3 +233,37 @@ async fn hanging_store_answers_503_not_401() {
     let reply = post(&app, "/auth/login", "dave", "password-dave").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.json);
 }
+
+#[tokio::test]
+async fn unknown_users_cost_as_much_as_known_ones() {
+    let redis = TestRedis::start().await;
+    let cache = Cache::new(CacheConfig {
+        redis_url: Some(redis.url.clone()),
+        ..CacheConfig::default()
+    })
+    .expect("valid url");
+    cache.connect().await.expect("connect");
+    // A cost where bcrypt dominates a Redis round trip by far.
+    let app = auth::routes(cache.durable(), Hasher::new(1, 8).expect("hasher"), 8);
+    let reply = post(&app, "/auth/register", "erin", "password-erin").await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+
+    let mut known = Vec::new();
+    let mut unknown = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let reply = post(&app, "/auth/login", "erin", "wrong-password").await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+        known.push(started.elapsed());
+        let started = Instant::now();
+        let reply = post(&app, "/auth/login", "nobody-here", "wrong-password").await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+        unknown.push(started.elapsed());
+    }
+    known.sort();
+    unknown.sort();
+    let (known, unknown) = (known[2].as_secs_f64(), unknown[2].as_secs_f64());
+    eprintln!("median login: known user {known:.4}s, unknown user {unknown:.4}s");
+    let ratio = unknown / known;
+    assert!((0.5..2.0).contains(&ratio), "unknown/known = {ratio:.2}");
+}

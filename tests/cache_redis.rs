@@ -248,6 +248,14 @@ async fn outage_scenario(redis: Arc<TestRedis>, pause: bool) {
     let logs = LogCapture::install();
     let cache = cache_for(&redis);
     cache.connect().await.expect("connect");
+    // Keys the outage will delete or let expire: the replay must remove them.
+    for key in ["doomed", "expires"] {
+        let tier = cache
+            .set_with_tier(key, Bytes::from_static(b"before"), None)
+            .await
+            .expect("set before outage");
+        assert_eq!(tier, Tier::Redis);
+    }
     logs.take();
 
     let faulty = redis.clone();
@@ -396,6 +404,34 @@ async fn refused_commands_do_not_open_the_breaker() {
         .await
         .expect("set");
     assert_eq!(tier, Tier::Redis);
+}
+
+#[tokio::test]
+async fn http_api_reports_the_redis_tier() {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    let redis = TestRedis::start().await;
+    let cache = cache_for(&redis);
+    cache.connect().await.expect("connect");
+    let app = herdsman::http::cache_api::routes(cache, 512, 1024);
+    let put = Request::put("/cache/http-key?ttl=60")
+        .body(Body::from("over http"))
+        .expect("request");
+    let response = app.clone().oneshot(put).await.expect("infallible");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(response.headers()["x-cache-tier"], "redis");
+    assert_eq!(
+        raw_get(&redis, "herdsman:cache:http-key").await.as_deref(),
+        Some(&b"over http"[..])
+    );
+    let get = Request::get("/cache/http-key")
+        .body(Body::empty())
+        .expect("request");
+    let response = app.clone().oneshot(get).await.expect("infallible");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-cache-tier"], "redis");
 }
 
 #[test]
