@@ -48,6 +48,7 @@
 //! Passwords are never logged; [`Credentials`]' `Debug` hides them.
 
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -127,7 +128,11 @@ impl Hasher {
                             Err(poisoned) => poisoned.into_inner().recv(),
                         };
                         match job {
-                            Ok(job) => job(),
+                            // A panicking job drops its reply sender (the caller
+                            // sees `Stopped`); the thread itself keeps serving.
+                            Ok(job) => {
+                                let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                            }
                             Err(_) => return, // every Hasher clone dropped
                         }
                     }
@@ -511,6 +516,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_panicking_job_does_not_kill_the_pool() {
+        let hasher = Hasher::new(1, 4).expect("hasher");
+        let result = hasher
+            .run(|| -> u32 { panic!("job panicked on purpose") })
+            .await;
+        assert!(matches!(result, Err(HashError::Stopped)));
+        let hash = hasher.hash("still works", 4).await.expect("hash");
+        assert!(hasher.verify("still works", &hash).await.expect("verify"));
+    }
+
+    #[tokio::test]
     async fn full_queue_is_refused_at_once() {
         let hasher = Hasher::new(1, 1).expect("hasher");
         let (release, wait) = std::sync::mpsc::channel::<()>();
@@ -552,6 +568,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
             worst = worst.max(tick.elapsed());
         }
+        eprintln!("worst 5 ms tick during the hashing storm: {worst:?}");
         assert!(worst < Duration::from_millis(100), "worst tick {worst:?}");
         for job in storm {
             job.await.expect("join").expect("hash");
