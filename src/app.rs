@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use axum::Router;
 
+use crate::auth::Hasher;
 use crate::cache::Cache;
 use crate::cli::{self, Command};
 use crate::config::Config;
@@ -37,6 +38,8 @@ pub struct Services {
     pub warmup: Warmup,
     /// Redis when it answers, memory when it does not.
     pub cache: Cache,
+    /// bcrypt off the async runtime, on low-priority threads.
+    pub hasher: Hasher,
     /// When this worker started, for `uptime_s`.
     pub started: Instant,
     pub(crate) tracker: RequestTracker,

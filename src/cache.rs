@@ -149,6 +149,9 @@ pub enum CacheError {
     /// The configured URL cannot be used; the message never contains the password.
     #[error("invalid REDIS_URL: {0}")]
     InvalidUrl(String),
+    /// Another setting is unusable (e.g. a zero operation timeout).
+    #[error("invalid cache configuration: {0}")]
+    InvalidConfig(String),
     /// Redis is not usable right now (breaker open, not yet connected, or not configured).
     #[error("redis unavailable: {0}")]
     Unavailable(String),
@@ -158,6 +161,37 @@ pub enum CacheError {
     /// Redis did not answer within the operation timeout.
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+}
+
+impl CacheError {
+    /// Whether this error means Redis is unreachable or unhealthy (trip the
+    /// breaker), as opposed to Redis answering "no" to one command (e.g.
+    /// `WRONGTYPE`, or `OOM` on a write), which says nothing about the next one.
+    pub fn is_outage(&self) -> bool {
+        use redis::{ErrorKind, ServerErrorKind};
+        match self {
+            CacheError::InvalidUrl(_) | CacheError::InvalidConfig(_) => false,
+            CacheError::Unavailable(_) | CacheError::Timeout(_) => true,
+            CacheError::Redis(err) => match err.kind() {
+                // The server is there but cannot serve (failover, loading...).
+                ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                    | ServerErrorKind::ReadOnly
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::TryAgain,
+                ) => true,
+                // Any other reply: the command was refused, Redis is fine.
+                // (`Extension` is an error code the client does not know,
+                // such as WRONGTYPE or OOM.)
+                ErrorKind::Server(_) | ErrorKind::Extension | ErrorKind::UnexpectedReturnType | ErrorKind::Parse => {
+                    false
+                }
+                // I/O, authentication, client-side failures.
+                _ => true,
+            },
+        }
+    }
 }
 
 /// Where the cache is reading and writing right now.
@@ -390,7 +424,7 @@ impl Cache {
     /// Validates the configuration; never connects, never blocks, spawns nothing.
     pub fn new(config: CacheConfig) -> Result<Cache, CacheError> {
         if config.operation_timeout.is_zero() {
-            return Err(CacheError::InvalidUrl("operation_timeout must be greater than zero".to_string()));
+            return Err(CacheError::InvalidConfig("operation_timeout must be greater than zero".to_string()));
         }
         let redis = match config.redis_url.as_deref().map(str::trim) {
             None | Some("") => None,
@@ -461,7 +495,8 @@ impl Cache {
                     self.inner.memory.invalidate(key).await;
                     return Ok((None, Tier::Redis));
                 }
-                Err(err) => trip(&self.inner, redis, &err),
+                Err(err) if err.is_outage() => trip(&self.inner, redis, &err),
+                Err(err) => debug!(key, error = %err, "redis refused a cache read"),
             }
         }
         let value = self.inner.memory.get(key).await.filter(Entry::is_live).map(|entry| entry.value);
@@ -507,7 +542,13 @@ impl Cache {
                 let cmd = write_command(key, &op);
                 match redis.query::<()>(Request::Cmd(&cmd)).await {
                     Ok(()) => return Ok(Tier::Redis),
-                    Err(err) => trip(&self.inner, redis, &err),
+                    Err(err) if err.is_outage() => trip(&self.inner, redis, &err),
+                    Err(err) => {
+                        // Redis is up but said no (e.g. OOM): keep the value
+                        // in memory; replaying would be refused again.
+                        debug!(key, error = %err, "redis refused a cache write");
+                        return Ok(Tier::Memory);
+                    }
                 }
             } else {
                 ensure_probe(&self.inner, redis, &mut redis.lock());
@@ -547,7 +588,9 @@ impl Cache {
             let replies: Vec<redis::Value> = match redis.query(Request::Pipe(&pipe)).await {
                 Ok(replies) => replies,
                 Err(err) => {
-                    trip(&self.inner, redis, &err);
+                    if err.is_outage() {
+                        trip(&self.inner, redis, &err);
+                    }
                     return Err(err);
                 }
             };
@@ -718,11 +761,15 @@ fn jitter(delay: Duration) -> Duration {
 /// section that sees the pending map empty, so no write can slip between.
 async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheError> {
     let mut replayed = 0;
+    let mut refused = 0usize;
     loop {
         let batch: Vec<(String, Pending)> = {
             let mut shared = redis.lock();
             if shared.pending.is_empty() {
                 let dropped = std::mem::take(&mut shared.pending_dropped);
+                if refused > 0 {
+                    warn!(refused, "redis refused some replayed cache writes; they stay in memory only");
+                }
                 let was = std::mem::replace(&mut shared.breaker, Breaker::Up);
                 shared.probing = false;
                 redis.up.store(true, Ordering::Release);
@@ -744,6 +791,9 @@ async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheError> {
             keys.into_iter().filter_map(|key| shared.pending.remove(&key).map(|op| (key, op))).collect()
         };
         let mut pipe = redis::pipe();
+        // One refused command (e.g. OOM) must not fail the batch: replaying
+        // it again would be refused again and keep the breaker open forever.
+        pipe.ignore_errors();
         for (key, op) in &batch {
             let op_now = match op {
                 Pending::Set(entry) if !entry.is_live() => &Pending::Delete,
@@ -751,15 +801,21 @@ async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheError> {
             };
             pipe.add_command(write_command(key, op_now));
         }
-        if let Err(err) = redis.query::<redis::Value>(Request::Pipe(&pipe)).await {
-            // Put back what was not superseded by a newer write meanwhile.
-            let mut shared = redis.lock();
-            for (key, op) in batch {
-                shared.pending.entry(key).or_insert(op);
+        match redis.query::<Vec<redis::RedisResult<redis::Value>>>(Request::Pipe(&pipe)).await {
+            Ok(results) => {
+                let failed = results.iter().filter(|result| result.is_err()).count();
+                refused += failed;
+                replayed += batch.len() - failed;
             }
-            return Err(err);
+            Err(err) => {
+                // Put back what was not superseded by a newer write meanwhile.
+                let mut shared = redis.lock();
+                for (key, op) in batch {
+                    shared.pending.entry(key).or_insert(op);
+                }
+                return Err(err);
+            }
         }
-        replayed += batch.len();
     }
 }
 
@@ -797,8 +853,9 @@ impl DurableStore {
             return Err(CacheError::Unavailable(unavailable_reason(status)));
         };
         let result = redis.query(Request::Cmd(&cmd)).await;
-        if let Err(err) = &result {
-            trip(&self.inner, redis, err);
+        match &result {
+            Err(err) if err.is_outage() => trip(&self.inner, redis, err),
+            _ => {}
         }
         result
     }
@@ -923,6 +980,39 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(50));
         let durable = cache.durable().expect("durable");
         assert!(matches!(durable.get("x").await, Err(CacheError::Unavailable(_))));
+    }
+
+    #[tokio::test]
+    async fn outage_writes_are_bounded_and_last_write_wins() {
+        let cache = Cache::new(CacheConfig {
+            redis_url: Some("redis://127.0.0.1:1".to_string()),
+            memory_capacity: 100,
+            ..CacheConfig::default()
+        })
+        .expect("cache");
+        let _ = cache.connect().await;
+        for i in 0..MAX_PENDING_WRITES + 5 {
+            cache.set(&format!("k{i}"), Bytes::from_static(b"v"), None).await.expect("set");
+        }
+        // Rewriting a remembered key still lands, as its latest value.
+        cache.set("k0", Bytes::from_static(b"newest"), None).await.expect("set");
+        cache.delete("k1").await.expect("delete");
+        let redis = cache.inner.redis.as_ref().expect("redis tier");
+        let shared = redis.lock();
+        assert_eq!(shared.pending.len(), MAX_PENDING_WRITES);
+        assert_eq!(shared.pending_dropped, 5);
+        assert!(matches!(
+            shared.pending.get("k0"),
+            Some(Pending::Set(entry)) if entry.value == Bytes::from_static(b"newest")
+        ));
+        assert!(matches!(shared.pending.get("k1"), Some(Pending::Delete)));
+    }
+
+    #[test]
+    fn zero_timeout_is_invalid_config() {
+        let err = Cache::new(CacheConfig { operation_timeout: Duration::ZERO, ..CacheConfig::default() })
+            .expect_err("zero timeout");
+        assert!(matches!(err, CacheError::InvalidConfig(_)), "{err}");
     }
 
     #[test]

@@ -19,9 +19,11 @@
 //! - [`warmup`]: background start-up tasks with timeouts, shown in `/health`.
 //! - [`cache`]: Redis through a bb8 pool, a bounded in-memory cache when Redis is away, and the
 //!   circuit breaker that switches between them.
+//! - [`auth`]: users in Redis, bcrypt on a dedicated low-priority thread pool.
 //! - [`logging`]: one line per event on stderr, text or JSON, with pid and role.
 
 pub mod app;
+pub mod auth;
 pub mod cache;
 pub mod cli;
 pub mod config;

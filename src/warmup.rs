@@ -180,14 +180,11 @@ fn state_word(state: &TaskState) -> &'static str {
 /// against the live connection, not against this task.
 pub fn builtin(config: &crate::config::Config) -> Vec<WarmupTask> {
     let cost = config.bcrypt_cost;
-    let mut tasks = vec![WarmupTask::new("bcrypt_prewarm", move |_services| async move {
-        // One hash at the configured cost: pages in the code and tells the operator, through
-        // /health and a warning, whether the cost suits this CPU.
+    let mut tasks = vec![WarmupTask::new("bcrypt_prewarm", move |services: Services| async move {
+        // One hash at the configured cost on the login thread pool: pages in the code and tells
+        // the operator, through /health and a warning, whether the cost suits this CPU.
         let started = Instant::now();
-        tokio::task::spawn_blocking(move || bcrypt::hash("herdsman-prewarm", cost))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        services.hasher.hash("herdsman-prewarm", cost).await?;
         let took = started.elapsed();
         if took > SLOW_HASH {
             tracing::warn!(
@@ -195,7 +192,7 @@ pub fn builtin(config: &crate::config::Config) -> Vec<WarmupTask> {
                 took.as_millis()
             );
         }
-        Ok::<(), String>(())
+        Ok::<(), crate::auth::HashError>(())
     })];
     if config.redis_url.is_some() {
         // Workers booting together must not all connect in the same instant.

@@ -35,6 +35,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::app::{App, Services};
+use crate::auth::Hasher;
 use crate::cache::{Cache, CacheConfig};
 use crate::config::Config;
 use crate::control::{Message, CONTROL_FD};
@@ -125,8 +126,10 @@ async fn serve(app: &App, config: Arc<Config>, listener: StdTcpListener, control
 
     // The master validated the URL before it bound the port, so this does not fail in practice.
     let cache = Cache::new(CacheConfig::from_config(&config)).map_err(std::io::Error::other)?;
+    let threads = hasher_threads(config.workers);
+    let hasher = Hasher::new(threads, HASH_QUEUE_PER_THREAD * threads).map_err(std::io::Error::other)?;
     let services =
-        Services { config: config.clone(), warmup, cache, started: Instant::now(), tracker: tracker.clone() };
+        Services { config: config.clone(), warmup, cache, hasher, started: Instant::now(), tracker: tracker.clone() };
     let router = http::router(&services, app.user_routes(&services), tracker.clone());
 
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -195,6 +198,17 @@ async fn drain(tracker: RequestTracker, graceful: GracefulShutdown, grace: Durat
             tracker.in_flight().len()
         ),
     }
+}
+
+/// Password hashes waiting per hashing thread before logins get 503 + Retry-After.
+const HASH_QUEUE_PER_THREAD: usize = 32;
+
+/// This worker's share of the CPUs for bcrypt: all workers together can use every core for
+/// logins, and the hashing threads run at a lower priority than the runtime thread that
+/// answers `/live`.
+fn hasher_threads(workers: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cpus.div_ceil(workers.max(1)).max(1)
 }
 
 /// `MAX_REQUESTS` plus this worker's share of the jitter; `None` when recycling is off.

@@ -6,7 +6,7 @@
 #[path = "support/redis.rs"]
 mod redis_support;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,6 +16,64 @@ use redis_support::TestRedis;
 const OP_TIMEOUT: Duration = Duration::from_millis(250);
 /// Slack over the operation timeout for scheduling on a busy 2-core machine.
 const SLACK: Duration = Duration::from_millis(200);
+
+/// Records the cache's WARN and INFO events, to check each transition is
+/// logged once and not once per request.
+///
+/// One global subscriber (installed once) writes into the capture of the
+/// current thread. The tests run on current-thread runtimes, so the cache's
+/// probe task logs on the test's own thread. (A per-test `set_default` is
+/// not enough: tracing caches callsite interest process-wide.)
+#[derive(Clone, Default)]
+struct LogCapture(Arc<Mutex<Vec<(tracing::Level, String)>>>);
+
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<LogCapture>> = const { std::cell::RefCell::new(None) };
+}
+
+impl LogCapture {
+    fn install() -> LogCapture {
+        use tracing_subscriber::layer::SubscriberExt;
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let subscriber = tracing_subscriber::registry().with(GlobalCapture);
+            tracing::subscriber::set_global_default(subscriber).expect("global subscriber");
+        });
+        let capture = LogCapture::default();
+        CAPTURE.with(|slot| *slot.borrow_mut() = Some(capture.clone()));
+        capture
+    }
+
+    fn take(&self) -> Vec<(tracing::Level, String)> {
+        std::mem::take(&mut *self.0.lock().expect("log capture"))
+    }
+}
+
+struct GlobalCapture;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for GlobalCapture {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let meta = event.metadata();
+        if !meta.target().starts_with("herdsman::cache") || *meta.level() > tracing::Level::INFO {
+            return;
+        }
+        CAPTURE.with(|slot| {
+            if let Some(capture) = slot.borrow().as_ref() {
+                let mut message = Message(String::new());
+                event.record(&mut message);
+                capture.0.lock().expect("log capture").push((*meta.level(), message.0));
+            }
+        });
+    }
+}
 
 fn cache_for(redis: &TestRedis) -> Cache {
     Cache::new(CacheConfig {
@@ -137,8 +195,15 @@ where
 
 /// Shared body of the stop and pause scenarios.
 async fn outage_scenario(redis: Arc<TestRedis>, pause: bool) {
+    let logs = LogCapture::install();
     let cache = cache_for(&redis);
     cache.connect().await.expect("connect");
+    // Keys the outage will delete or let expire: the replay must remove them.
+    for key in ["doomed", "expires"] {
+        let tier = cache.set_with_tier(key, Bytes::from_static(b"before"), None).await.expect("set before outage");
+        assert_eq!(tier, Tier::Redis);
+    }
+    logs.take();
 
     let faulty = redis.clone();
     let report = run_load(&cache, Duration::from_millis(2500), Duration::from_millis(500), || async move {
@@ -176,6 +241,11 @@ async fn outage_scenario(redis: Arc<TestRedis>, pause: bool) {
     let took = wait_for_up(&cache, Duration::from_secs(5)).await;
     eprintln!("back on redis {took:?} after redis answered");
 
+    // Thousands of requests, one outage: one warning down, one info up.
+    let logs = logs.take();
+    let levels: Vec<_> = logs.iter().map(|(level, _)| *level).collect();
+    assert_eq!(levels, [tracing::Level::WARN, tracing::Level::INFO], "{logs:?}");
+
     // The outage write was replayed, and new writes reach Redis.
     assert_eq!(raw_get(&redis, "herdsman:cache:during-outage").await.as_deref(), Some(&b"kept"[..]));
     let tier = cache.set_with_tier("after", Bytes::from_static(b"recovered"), None).await.expect("set after recovery");
@@ -194,6 +264,58 @@ async fn stopped_redis_mid_load_falls_back_and_recovers() {
 async fn paused_redis_mid_load_falls_back_and_recovers() {
     let redis = Arc::new(TestRedis::start().await);
     outage_scenario(redis, true).await;
+}
+
+#[tokio::test]
+async fn refused_commands_do_not_open_the_breaker() {
+    let redis = TestRedis::start().await;
+    let cache = cache_for(&redis);
+    cache.connect().await.expect("connect");
+    let mut conn = redis.client().await;
+
+    // WRONGTYPE on read: answered from memory, Redis stays in use.
+    let _: () = redis::cmd("HSET")
+        .arg("herdsman:cache:not-a-string")
+        .arg("f")
+        .arg("v")
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+    let (value, tier) = cache.get_with_tier("not-a-string").await.expect("get");
+    assert_eq!((value, tier), (None, Tier::Memory));
+    assert_eq!(cache.status(), RedisStatus::Up);
+
+    // OOM on write: kept in memory, Redis stays in use, nothing queued for replay.
+    let _: () =
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1").query_async(&mut conn).await.expect("CONFIG SET");
+    let tier = cache.set_with_tier("oom", Bytes::from_static(b"v"), None).await.expect("set");
+    assert_eq!(tier, Tier::Memory);
+    assert_eq!(cache.status(), RedisStatus::Up);
+    let _: () =
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("0").query_async(&mut conn).await.expect("CONFIG SET");
+    let tier = cache.set_with_tier("oom", Bytes::from_static(b"v"), None).await.expect("set");
+    assert_eq!(tier, Tier::Redis);
+}
+
+#[tokio::test]
+async fn http_api_reports_the_redis_tier() {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    let redis = TestRedis::start().await;
+    let cache = cache_for(&redis);
+    cache.connect().await.expect("connect");
+    let app = herdsman::http::cache_api::routes(cache, 512, 1024);
+    let put = Request::put("/cache/http-key?ttl=60").body(Body::from("over http")).expect("request");
+    let response = app.clone().oneshot(put).await.expect("infallible");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(response.headers()["x-cache-tier"], "redis");
+    assert_eq!(raw_get(&redis, "herdsman:cache:http-key").await.as_deref(), Some(&b"over http"[..]));
+    let get = Request::get("/cache/http-key").body(Body::empty()).expect("request");
+    let response = app.clone().oneshot(get).await.expect("infallible");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-cache-tier"], "redis");
 }
 
 #[test]

@@ -41,6 +41,7 @@ pub fn router(services: &Services, user_routes: Router, tracker: RequestTracker)
     let router = Router::new()
         .merge(health::routes(services.clone()))
         .merge(cache_api::routes(services.cache.clone(), MAX_CACHE_KEY_BYTES, config.max_body_bytes))
+        .merge(crate::auth::routes(services.cache.durable(), services.hasher.clone(), config.bcrypt_cost))
         .merge(user_routes);
     #[cfg(feature = "test-hooks")]
     let router = router.merge(test_hooks::routes());
