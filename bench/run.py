@@ -431,6 +431,7 @@ class Ctx:
         self.args = args
         self.smoke = args.smoke
         self.herdsman: Path | None = None
+        self.herdsman_source: Path | None = None
         self.hello: Path | None = None
         self.results: dict = {}
         self.failures: list[str] = []
@@ -1186,14 +1187,16 @@ def machine_info(ctx: Ctx) -> dict:
                            "for p in ['fastapi','uvicorn','gunicorn','starlette','redis','bcrypt',"
                            "'uvloop','httptools']))"], capture_output=True, text=True).stdout.strip()
     herdsman_rev = "?"
-    if ctx.herdsman is not None:
-        herdsman_rev = _cmd(["git", "-C", str(ctx.herdsman.parent), "log", "-1",
+    if ctx.herdsman_source is not None:
+        herdsman_rev = _cmd(["git", "-C", str(ctx.herdsman_source.parent), "log", "-1",
                              "--format=%h %cI %s"])
     return {
         "cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem / 1024 / 1024, 1),
         "kernel": platform.release(), "os": _cmd(["sh", "-c", ". /etc/os-release; echo $PRETTY_NAME"]),
         "python": platform.python_version(),
-        "herdsman": str(ctx.herdsman) if ctx.herdsman else None,
+        "herdsman": str(ctx.herdsman_source) if ctx.herdsman else None,
+        "herdsman_sha256": (hashlib.sha256(ctx.herdsman.read_bytes()).hexdigest()[:16]
+                            if ctx.herdsman else None),
         "herdsman_version": _cmd([str(ctx.herdsman), "--version"]) if ctx.herdsman else None,
         "herdsman_commit": herdsman_rev,
         "rustc": _cmd(["rustc", "--version"]),
@@ -1303,7 +1306,12 @@ def main() -> int:
         log(f"FAIL setup: {exc}")
         return 1
     if args.herdsman.is_file() and os.access(args.herdsman, os.X_OK):
-        ctx.herdsman = args.herdsman.resolve()
+        # Measure a snapshot: a `cargo build` in the herdsman repo during the run must not
+        # swap the binary between two spawns.
+        src = args.herdsman.resolve()
+        ctx.herdsman_source = src
+        ctx.herdsman = OUT / "herdsman-under-test"
+        shutil.copy2(src, ctx.herdsman)
     else:
         msg = (f"herdsman binary not found at {args.herdsman} (run `cargo build --release` in the "
                "herdsman repo, or pass --herdsman PATH)")
