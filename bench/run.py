@@ -47,7 +47,7 @@ LOGS = OUT / "logs"
 DEFAULT_HERDSMAN = Path(os.environ.get("HERDSMAN_BIN", "/work/main/target/release/herdsman"))
 LOOPBACK = "127.0.0.1"
 
-MEASUREMENTS = ("boot", "live", "cache", "login", "memory")
+MEASUREMENTS = ("boot", "live", "cache", "login", "memory", "chaos-demo")
 
 
 class BenchError(Exception):
@@ -436,6 +436,7 @@ class Ctx:
         self.results: dict = {}
         self.failures: list[str] = []
         self.skipped: list[str] = []
+        self.noise: dict[str, dict] = {}
         # durations
         self.wrk_duration = 1 if args.smoke else args.duration
         self.runs = 1 if args.smoke else args.runs
@@ -898,8 +899,6 @@ def measure_memory(ctx: Ctx) -> dict:
     return res
 
 
-MEASURE = {"boot": measure_boot, "live": measure_live, "cache": measure_cache,
-           "login": measure_login, "memory": measure_memory}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -983,8 +982,15 @@ class LoadRecorder:
         bad = [s for s in self.samples if not (s[2] is not None and 200 <= s[2] < 400)]
         lats = sorted(s[1] for s in ok)
         pct = lambda q: lats[min(len(lats) - 1, int(q * len(lats)))] if lats else None  # noqa
+        t_event = self.events[0][0] if self.events else None
+        after = [s for s in bad if t_event is not None and s[0] + s[1] / 1e3 >= t_event]
+        slow_after = [s for s in ok if t_event is not None and s[0] >= t_event]
         return {"requests": len(self.samples), "ok": len(ok), "failed": len(bad),
                 "failures": sorted({f"{s[2]}/{s[3]}" for s in bad}),
+                "failed_after_first_event": len(after),
+                "last_failure_after_event_ms": (max(s[0] - t_event for s in after) * 1e3
+                                                if after else 0.0),
+                "max_ms_after_event": max((s[1] for s in slow_after), default=0.0),
                 "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": lats[-1] if lats else None,
                 "events": self.events}
 
@@ -1049,6 +1055,10 @@ def chaos_demo(ctx: Ctx) -> dict:
         plot_timeline(rec, f"{name}: GET /live at 400 req/s, kill -9 of one of 2 workers", png)
         res["targets"][name] = {**rec.summary(), "plot": str(png.relative_to(BENCH))}
     return res
+
+
+MEASURE = {"boot": measure_boot, "live": measure_live, "cache": measure_cache,
+           "login": measure_login, "memory": measure_memory, "chaos-demo": chaos_demo}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1142,11 +1152,14 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[st
     if "chaos-demo" in results:
         r = results["chaos-demo"]
         rows = [[n, str(x["requests"]), str(x["failed"]), ", ".join(x["failures"]) or "—",
+                 fmt(x["last_failure_after_event_ms"], " ms", 1),
                  fmt(x["p99_ms"], " ms", 2), fmt(x["max_ms"], " ms", 1), x["plot"]]
                 for n, x in r["targets"].items()]
         out.append(("chaos-demo: kill -9 of one worker under 400 req/s /live",
-                    ["server", "requests", "failed", "failure kinds", "p99", "max", "plot"],
-                    rows, []))
+                    ["server", "requests", "failed", "failure kinds", "last failure after kill",
+                     "p99", "max", "plot"], rows,
+                    ["LoadRecorder: 8 keep-alive connections paced to 400 req/s in total; "
+                     "failures are requests that got no HTTP answer (connection reset/closed)"]))
     return out
 
 
@@ -1167,6 +1180,52 @@ def _cmd(argv: list[str]) -> str:
         return (r.stdout or r.stderr).strip().splitlines()[0]
     except (OSError, IndexError, subprocess.TimeoutExpired):
         return "?"
+
+
+def cpu_snapshot() -> dict:
+    """Machine-wide busy and steal CPU seconds (/proc/stat) and this harness's own CPU seconds
+    (itself + every descendant it has reaped: servers, their workers, wrk, redis)."""
+    import resource
+
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    own = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        ru = resource.getrusage(who)
+        own += ru.ru_utime + ru.ru_stime
+    return {"t": time.monotonic(), "busy": (user + nice + system + irq + softirq) / hz,
+            "steal": steal / hz, "own": own}
+
+
+def foreign_cpu(before: dict, after: dict) -> dict:
+    """CPU used during a measurement by processes that are not the harness's (other builds,
+    other jobs), and hypervisor steal: the noise the figures carry. Valid once every process
+    the measurement started has been reaped."""
+    wall = after["t"] - before["t"]
+    foreign = max(0.0, (after["busy"] - before["busy"]) - (after["own"] - before["own"]))
+    steal = after["steal"] - before["steal"]
+    cores = os.cpu_count() or 1
+    return {"wall_s": round(wall, 1), "foreign_cpu_s": round(foreign, 1),
+            "foreign_share": round(foreign / (wall * cores), 3) if wall else None,
+            "steal_s": round(steal, 1)}
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.10) -> float:
+    """Between measurements (nothing of ours running): wait, at most max_wait seconds, until
+    the machine's CPU use over 1 s is under `threshold` of all cores. Returns the share seen."""
+    deadline = time.monotonic() + max_wait
+    share, said = 1.0, False
+    while True:
+        a = cpu_snapshot()
+        time.sleep(1.0)
+        share = foreign_cpu(a, cpu_snapshot())["foreign_share"] or 0.0
+        if share < threshold or time.monotonic() >= deadline:
+            return share
+        if not said:
+            log(f"machine busy ({100 * share:.0f} % of all cores used by others); waiting up to "
+                f"{max_wait:.0f} s for it to calm down")
+            said = True
 
 
 def machine_info(ctx: Ctx) -> dict:
@@ -1235,7 +1294,16 @@ def write_markdown(path: Path, ctx: Ctx, meta: dict, results: dict) -> None:
         "more than absolutes. Each cell shows the median of the runs and, in parentheses, "
         "their min–max; runs of different servers are interleaved so drift hits all alike.",
         "",
+        "CPU used during each measurement by processes other than the harness and what it "
+        "started (e.g. a build running alongside), and hypervisor steal time:",
+        "",
+        "| measurement | wall | foreign CPU | share of all cores | steal |",
+        "|---|---|---|---|---|",
     ]
+    for name, n in ctx.noise.items():
+        lines.append(f"| {name} | {n['wall_s']} s | {n['foreign_cpu_s']} s | "
+                     f"{100 * (n['foreign_share'] or 0):.1f} % | {n['steal_s']} s |")
+    lines.append("")
     if ctx.skipped:
         lines += ["Skipped: " + "; ".join(ctx.skipped), ""]
     if ctx.failures:
@@ -1275,8 +1343,8 @@ def missing_figures(obj, where="") -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="*", help=f"measurements: {', '.join(MEASUREMENTS)}, chaos-demo "
-                    "(default: all measurements)")
+    ap.add_argument("what", nargs="*", help=f"measurements: {', '.join(MEASUREMENTS)} "
+                    "(default: all)")
     ap.add_argument("--smoke", action="store_true", help="tiny durations, 1 run: CI, < 2 min")
     ap.add_argument("--herdsman", type=Path, default=DEFAULT_HERDSMAN,
                     help=f"herdsman binary (default {DEFAULT_HERDSMAN}, or $HERDSMAN_BIN)")
@@ -1287,16 +1355,20 @@ def main() -> int:
     ap.add_argument("--boot-runs", type=int, default=5, help="spawns per boot variant (5)")
     ap.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
     ap.add_argument("--bcrypt-cost", type=int, default=10, help="BCRYPT_COST for login (10)")
+    ap.add_argument("--quiet-wait", type=float, default=0, metavar="SECONDS",
+                    help="before each measurement, wait up to this long for other processes to "
+                    "leave the CPU (< 10 %% of all cores); the CPU they used anyway is reported")
     ap.add_argument("--markdown", type=Path, help="also write a markdown report here")
     ap.add_argument("--json", type=Path, default=OUT / "results.json")
     args = ap.parse_args()
     what = args.what or list(MEASUREMENTS)
-    unknown = [w for w in what if w not in (*MEASUREMENTS, "chaos-demo")]
+    unknown = [w for w in what if w not in MEASUREMENTS]
     if unknown:
         ap.error(f"unknown measurement(s): {unknown}")
 
     ctx = Ctx(args)
     OUT.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(LOGS, ignore_errors=True)  # logs of this run only
     t_start = time.monotonic()
     try:
         require_tools()
@@ -1323,10 +1395,14 @@ def main() -> int:
 
     for name in what:
         log(f"measuring {name}")
+        if args.quiet_wait > 0:
+            wait_for_quiet(args.quiet_wait)
         t0 = time.monotonic()
+        cpu0 = cpu_snapshot()
         try:
-            fn = chaos_demo if name == "chaos-demo" else MEASURE[name]
+            fn = MEASURE[name]
             ctx.results[name] = fn(ctx)
+            ctx.noise[name] = foreign_cpu(cpu0, cpu_snapshot())
             holes = missing_figures(ctx.results[name])
             if holes:
                 raise BenchError(f"no figure for {', '.join(holes[:5])}")
@@ -1336,10 +1412,16 @@ def main() -> int:
             log(f"FAIL {name}: {exc}")
 
     meta = machine_info(ctx)
-    doc = {"meta": meta, "skipped": ctx.skipped, "failures": ctx.failures, **ctx.results}
+    doc = {"meta": meta, "skipped": ctx.skipped, "failures": ctx.failures, "noise": ctx.noise,
+           **ctx.results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2) + "\n")
     print_tables(ctx.results)
+    if ctx.noise:
+        print("\n== noise: CPU used by other processes during each measurement")
+        for name, n in ctx.noise.items():
+            print(f"   {name:<11} wall {n['wall_s']:>6} s  foreign {n['foreign_cpu_s']:>5} s "
+                  f"({100 * (n['foreign_share'] or 0):.1f} % of all cores)  steal {n['steal_s']} s")
     if args.markdown:
         write_markdown(args.markdown, ctx, meta, ctx.results)
         log(f"wrote {args.markdown}")
