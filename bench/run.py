@@ -754,8 +754,8 @@ with ProcessPoolExecutor(cores) as pool:
     t0 = time.perf_counter()
     list(pool.map(_bcrypt_worker, [(cost, n)] * cores))
     wall = time.perf_counter() - t0
-print(json.dumps({"single_thread_per_s": n / one, "all_cores_per_s": cores * n / wall,
-                  "cores": cores}))
+print(json.dumps({"single_thread_per_s": n / one, "pool_all_cores_per_s": cores * n / wall,
+                  "cores_x_single_thread_per_s": cores * n / one, "cores": cores}))
 """
 
 
@@ -799,7 +799,7 @@ def measure_login(ctx: Ctx) -> dict:
     res["bcrypt"] = rate
     for t in res["targets"].values():
         t["login_over_all_cores_hash_rate"] = ratio(t["login_ok_rps"]["median"],
-                                                    rate["all_cores_per_s"])
+                                                    rate["cores_x_single_thread_per_s"])
     if "herdsman" in res["targets"] and "peer" in res["targets"]:
         h, p = res["targets"]["herdsman"], res["targets"]["peer"]
         res["ratios"] = {
@@ -1082,6 +1082,14 @@ def fmt_spread(s: dict, unit: str = "", nd: int = 1) -> str:
     return f"{fmt(s['median'], unit, nd)} ({fmt(s['min'], '', nd)}–{fmt(s['max'], '', nd)})"
 
 
+def _counts(values: list) -> str:
+    """["up", "up", "connecting"] -> "up×2, connecting×1"; None (no such check) -> "—"."""
+    seen: dict = {}
+    for v in values:
+        seen[v] = seen.get(v, 0) + 1
+    return ", ".join(f"{'—' if k is None else k}×{n}" for k, n in seen.items())
+
+
 def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
     """(title, header, rows, notes) per measurement; shared by stdout and markdown."""
     out = []
@@ -1094,7 +1102,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[st
                     x = row[name]
                     rows.append([variant, name, fmt_spread(x["connect_ms"], " ms"),
                                  fmt_spread(x["first_200_ms"], " ms"),
-                                 ",".join(str(s) for s in x["redis_status_at_first_200"])])
+                                 _counts(x["redis_status_at_first_200"])])
             if row.get("ratio_herdsman_over_peer") is not None:
                 rows.append([variant, "herdsman/peer", "", fmt(row["ratio_herdsman_over_peer"],
                                                                "×", 3), ""])
@@ -1129,9 +1137,10 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[st
                  fmt(x["login_over_all_cores_hash_rate"], "", 2)]
                 for n, x in r["targets"].items()]
         b = r["bcrypt"]
-        notes = [f"bcrypt cost {r['bcrypt_cost']}: {b['single_thread_per_s']:.1f} hashes/s on one "
-                 f"thread, {b['all_cores_per_s']:.1f}/s on all {b['cores']} cores (Python bcrypt, "
-                 f"process pool)",
+        notes = [f"bcrypt cost {r['bcrypt_cost']} (Python bcrypt): {b['single_thread_per_s']:.1f} "
+                 f"hashes/s on one thread, so {b['cores_x_single_thread_per_s']:.1f}/s for "
+                 f"{b['cores']} cores (the reference); a {b['cores']}-process pool measured "
+                 f"{b['pool_all_cores_per_s']:.1f}/s",
                  f"login load: wrk {r['login_wrk']}; /live probe: wrk {r['probe_wrk']}; "
                  f"median of {r['runs']} runs"]
         notes += [f"{k}: {fmt(v, '', 3)}" for k, v in r.get("ratios", {}).items() if v is not None]
@@ -1209,6 +1218,9 @@ def foreign_cpu(before: dict, after: dict) -> dict:
     return {"wall_s": round(wall, 1), "foreign_cpu_s": round(foreign, 1),
             "foreign_share": round(foreign / (wall * cores), 3) if wall else None,
             "steal_s": round(steal, 1)}
+
+
+NOISY_SHARE = 0.10  # foreign CPU share above which a measurement is flagged as unreliable
 
 
 def wait_for_quiet(max_wait: float, threshold: float = 0.10) -> float:
@@ -1304,6 +1316,11 @@ def write_markdown(path: Path, ctx: Ctx, meta: dict, results: dict) -> None:
         lines.append(f"| {name} | {n['wall_s']} s | {n['foreign_cpu_s']} s | "
                      f"{100 * (n['foreign_share'] or 0):.1f} % | {n['steal_s']} s |")
     lines.append("")
+    noisy = [k for k, n in ctx.noise.items() if (n["foreign_share"] or 0) > NOISY_SHARE]
+    if noisy:
+        lines += [f"**Warning:** other processes used more than {100 * NOISY_SHARE:.0f} % of the "
+                  f"cores during {', '.join(noisy)}: those figures (and ratios between them) are "
+                  "not reliable; rerun on a quiet machine (`--quiet-wait 300`).", ""]
     if ctx.skipped:
         lines += ["Skipped: " + "; ".join(ctx.skipped), ""]
     if ctx.failures:
@@ -1420,8 +1437,10 @@ def main() -> int:
     if ctx.noise:
         print("\n== noise: CPU used by other processes during each measurement")
         for name, n in ctx.noise.items():
+            flag = "  UNRELIABLE" if (n["foreign_share"] or 0) > NOISY_SHARE else ""
             print(f"   {name:<11} wall {n['wall_s']:>6} s  foreign {n['foreign_cpu_s']:>5} s "
-                  f"({100 * (n['foreign_share'] or 0):.1f} % of all cores)  steal {n['steal_s']} s")
+                  f"({100 * (n['foreign_share'] or 0):.1f} % of all cores)  steal {n['steal_s']} s"
+                  f"{flag}")
     if args.markdown:
         write_markdown(args.markdown, ctx, meta, ctx.results)
         log(f"wrote {args.markdown}")
