@@ -1383,6 +1383,8 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown measurement(s): {unknown}")
 
+    # SIGTERM (CI timeout, `timeout`) unwinds like Ctrl-C, so every server is torn down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ctx = Ctx(args)
     OUT.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(LOGS, ignore_errors=True)  # logs of this run only
