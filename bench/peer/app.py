@@ -1,0 +1,316 @@
+"""The stack herdsman replaces: a FastAPI service run by gunicorn with uvicorn workers.
+
+Written the way such services usually are, not slowed on purpose:
+- redis-py's asyncio client with socket timeouts;
+- warm-up tasks started in the lifespan as background tasks, each under
+  asyncio.wait_for(..., STARTUP_OPERATION_TIMEOUT): bcrypt pre-warm (in the thread pool),
+  Redis connect, cache warm-up;
+- a cache served from Redis when it answers and from a bounded in-memory TTL cache otherwise;
+  while Redis is down a background task re-pings it, and requests never wait on it;
+- users in Redis, passwords hashed with the `bcrypt` package in the default thread pool.
+
+Same HTTP surface and environment variables as herdsman (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import time
+from contextlib import asynccontextmanager
+
+import bcrypt
+import redis.asyncio as aioredis
+from cachetools import TTLCache
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+VERSION = "peer-0.1.0"
+log = logging.getLogger("peer")
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    return float(raw) if raw.strip() else default
+
+
+def _env_bool(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+REDIS_URL = os.environ.get("REDIS_URL", "").strip() or None
+REDIS_REQUIRED = _env_bool("REDIS_REQUIRED")
+STARTUP_TIMEOUT = _env_float("STARTUP_OPERATION_TIMEOUT", 2.0)
+REDIS_TIMEOUT = _env_float("REDIS_TIMEOUT", 0.25)
+BCRYPT_COST = int(os.environ.get("BCRYPT_COST", "10") or 10)
+CACHE_WARM_KEYS = [k for k in os.environ.get("CACHE_WARM_KEYS", "").split(",") if k.strip()]
+CACHE_ENTRIES = int(os.environ.get("CACHE_ENTRIES", "10000") or 10000)
+DEFAULT_TTL = 3600.0
+SESSION_TTL = 3600
+RECONNECT_EVERY = 1.0
+
+CACHE_PREFIX = "cache:"
+USER_PREFIX = "user:"
+SESSION_PREFIX = "session:"
+
+
+class State:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.redis: aioredis.Redis | None = None
+        # "disabled" (no REDIS_URL), "connecting", "up", "fallback"
+        self.redis_status = "disabled" if REDIS_URL is None else "connecting"
+        self.redis_error: str | None = None
+        self.memory: TTLCache = TTLCache(maxsize=CACHE_ENTRIES, ttl=DEFAULT_TTL)
+        self.checks: dict[str, dict] = {
+            "bcrypt_prewarm": {"state": "pending", "duration_ms": None},
+            "cache_warmup": {"state": "pending", "duration_ms": None},
+        }
+        self.tasks: list[asyncio.Task] = []
+
+
+state = State()
+
+
+def _redis_usable() -> bool:
+    return state.redis is not None and state.redis_status == "up"
+
+
+def _redis_failed(exc: BaseException) -> None:
+    if state.redis_status == "up":
+        log.warning("redis unavailable, cache falls back to memory: %r", exc)
+    state.redis_status = "fallback"
+    state.redis_error = repr(exc)
+
+
+async def _timed(name: str, coro) -> None:
+    t0 = time.monotonic()
+    try:
+        await asyncio.wait_for(coro, STARTUP_TIMEOUT)
+        state.checks[name] = {"state": "ok"}
+    except asyncio.TimeoutError:
+        state.checks[name] = {"state": "timed_out"}
+    except Exception as exc:  # noqa: BLE001 - report any failure in /health
+        state.checks[name] = {"state": "failed", "error": repr(exc)}
+    state.checks[name]["duration_ms"] = round((time.monotonic() - t0) * 1000, 1)
+
+
+async def bcrypt_prewarm() -> None:
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, bcrypt.hashpw, b"prewarm", bcrypt.gensalt(BCRYPT_COST))
+
+
+async def redis_connect() -> None:
+    try:
+        await asyncio.wait_for(state.redis.ping(), STARTUP_TIMEOUT)
+        state.redis_status = "up"
+        state.redis_error = None
+    except Exception as exc:  # noqa: BLE001
+        _redis_failed(exc)
+    # Keep re-pinging in the background while Redis is down (or comes back).
+    while True:
+        await asyncio.sleep(RECONNECT_EVERY)
+        if state.redis_status == "up":
+            continue
+        try:
+            await asyncio.wait_for(state.redis.ping(), STARTUP_TIMEOUT)
+            state.redis_status = "up"
+            state.redis_error = None
+            log.info("redis is back")
+        except Exception as exc:  # noqa: BLE001
+            _redis_failed(exc)
+
+
+async def cache_warmup() -> None:
+    if not CACHE_WARM_KEYS or state.redis is None:
+        return
+    # Wait (bounded by wait_for around us) for the connect task to decide.
+    while state.redis_status == "connecting":
+        await asyncio.sleep(0.01)
+    if not _redis_usable():
+        return
+    values = await state.redis.mget([CACHE_PREFIX + k for k in CACHE_WARM_KEYS])
+    for key, value in zip(CACHE_WARM_KEYS, values):
+        if value is not None:
+            state.memory[key] = value
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    if REDIS_URL:
+        state.redis = aioredis.Redis.from_url(
+            REDIS_URL,
+            socket_timeout=REDIS_TIMEOUT,
+            socket_connect_timeout=STARTUP_TIMEOUT,
+            retry_on_timeout=False,
+        )
+        state.tasks.append(asyncio.create_task(redis_connect()))
+    state.tasks.append(asyncio.create_task(_timed("bcrypt_prewarm", bcrypt_prewarm())))
+    state.tasks.append(asyncio.create_task(_timed("cache_warmup", cache_warmup())))
+    yield
+    for task in state.tasks:
+        task.cancel()
+    if state.redis is not None:
+        try:
+            await asyncio.wait_for(state.redis.aclose(), 1)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.get("/live")
+async def live() -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+@app.get("/ready")
+async def ready() -> JSONResponse:
+    if REDIS_REQUIRED and state.redis_status != "up":
+        return JSONResponse({"ready": False, "reason": f"redis {state.redis_status}"}, status_code=503)
+    return JSONResponse({"ready": True})
+
+
+@app.get("/health")
+async def health() -> JSONResponse:
+    redis_check: dict = {"status": state.redis_status}
+    if state.redis_error:
+        redis_check["error"] = state.redis_error
+    degraded = REDIS_URL is not None and state.redis_status == "fallback"
+    return JSONResponse(
+        {
+            "status": "degraded" if degraded else "ok",
+            "version": VERSION,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - state.started, 3),
+            "checks": {"redis": redis_check, **state.checks},
+        }
+    )
+
+
+# ---- cache -------------------------------------------------------------------------------
+
+
+@app.put("/cache/{key}", status_code=204)
+async def cache_put(key: str, request: Request, ttl: float | None = None) -> Response:
+    body = await request.body()
+    if _redis_usable():
+        try:
+            if ttl:
+                await state.redis.set(CACHE_PREFIX + key, body, px=int(ttl * 1000))
+            else:
+                await state.redis.set(CACHE_PREFIX + key, body)
+            return Response(status_code=204)
+        except Exception as exc:  # noqa: BLE001
+            _redis_failed(exc)
+    if ttl:
+        # TTLCache has one TTL for all entries; store the expiry with the value.
+        state.memory[key] = (body, time.monotonic() + ttl)
+    else:
+        state.memory[key] = (body, None)
+    return Response(status_code=204)
+
+
+@app.get("/cache/{key}")
+async def cache_get(key: str) -> Response:
+    if _redis_usable():
+        try:
+            value = await state.redis.get(CACHE_PREFIX + key)
+            if value is None:
+                return Response(status_code=404)
+            return Response(content=value, media_type="application/octet-stream")
+        except Exception as exc:  # noqa: BLE001
+            _redis_failed(exc)
+    entry = state.memory.get(key)
+    if entry is None:
+        return Response(status_code=404)
+    if isinstance(entry, bytes):  # loaded by the warm-up
+        return Response(content=entry, media_type="application/octet-stream")
+    value, expires = entry
+    if expires is not None and expires < time.monotonic():
+        state.memory.pop(key, None)
+        return Response(status_code=404)
+    return Response(content=value, media_type="application/octet-stream")
+
+
+@app.delete("/cache/{key}", status_code=204)
+async def cache_delete(key: str) -> Response:
+    state.memory.pop(key, None)
+    if _redis_usable():
+        try:
+            await state.redis.delete(CACHE_PREFIX + key)
+        except Exception as exc:  # noqa: BLE001
+            _redis_failed(exc)
+    return Response(status_code=204)
+
+
+# ---- auth --------------------------------------------------------------------------------
+
+
+def _unavailable() -> JSONResponse:
+    return JSONResponse({"error": "redis unavailable"}, status_code=503)
+
+
+async def _credentials(request: Request) -> tuple[str, str] | None:
+    try:
+        data = json.loads(await request.body())
+        username, password = data["username"], data["password"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(username, str) or not isinstance(password, str) or not username:
+        return None
+    return username, password
+
+
+@app.post("/auth/register")
+async def register(request: Request) -> JSONResponse:
+    creds = await _credentials(request)
+    if creds is None:
+        return JSONResponse({"error": "expected {\"username\",\"password\"}"}, status_code=400)
+    if not _redis_usable():
+        return _unavailable()
+    username, password = creds
+    loop = asyncio.get_running_loop()
+    hashed = await loop.run_in_executor(
+        None, bcrypt.hashpw, password.encode(), bcrypt.gensalt(BCRYPT_COST)
+    )
+    try:
+        created = await state.redis.set(USER_PREFIX + username, hashed, nx=True)
+    except Exception as exc:  # noqa: BLE001
+        _redis_failed(exc)
+        return _unavailable()
+    if not created:
+        return JSONResponse({"error": "user exists"}, status_code=409)
+    return JSONResponse({"username": username}, status_code=201)
+
+
+@app.post("/auth/login")
+async def login(request: Request) -> JSONResponse:
+    creds = await _credentials(request)
+    if creds is None:
+        return JSONResponse({"error": "expected {\"username\",\"password\"}"}, status_code=400)
+    if not _redis_usable():
+        return _unavailable()
+    username, password = creds
+    try:
+        hashed = await state.redis.get(USER_PREFIX + username)
+    except Exception as exc:  # noqa: BLE001
+        _redis_failed(exc)
+        return _unavailable()
+    loop = asyncio.get_running_loop()
+    if hashed is None:
+        return JSONResponse({"error": "invalid credentials"}, status_code=401)
+    ok = await loop.run_in_executor(None, bcrypt.checkpw, password.encode(), hashed)
+    if not ok:
+        return JSONResponse({"error": "invalid credentials"}, status_code=401)
+    token = secrets.token_urlsafe(32)
+    try:
+        await state.redis.set(SESSION_PREFIX + token, username, ex=SESSION_TTL)
+    except Exception as exc:  # noqa: BLE001
+        _redis_failed(exc)
+        return _unavailable()
+    return JSONResponse({"token": token})
