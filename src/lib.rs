@@ -14,6 +14,7 @@
 //! - [`signals`]: the one table mapping signals to the master's intents.
 //! - [`listener`]: binding the shared socket, and taking it over in a worker.
 //! - [`control`]: the worker → master pipe that carries readiness and heartbeats.
+//! - [`balance`]: the shared table that spreads connections evenly over the workers.
 //! - [`worker`]: a worker process: runtime, accept loop, drain, hang diagnostics.
 //! - [`http`]: the router, built-in routes and the layers around every request.
 //! - [`warmup`]: background start-up tasks with timeouts, shown in `/health`.
@@ -24,6 +25,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod balance;
 pub mod cache;
 pub mod cli;
 pub mod config;

@@ -33,6 +33,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::balance::{self, SlotTable, SLOTS_FD};
 use crate::config::Config;
 use crate::control::{Message, CONTROL_FD};
 use crate::listener::{self, LISTEN_FD};
@@ -89,6 +90,8 @@ struct WorkerState {
     retirement: Retirement,
     /// Marked for replacement (SIGHUP or `MAX_REQUESTS`): drained once a successor is ready.
     replace: bool,
+    /// Its entry in the connection-balancing table, if it got one.
+    slot: Option<usize>,
 }
 
 impl WorkerState {
@@ -103,6 +106,8 @@ pub struct Supervisor {
     config_json: String,
     /// The master's copy of the socket, at a high fd number; dropped when stopping.
     listener: Option<OwnedFd>,
+    /// The connection-balancing table and its memfd at a high fd number, if the kernel has memfd.
+    slots: Option<(SlotTable, OwnedFd)>,
     workers: BTreeMap<Pid, WorkerState>,
     target: usize,
     phase: Phase,
@@ -160,6 +165,16 @@ impl Supervisor {
         // Move the socket above the fds a worker expects, so that placing it on fd 3 in the
         // child can never overwrite the pipe (or the other way round).
         let listener = move_above_reserved_fds(OwnedFd::from(listener))?;
+        let slots = match SlotTable::create().and_then(|table| {
+            let fd = move_above_reserved_fds(table.fd().try_clone()?)?;
+            Ok((table, fd))
+        }) {
+            Ok(slots) => Some(slots),
+            Err(e) => {
+                tracing::warn!("workers will accept without connection balancing: {e}");
+                None
+            }
+        };
         let config_json = serde_json::to_string(&config).map_err(std::io::Error::other)?;
         let (messages_tx, messages_rx) = mpsc::unbounded_channel();
         let now = Instant::now();
@@ -168,6 +183,7 @@ impl Supervisor {
             config: Arc::new(config),
             config_json,
             listener: Some(listener),
+            slots,
             workers: BTreeMap::new(),
             phase: Phase::Starting,
             next_serial: 1,
@@ -325,6 +341,9 @@ impl Supervisor {
             tracing::debug!("reaped process {pid} ({how}), not a worker");
             return;
         };
+        if let (Some((table, _)), Some(slot)) = (&self.slots, worker.slot) {
+            table.clear(slot);
+        }
         let stopping = matches!(self.phase, Phase::Stopping { .. });
         let expected = !worker.is_active() || stopping;
         match (worker.retirement, signal) {
@@ -494,6 +513,8 @@ impl Supervisor {
         let write_fd = write_end.as_raw_fd();
         let exe = std::env::current_exe()?;
         let serial = self.next_serial;
+        let slots_fd = self.slots.as_ref().map(|(_, fd)| fd.as_raw_fd());
+        let slot = slots_fd.and_then(|_| self.free_slot());
 
         let mut command = Command::new(exe);
         command
@@ -501,6 +522,9 @@ impl Supervisor {
             .env(worker::CONFIG_ENV, &self.config_json)
             .env("HERDSMAN_WORKER_SERIAL", serial.to_string())
             .stdin(Stdio::null());
+        if let Some(slot) = slot {
+            command.env(balance::SLOT_ENV, slot.to_string());
+        }
         // SAFETY: the closure runs in the child between fork and exec and calls only
         // async-signal-safe functions (dup2, prctl, getppid). Both sources are above the
         // reserved fds (see move_above_reserved_fds), so neither dup2 clobbers the other;
@@ -509,6 +533,11 @@ impl Supervisor {
             command.pre_exec(move || {
                 if libc::dup2(listen_fd, LISTEN_FD) < 0 || libc::dup2(write_fd, CONTROL_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(slots_fd) = slots_fd {
+                    if libc::dup2(slots_fd, SLOTS_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 // If the master dies without a word, its workers drain instead of serving on.
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
@@ -532,10 +561,17 @@ impl Supervisor {
                 last_heartbeat: now,
                 retirement: Retirement::Active,
                 replace: false,
+                slot,
             },
         );
         self.listen_to(pid, read_end)?;
         Ok(pid)
+    }
+
+    /// The lowest slot no live worker holds.
+    fn free_slot(&self) -> Option<usize> {
+        let taken: std::collections::HashSet<usize> = self.workers.values().filter_map(|w| w.slot).collect();
+        (0..balance::SLOT_COUNT).find(|slot| !taken.contains(slot))
     }
 
     /// Forwards a worker's pipe messages to the main loop until the worker closes it.

@@ -36,6 +36,7 @@ use tokio::sync::mpsc;
 
 use crate::app::{App, Services};
 use crate::auth::Hasher;
+use crate::balance::WorkerSlot;
 use crate::cache::{Cache, CacheConfig};
 use crate::config::Config;
 use crate::control::{Message, CONTROL_FD};
@@ -95,7 +96,9 @@ pub fn run(app: &App) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(serve(app, Arc::new(config), listener, control));
+    // SAFETY: as above; the master puts the balancing table on SLOTS_FD when it names a slot.
+    let slot = unsafe { WorkerSlot::inherited() };
+    let result = runtime.block_on(serve(app, Arc::new(config), listener, control, slot));
     // Warm-up tasks may still run; they are not worth waiting for on the way out.
     runtime.shutdown_timeout(Duration::from_millis(100));
     match result {
@@ -107,7 +110,14 @@ pub fn run(app: &App) -> ExitCode {
     }
 }
 
-async fn serve(app: &App, config: Arc<Config>, listener: StdTcpListener, control: OwnedFd) -> std::io::Result<()> {
+async fn serve(
+    app: &App,
+    config: Arc<Config>,
+    listener: StdTcpListener,
+    control: OwnedFd,
+    slot: Option<WorkerSlot>,
+) -> std::io::Result<()> {
+    let slot = slot.map(Arc::new);
     let listener = TcpListener::from_std(listener)?;
     let control = Arc::new(pipe::Sender::from_owned_fd(control)?);
     let (stop_tx, mut stop_rx) = mpsc::channel::<Stop>(4);
@@ -137,7 +147,7 @@ async fn serve(app: &App, config: Arc<Config>, listener: StdTcpListener, control
     let graceful = GracefulShutdown::new();
 
     spawn_stop_signals(stop_tx.clone())?;
-    spawn_heartbeat(control.clone(), heartbeat_interval(config.timeout), stop_tx);
+    spawn_heartbeat(control.clone(), slot.clone(), heartbeat_interval(config.timeout), stop_tx);
     tell(&control, Message::Ready).await?;
     tracing::info!("worker serving");
     services.warmup.spawn_all(
@@ -147,13 +157,18 @@ async fn serve(app: &App, config: Arc<Config>, listener: StdTcpListener, control
     );
 
     let stop = loop {
+        if let Some(slot) = &slot {
+            slot.wait_for_fair_share().await;
+        }
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
                     let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone()));
                     let connection = graceful.watch(connection);
+                    let counted = slot.as_ref().map(|slot| slot.open_connection());
                     tokio::spawn(async move {
+                        let _counted = counted;
                         if let Err(e) = connection.await {
                             tracing::debug!("connection ended with an error: {e}");
                         }
@@ -169,6 +184,9 @@ async fn serve(app: &App, config: Arc<Config>, listener: StdTcpListener, control
         }
     };
     drop(listener);
+    if let Some(slot) = &slot {
+        slot.withdraw();
+    }
 
     match stop {
         Stop::Fast => {
@@ -221,11 +239,19 @@ fn heartbeat_interval(timeout: Duration) -> Duration {
     (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 
-fn spawn_heartbeat(control: Arc<pipe::Sender>, every: Duration, stop: mpsc::Sender<Stop>) {
+fn spawn_heartbeat(
+    control: Arc<pipe::Sender>,
+    slot: Option<Arc<WorkerSlot>>,
+    every: Duration,
+    stop: mpsc::Sender<Stop>,
+) {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(every);
         loop {
             ticker.tick().await;
+            if let Some(slot) = &slot {
+                slot.stamp();
+            }
             match tell(&control, Message::Heartbeat).await {
                 Ok(()) => {}
                 Err(_) => {
@@ -289,7 +315,7 @@ fn spawn_abort_diagnostics(tracker: RequestTracker, warmup: Warmup) {
                 tracing::error!("warm-up still running: {pending}");
             }
             for (request, age) in in_flight {
-                tracing::error!("in flight: {} {} for {:.1}s", request.method, request.path, age.as_secs_f64());
+                tracing::error!("in flight: {} {} for {:.1}s", request.method, request.path(), age.as_secs_f64());
             }
             std::process::exit(1);
         }

@@ -93,3 +93,27 @@ fn the_healthcheck_command_sees_a_running_server() {
     let (status, output) = support::run_to_exit(&["healthcheck"], &[("PORT", &port), ("HERDSMAN_HOST", "127.0.0.1")]);
     assert!(status.success(), "{output}");
 }
+
+#[test]
+fn a_burst_of_keep_alive_connections_is_spread_over_the_workers() {
+    let server = start(&[("WEB_CONCURRENCY", "2")]);
+    server.wait_for_nth_log("ready in", 2, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300)); // both workers have stamped their slot
+                                                    // A connection pool opened all at once, as a load balancer or a benchmark does.
+    let mut streams: Vec<TcpStream> =
+        (0..40).map(|_| TcpStream::connect(("127.0.0.1", server.port)).expect("connect")).collect();
+    let mut per_pid = std::collections::HashMap::<u64, usize>::new();
+    for stream in &mut streams {
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = stream.read(&mut buf).unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        let body = text.split("\r\n\r\n").nth(1).expect("a body");
+        let health: serde_json::Value = serde_json::from_str(body).expect("health JSON in one read");
+        *per_pid.entry(health["pid"].as_u64().unwrap()).or_default() += 1;
+    }
+    let counts: Vec<usize> = per_pid.values().copied().collect();
+    assert_eq!(counts.len(), 2, "both workers hold connections: {per_pid:?}");
+    assert!(counts.iter().all(|&n| n >= 15), "roughly even (each within a few of 20): {per_pid:?}");
+}

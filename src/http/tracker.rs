@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, Method, Uri};
 use axum::middleware::Next;
 use axum::response::Response;
 
@@ -31,13 +31,20 @@ struct Inner {
     on_recycle: Box<dyn Fn() + Send + Sync>,
 }
 
-/// One request being handled.
+/// One request being handled. Method and URI are cheap clones (no allocation for standard
+/// methods; the URI shares its bytes), so registering costs little on the hot path.
 #[derive(Debug, Clone)]
 pub struct InFlight {
-    pub method: String,
-    /// The path only: query strings may carry tokens, and these lines end up in logs.
-    pub path: String,
+    pub method: Method,
+    uri: Uri,
     pub started: Instant,
+}
+
+impl InFlight {
+    /// The path only: query strings may carry tokens, and these lines end up in logs.
+    pub fn path(&self) -> &str {
+        self.uri.path()
+    }
 }
 
 impl RequestTracker {
@@ -78,11 +85,11 @@ impl RequestTracker {
         requests
     }
 
-    fn register(&self, method: String, path: String) -> Registration {
+    fn register(&self, method: Method, uri: Uri) -> Registration {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let mut map = self.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        map.insert(id, InFlight { method, path, started });
+        map.insert(id, InFlight { method, uri, started });
         Registration { tracker: self.clone(), id }
     }
 }
@@ -102,7 +109,7 @@ impl Drop for Registration {
 
 /// The middleware: register, run, count, and mark the response while draining.
 pub async fn track(State(tracker): State<RequestTracker>, request: Request, next: Next) -> Response {
-    let registration = tracker.register(request.method().to_string(), request.uri().path().to_string());
+    let registration = tracker.register(request.method().clone(), request.uri().clone());
     let mut response = next.run(request).await;
     drop(registration);
 
