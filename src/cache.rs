@@ -91,6 +91,11 @@ pub const MAX_PENDING_WRITES: usize = 10_000;
 /// Replayed writes per pipelined round trip.
 const REPLAY_BATCH: usize = 256;
 
+/// Idle pooled connections are closed after this, well before servers close them.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Every pooled connection is replaced after this, so DNS changes (failover) are picked up.
+const POOL_MAX_LIFETIME: Duration = Duration::from_secs(15 * 60);
+
 /// First probe delay after the breaker opens; doubles up to [`PROBE_MAX`].
 const PROBE_MIN: Duration = Duration::from_millis(250);
 const PROBE_MAX: Duration = Duration::from_secs(2);
@@ -335,9 +340,16 @@ impl RedisTier {
                 // install (another cache, the app itself) is harmless.
                 let _ = rustls::crypto::ring::default_provider().install_default();
             }
+            // No PING on every checkout (it would double the round trips of every operation).
+            // Connections a server or proxy closes while idle are avoided by recycling idle
+            // ones first (Heroku Redis closes them after 300 s); one that dies anyway fails its
+            // operation, which opens the breaker until the probe finds Redis answering again.
             bb8::Pool::builder()
                 .max_size(self.pool_size)
                 .connection_timeout(self.timeout)
+                .test_on_check_out(false)
+                .idle_timeout(Some(POOL_IDLE_TIMEOUT))
+                .max_lifetime(Some(POOL_MAX_LIFETIME))
                 .build_unchecked(self.manager.clone())
         })
     }
@@ -480,7 +492,8 @@ impl Cache {
         if let Some(redis) = self.redis_if_up() {
             let redis_key = redis_key(key);
             let mut pipe = redis::pipe();
-            pipe.atomic().cmd("GET").arg(&redis_key).cmd("PTTL").arg(&redis_key);
+            // One round trip; no MULTI/EXEC needed: a key that expires in between reads as PTTL -2.
+            pipe.cmd("GET").arg(&redis_key).cmd("PTTL").arg(&redis_key);
             match redis.query::<(Option<Vec<u8>>, i64)>(Request::Pipe(&pipe)).await {
                 Ok((Some(value), pttl)) => {
                     let value = Bytes::from(value);
