@@ -339,6 +339,9 @@ async fn docker_stop_completes_in_flight_requests_and_exits_0_well_inside_the_gr
     let client = client();
     let base = wait_live(&container, &client).await;
 
+    let probe = client.get(format!("{base}/__test/sleep?ms=1")).send().await.expect("GET /__test/sleep");
+    assert_ne!(probe.status(), 404, "the static binary lacks the test-hooks feature (HERDSMAN_STATIC_BIN?)");
+
     // Slow requests in flight on both workers when the stop comes.
     let slow: Vec<_> = (0..4)
         .map(|_| {
@@ -399,15 +402,30 @@ fn start_redis(network: &Network) -> Container {
     redis
 }
 
-async fn wait_for_redis_status(client: &reqwest::Client, base: &str, status: &str, herdsman: &Container) -> Value {
+/// A client that opens a new connection per request, so that requests reach every worker (a
+/// kept-alive connection stays with one).
+fn unpooled_client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(0).build().expect("client")
+}
+
+/// Waits until `workers` distinct worker pids have last reported `checks.redis.status == status`
+/// (each worker has its own connection and breaker); returns the last answer.
+async fn wait_for_redis_status(base: &str, status: &str, workers: usize, herdsman: &Container) -> Value {
+    let client = unpooled_client();
+    let mut latest = std::collections::HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let h = health(client, base).await;
-        if h["checks"]["redis"]["status"] == status {
+        let h = health(&client, base).await;
+        latest.insert(h["pid"].clone(), h["checks"]["redis"]["status"].clone());
+        if latest.values().filter(|s| *s == status).count() >= workers {
             return h;
         }
-        assert!(Instant::now() < deadline, "checks.redis.status never {status}: {h}\nlogs:\n{}", herdsman.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            Instant::now() < deadline,
+            "checks.redis.status never {status} on {workers} workers: {latest:?}\nlogs:\n{}",
+            herdsman.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -431,13 +449,14 @@ async fn reaches_redis_by_container_name_and_falls_back_without_a_failed_request
     let client = client();
     let base = wait_live(&herdsman, &client).await;
 
-    let h = wait_for_redis_status(&client, &base, "up", &herdsman).await;
+    let h = wait_for_redis_status(&base, "up", 2, &herdsman).await;
     assert_eq!(h["status"], "ok", "{h}");
-    let put = client.put(format!("{base}/cache/shared")).body("from-redis").send().await.unwrap();
+    let fresh = unpooled_client();
+    let put = fresh.put(format!("{base}/cache/shared")).body("from-redis").send().await.unwrap();
     assert_eq!(put.status(), 204);
-    // Both workers read what one wrote: the cache is Redis, not a worker's memory.
-    for _ in 0..6 {
-        let r = client.get(format!("{base}/cache/shared")).send().await.unwrap();
+    // Every worker reads what one wrote: the cache is Redis, not a worker's memory.
+    for _ in 0..10 {
+        let r = fresh.get(format!("{base}/cache/shared")).send().await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-cache-tier"], "redis");
         assert_eq!(r.text().await.unwrap(), "from-redis");
@@ -481,7 +500,7 @@ async fn reaches_redis_by_container_name_and_falls_back_without_a_failed_request
     assert!(before_kill > 0, "the load runs");
 
     docker_ok(&["kill", &redis.name]);
-    let h = wait_for_redis_status(&client, &base, "fallback", &herdsman).await;
+    let h = wait_for_redis_status(&base, "fallback", 1, &herdsman).await;
     assert_eq!(h["status"], "degraded", "{h}");
     let at_fallback = load.ok.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(2)).await;
