@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
+# The container image tests copy the host's CA bundle into the image.
+[ -f /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 if ((${#need[@]})); then
     echo "installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -16,6 +18,19 @@ fi
 
 if [ -x scripts/build-redis-image.sh ]; then
     scripts/build-redis-image.sh
+fi
+
+# The static binary tests/docker.rs puts in the image (`runtime-from-host` stage): glibc with
+# +crt-static, with the test-hooks routes. Its own target dir, because RUSTFLAGS changes would
+# invalidate the shared one.
+if docker info >/dev/null 2>&1; then
+    static_dir="${CARGO_TARGET_DIR:-target}-static"
+    RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$static_dir" \
+        cargo build --release --locked --features test-hooks --bin herdsman --target x86_64-unknown-linux-gnu
+    HERDSMAN_STATIC_BIN="$(cd "$static_dir" && pwd)/x86_64-unknown-linux-gnu/release/herdsman"
+    export HERDSMAN_STATIC_BIN
+else
+    echo "docker info failed: tests/docker.rs will report itself skipped"
 fi
 
 cargo fmt --all -- --check

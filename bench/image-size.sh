@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Prints the size of herdsman's container image.
+#
+#   bench/image-size.sh            build the release image the way users do (`docker build .`,
+#                                  needs registry access for rust:1-bookworm), print its size
+#   bench/image-size.sh --host     no registry: build a static release binary on this host and
+#                                  the Dockerfile's `runtime-from-host` stage from it
+#   bench/image-size.sh IMAGE      print the size of an image that already exists
+#
+# Output: one line, `herdsman image IMAGE: BYTES bytes (X.XX MB)`, and exit 1 above 10 MB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+limit=$((10 * 1000 * 1000))
+tag="herdsman:size"
+
+case "${1:-}" in
+"")
+    docker build --quiet --tag "$tag" . >/dev/null
+    image="$tag"
+    ;;
+--host)
+    target=x86_64-unknown-linux-gnu
+    static_dir="${CARGO_TARGET_DIR:-target}-static"
+    RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$static_dir" \
+        cargo build --quiet --release --locked --bin herdsman --target "$target"
+    stage="deploy/docker/host/size-$$"
+    trap 'rm -rf "$stage"' EXIT
+    mkdir -p "$stage/etc/ssl/certs"
+    cp "$static_dir/$target/release/herdsman" "$stage/herdsman"
+    cp /etc/ssl/certs/ca-certificates.crt "$stage/etc/ssl/certs/"
+    docker build --quiet --target runtime-from-host --build-arg "HOST_ROOTFS=$stage" --tag "$tag" . >/dev/null
+    image="$tag"
+    ;;
+*)
+    image="$1"
+    ;;
+esac
+
+bytes="$(docker image inspect --format '{{.Size}}' "$image")"
+awk -v image="$image" -v b="$bytes" 'BEGIN { printf "herdsman image %s: %d bytes (%.2f MB)\n", image, b, b / 1e6 }'
+[ "$bytes" -le "$limit" ] || { echo "over the 10 MB target" >&2; exit 1; }
