@@ -121,6 +121,10 @@ impl App {
             Command::Healthcheck => ExitCode::from(if cli::healthcheck(&config) { 0 } else { 1 }),
             Command::Serve | Command::Worker => {
                 logging::init(config.log_format, &config.log_level, "master");
+                if config.redis_tls_insecure && config.redis_url.as_deref().is_some_and(|u| u.starts_with("rediss://"))
+                {
+                    tracing::warn!("REDIS_TLS_INSECURE=true: the Redis server's TLS certificate is not verified");
+                }
                 supervisor::run(config)
             }
         }

@@ -111,6 +111,8 @@ pub struct CacheConfig {
     pub memory_capacity: u64,
     /// Most Redis connections per worker.
     pub pool_size: u32,
+    /// With `rediss://`, accept the server's certificate without verifying it.
+    pub tls_insecure: bool,
 }
 
 impl CacheConfig {
@@ -120,6 +122,7 @@ impl CacheConfig {
             redis_url: config.redis_url.clone(),
             operation_timeout: config.redis_timeout,
             memory_capacity: config.cache_entries,
+            tls_insecure: config.redis_tls_insecure,
             ..CacheConfig::default()
         }
     }
@@ -132,6 +135,7 @@ impl Default for CacheConfig {
             operation_timeout: Duration::from_millis(250),
             memory_capacity: 10_000,
             pool_size: 8,
+            tls_insecure: false,
         }
     }
 }
@@ -416,7 +420,16 @@ impl fmt::Debug for Cache {
 }
 
 /// Checks the URL without connecting; errors never echo the password.
-fn parse_url(url: &str) -> Result<(RedisConnectionManager, bool), CacheError> {
+/// redis-rs spells "do not verify the server's certificate" as the URL fragment `#insecure`.
+fn with_tls_choice(url: &str, insecure: bool) -> std::borrow::Cow<'_, str> {
+    if insecure && !url.contains('#') {
+        format!("{url}#insecure").into()
+    } else {
+        url.into()
+    }
+}
+
+fn parse_url(url: &str, tls_insecure: bool) -> Result<(RedisConnectionManager, bool), CacheError> {
     let tls = if url.starts_with("rediss://") {
         true
     } else if url.starts_with("redis://") {
@@ -425,7 +438,7 @@ fn parse_url(url: &str) -> Result<(RedisConnectionManager, bool), CacheError> {
         let scheme = url.split_once("://").map_or("(none)", |(scheme, _)| scheme);
         return Err(CacheError::InvalidUrl(format!("scheme {scheme:?} is not supported, use redis:// or rediss://")));
     };
-    let info = redis::IntoConnectionInfo::into_connection_info(url)
+    let info = redis::IntoConnectionInfo::into_connection_info(with_tls_choice(url, tls && tls_insecure).as_ref())
         .map_err(|err| CacheError::InvalidUrl(format!("cannot parse {}: {err}", redact_url(url))))?;
     let manager = RedisConnectionManager::new(info)
         .map_err(|err| CacheError::InvalidUrl(format!("{}: {err}", redact_url(url))))?;
@@ -441,7 +454,7 @@ impl Cache {
         let redis = match config.redis_url.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(url) => {
-                let (manager, tls) = parse_url(url)?;
+                let (manager, tls) = parse_url(url, config.tls_insecure)?;
                 Some(RedisTier {
                     manager,
                     tls,
@@ -961,6 +974,23 @@ mod tests {
             assert!(matches!(err, CacheError::InvalidUrl(_)), "{url}: {err}");
             assert!(!err.to_string().contains("hunter2"), "{err}");
         }
+    }
+
+    #[test]
+    fn tls_verification_is_skipped_only_when_asked() {
+        use redis::IntoConnectionInfo;
+        let insecure = |url: &str, skip: bool| match with_tls_choice(url, skip).as_ref().into_connection_info() {
+            Ok(info) => matches!(info.addr(), redis::ConnectionAddr::TcpTls { insecure: true, .. }),
+            Err(e) => panic!("{url}: {e}"),
+        };
+        assert!(insecure("rediss://:pw@example.invalid:6380", true));
+        assert!(!insecure("rediss://:pw@example.invalid:6380", false));
+        let config = CacheConfig {
+            redis_url: Some("rediss://example.invalid:6380".into()),
+            tls_insecure: true,
+            ..CacheConfig::default()
+        };
+        assert!(Cache::new(config).is_ok());
     }
 
     #[test]

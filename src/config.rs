@@ -68,6 +68,9 @@ pub struct Config {
     pub log_level: String,
     /// Redis for the cache and the user store; none means memory only. `REDIS_URL`.
     pub redis_url: Option<String>,
+    /// Accept a `rediss://` server's certificate without verifying it (Heroku Redis presents a
+    /// self-signed one). `REDIS_TLS_INSECURE`, default false.
+    pub redis_tls_insecure: bool,
     /// `/ready` waits for Redis. `REDIS_REQUIRED`, default false.
     pub redis_required: bool,
     /// Bound on one Redis command; past it the cache falls back to memory.
@@ -181,6 +184,9 @@ settings! {
     redis_url, "REDIS_URL", "redis-url", "URL",
         "redis:// or rediss:// URL; unset means an in-memory cache only [default: unset]",
         default None, parse Raw::redis_url;
+    redis_tls_insecure, "REDIS_TLS_INSECURE", "redis-tls-insecure", "BOOL",
+        "Accept a rediss:// server's certificate unverified, as Heroku Redis needs [default: false]",
+        default false, parse Raw::boolean;
     redis_required, "REDIS_REQUIRED", "redis-required", "BOOL",
         "/ready waits for Redis: true or false [default: false]",
         default false, parse Raw::boolean;
