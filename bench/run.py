@@ -2,12 +2,11 @@
 """herdsman benchmark harness: herdsman vs the stack it replaces (gunicorn + uvicorn + FastAPI)
 vs a bare one-process axum hello-world (the ceiling).
 
-    python3 bench/run.py                 # every measurement, real durations
-    python3 bench/run.py live cache      # some measurements
-    python3 bench/run.py --smoke         # every measurement with tiny durations (CI, < 2 min)
-    python3 bench/run.py --markdown BENCHMARKS.md
+    python3 bench/run.py --markdown BENCHMARKS.md   # everything, real durations: the report
+    python3 bench/run.py live cache                 # some measurements
+    python3 bench/run.py chaos --chaos hang,redis   # some chaos scenarios (bench/chaos.py)
+    python3 bench/run.py --smoke                    # everything, short and once (CI, ~5 min)
     python3 bench/run.py --herdsman /path/to/herdsman
-    python3 bench/run.py chaos-demo      # latency-over-time recorder + plot, kill -9 of a peer worker
 
 Only the standard library at the top level; the peer (and matplotlib for plots) live in
 bench/.venv, which this script creates and fills from bench/peer/requirements.txt (idempotent).
@@ -23,11 +22,9 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -35,535 +32,42 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-VENV = BENCH / ".venv"
-VPY = VENV / "bin" / "python"
-PEER_DIR = BENCH / "peer"
-HELLO_DIR = BENCH / "hello"
-HELLO_TARGET = BENCH / "target-hello"
-OUT = BENCH / "out"
-LOGS = OUT / "logs"
-DEFAULT_HERDSMAN = Path(os.environ.get("HERDSMAN_BIN", "/work/main/target/release/herdsman"))
-LOOPBACK = "127.0.0.1"
+import chaos
+from harness import (
+    BENCH,
+    DEFAULT_HERDSMAN,
+    HEALTH_PATH,
+    LOGS,
+    LOOPBACK,
+    OUT,
+    VPY,
+    BenchError,
+    Ctx,
+    HangingRedis,
+    RedisServer,
+    Server,
+    ensure_hello,
+    ensure_venv,
+    fmt,
+    fmt_spread,
+    http_json,
+    http_request,
+    log,
+    proc_kib,
+    ratio,
+    read_response,
+    redis_benchmark,
+    redis_up,
+    require_tools,
+    resp_command,
+    spread,
+    start_target,
+    wait_redis_up,
+    wrk,
+)
+
+MEASUREMENTS = ("boot", "live", "cache", "login", "memory", "chaos")
 
-MEASUREMENTS = ("boot", "live", "cache", "login", "memory", "chaos-demo")
-
-
-class BenchError(Exception):
-    """A server failed to boot, a tool failed, or a measurement produced no figure."""
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
-def spread(values: list[float]) -> dict:
-    """min/median/max of the runs, and the runs themselves (the noise, reported as is)."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return {"min": None, "median": None, "max": None, "runs": []}
-    return {
-        "min": min(vals),
-        "median": statistics.median(vals),
-        "max": max(vals),
-        "runs": vals,
-    }
-
-
-def ratio(a, b):
-    if a is None or b in (None, 0):
-        return None
-    return a / b
-
-
-# ---------------------------------------------------------------------------------------------
-# Setup: venv for the peer, the hello-world binary
-# ---------------------------------------------------------------------------------------------
-
-
-def ensure_venv() -> None:
-    req = PEER_DIR / "requirements.txt"
-    digest = hashlib.sha256(req.read_bytes()).hexdigest()
-    stamp = VENV / ".requirements.sha256"
-    if VPY.exists() and stamp.exists() and stamp.read_text().strip() == digest:
-        return
-    if not VPY.exists():
-        log(f"creating venv {VENV}")
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    log("installing bench/peer/requirements.txt into the venv")
-    subprocess.run([str(VPY), "-m", "pip", "install", "-q", "-r", str(req)], check=True)
-    stamp.write_text(digest + "\n")
-
-
-def ensure_hello() -> Path:
-    env = dict(os.environ, CARGO_TARGET_DIR=str(HELLO_TARGET))
-    manifest = HELLO_DIR / "Cargo.toml"
-    log("building bench/hello (cargo build --release, own target dir)")
-    r = subprocess.run(
-        ["cargo", "build", "--release", "--quiet", "--manifest-path", str(manifest)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        raise BenchError(f"building bench/hello failed:\n{r.stderr[-2000:]}")
-    return HELLO_TARGET / "release" / "hello"
-
-
-def require_tools() -> None:
-    missing = [t for t in ("wrk", "redis-server", "redis-benchmark") if shutil.which(t) is None]
-    if missing:
-        raise BenchError(
-            f"missing tools: {', '.join(missing)} (apt-get install wrk redis-server redis-tools)"
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# Minimal HTTP/1.1 client on a raw socket (no dependency, exact timing)
-# ---------------------------------------------------------------------------------------------
-
-
-def _read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("connection closed before the response headers")
-        buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        headers[k.strip().lower()] = v.strip()
-    if "content-length" in headers:
-        n = int(headers["content-length"])
-        while len(rest) < n:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            rest += chunk
-        body = rest[:n]
-    elif headers.get("transfer-encoding", "").lower() == "chunked":
-        while not rest.endswith(b"0\r\n\r\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            rest += chunk
-        body, data = b"", rest
-        while data:
-            size_line, _, data = data.partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                break
-            body, data = body + data[:size], data[size + 2 :]
-    else:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            rest += chunk
-        body = rest
-    return status, headers, body
-
-
-def http_request(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    content_type: str | None = None,
-    timeout: float = 5.0,
-) -> tuple[int, bytes]:
-    with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
-        head = f"{method} {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nConnection: close\r\n"
-        if content_type:
-            head += f"Content-Type: {content_type}\r\n"
-        if body is not None or method in ("PUT", "POST"):
-            head += f"Content-Length: {len(body or b'')}\r\n"
-        s.sendall(head.encode() + b"\r\n" + (body or b""))
-        status, _, data = _read_response(s)
-        return status, data
-
-
-def http_json(port: int, method: str, path: str, obj=None, timeout: float = 5.0):
-    body = json.dumps(obj).encode() if obj is not None else None
-    status, data = http_request(
-        port, method, path, body, "application/json" if obj is not None else None, timeout
-    )
-    try:
-        return status, json.loads(data) if data else None
-    except ValueError:
-        return status, data
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes: a Server context manager, process trees, memory
-# ---------------------------------------------------------------------------------------------
-
-
-class Server:
-    """Start `argv` with `env` in its own process group, log to bench/out/logs, tear it down.
-
-    `with Server(...) as srv: srv.wait_http("/health")` — on exit the whole process group gets
-    SIGTERM, then SIGKILL after a grace period, whatever happened inside the block.
-    """
-
-    def __init__(self, name: str, argv: list[str], env: dict, port: int, cwd: Path | None = None):
-        self.name, self.argv, self.port, self.cwd = name, argv, port, cwd
-        self.env = {**os.environ, **{k: str(v) for k, v in env.items()}}
-        self.proc: subprocess.Popen | None = None
-        self.t_spawn = 0.0
-        LOGS.mkdir(parents=True, exist_ok=True)
-        self.log_path = LOGS / f"{name}-{port}.log"
-
-    def __enter__(self) -> "Server":
-        self._log = open(self.log_path, "wb")
-        self.t_spawn = time.perf_counter()
-        self.proc = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            cwd=self.cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: killpg reaches every worker
-        )
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def check_alive(self) -> None:
-        if not self.alive():
-            raise BenchError(
-                f"{self.name} exited with status {self.proc.returncode} "
-                f"(log {self.log_path}):\n{self.log_tail()}"
-            )
-
-    def wait_http(self, path: str = "/live", want: int = 200, timeout: float = 60.0, pred=None):
-        """Poll until GET path answers `want` (and pred(json) if given). Returns the body."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                status, body = http_json(self.port, "GET", path, timeout=2.0)
-                last = (status, body)
-                if status == want and (pred is None or pred(body)):
-                    return body
-            except OSError:
-                pass
-            time.sleep(0.01)
-        raise BenchError(
-            f"{self.name}: GET {path} did not answer {want} within {timeout}s (last: {last}); "
-            f"log {self.log_path}:\n{self.log_tail()}"
-        )
-
-    def pids(self) -> list[int]:
-        return process_tree(self.proc.pid) if self.alive() else []
-
-    def stop(self, grace: float = 10.0) -> None:
-        if self.proc is None or self._log.closed:
-            return
-        try:
-            pgid = os.getpgid(self.proc.pid)
-        except ProcessLookupError:
-            pgid = None
-        if pgid is not None:
-            try:
-                os.killpg(pgid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        if pgid is not None:  # the master may be gone with workers still there
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        self._log.close()
-
-
-def process_tree(root: int) -> list[int]:
-    """root and all its descendants, root first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ... ; comm may contain spaces and parentheses
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop(0)
-        out.append(pid)
-        todo.extend(sorted(children.get(pid, [])))
-    return out
-
-
-def proc_kib(pid: int, field: str, path: str = "status") -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Redis: a real one, and a "hanging" one (accepts TCP, never answers)
-# ---------------------------------------------------------------------------------------------
-
-
-def resp_command(port: int, *args: bytes | str, timeout: float = 2.0) -> bytes:
-    parts = [a.encode() if isinstance(a, str) else a for a in args]
-    msg = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-    with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
-        s.sendall(msg)
-        return s.recv(65536)
-
-
-class RedisServer:
-    def __init__(self):
-        self.port = free_port()
-        self.url = f"redis://{LOOPBACK}:{self.port}/0"
-
-    def __enter__(self):
-        LOGS.mkdir(parents=True, exist_ok=True)
-        self._log = open(LOGS / f"redis-{self.port}.log", "wb")
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", LOOPBACK, "--save", "",
-             "--appendonly", "no", "--daemonize", "no"],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if resp_command(self.port, "PING").startswith(b"+PONG"):
-                    return self
-            except OSError:
-                time.sleep(0.02)
-        self.__exit__()
-        raise BenchError("redis-server did not answer PING within 10s")
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-
-
-class HangingRedis:
-    """A TCP port on 127.0.0.1 that accepts connections and never answers: a hung Redis."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((LOOPBACK, 0))
-        self.sock.listen(128)
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"redis://{LOOPBACK}:{self.port}/0"
-        self.conns: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-
-    def _accept(self):
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-                self.conns.append(conn)  # held open, never read, never answered
-            except (socket.timeout, OSError):
-                continue
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(2)
-        for c in self.conns:
-            c.close()
-        self.sock.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Targets: how to start herdsman, the peer and the hello-world
-# ---------------------------------------------------------------------------------------------
-
-
-class Ctx:
-    def __init__(self, args):
-        self.args = args
-        self.smoke = args.smoke
-        self.herdsman: Path | None = None
-        self.herdsman_source: Path | None = None
-        self.hello: Path | None = None
-        self.results: dict = {}
-        self.failures: list[str] = []
-        self.skipped: list[str] = []
-        self.noise: dict[str, dict] = {}
-        # durations
-        self.wrk_duration = 1 if args.smoke else args.duration
-        self.runs = 1 if args.smoke else args.runs
-        self.boot_runs = 1 if args.smoke else args.boot_runs
-
-    def fail(self, measurement: str, target: str, exc: Exception) -> None:
-        """One target of a measurement failed: record it, keep measuring the others."""
-        msg = f"{measurement}/{target}: {str(exc).splitlines()[0]}"
-        self.failures.append(msg)
-        log(f"FAIL {msg}")
-
-    def targets(self, *names: str) -> list[str]:
-        return [n for n in names if n != "herdsman" or self.herdsman is not None]
-
-
-def start_target(ctx: Ctx, name: str, workers: int = 2, env: dict | None = None) -> Server:
-    port = free_port()
-    env = {"PORT": port, "WEB_CONCURRENCY": workers, **(env or {})}
-    if name == "herdsman":
-        env.setdefault("HERDSMAN_HOST", LOOPBACK)
-        return Server("herdsman", [str(ctx.herdsman)], env, port)
-    if name == "peer":
-        # Same knob as herdsman's Redis command timeout, under the peer's own name.
-        if "HERDSMAN_REDIS_TIMEOUT" in env:
-            env.setdefault("REDIS_TIMEOUT", env["HERDSMAN_REDIS_TIMEOUT"])
-        argv = [
-            str(VENV / "bin" / "gunicorn"), "-c", "gunicorn.conf.py",
-            "-k", "uvicorn.workers.UvicornWorker", "-w", str(workers),
-            "-b", f"{LOOPBACK}:{port}", "app:app",
-        ]
-        return Server("peer", argv, env, port, cwd=PEER_DIR)
-    if name == "hello":
-        return Server("hello", [str(ctx.hello)], env, port)
-    raise ValueError(name)
-
-
-HEALTH_PATH = {"herdsman": "/health", "peer": "/health", "hello": "/live"}
-
-
-def redis_up(body) -> bool:
-    try:
-        return body["checks"]["redis"]["status"] == "up"
-    except (TypeError, KeyError):
-        return False
-
-
-def wait_redis_up(srv: Server, timeout: float = 20.0) -> None:
-    """Wait for /health to say checks.redis.status == "up"; fail fast (3 s) when /health has
-    no Redis check at all (a build without Redis support)."""
-    srv.wait_http("/health")
-    deadline, t_first = time.monotonic() + timeout, time.monotonic()
-    body = None
-    while time.monotonic() < deadline:
-        srv.check_alive()
-        _, body = http_json(srv.port, "GET", "/health", timeout=2.0)
-        if redis_up(body):
-            return
-        has_check = isinstance(body, dict) and "redis" in (body.get("checks") or {})
-        if not has_check and time.monotonic() - t_first > 3:
-            raise BenchError(f"{srv.name}: /health has no checks.redis with REDIS_URL set "
-                             f"(Redis support missing?): {body}")
-        time.sleep(0.02)
-    raise BenchError(f"{srv.name}: Redis not 'up' in /health within {timeout}s: {body}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Load tools: wrk and redis-benchmark
-# ---------------------------------------------------------------------------------------------
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text.strip())
-    if not m:
-        raise BenchError(f"cannot parse wrk latency {text!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-def parse_wrk(out: str) -> dict:
-    res: dict = {"rps": None, "p50_ms": None, "p99_ms": None, "requests": None,
-                 "non2xx": 0, "socket_errors": 0}
-    if m := re.search(r"Requests/sec:\s+([\d.]+)", out):
-        res["rps"] = float(m.group(1))
-    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
-        if m := re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M):
-            res[key] = _ms(m.group(1))
-    if m := re.search(r"(\d+) requests in", out):
-        res["requests"] = int(m.group(1))
-    if m := re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out):
-        res["non2xx"] = int(m.group(1))
-    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
-        res["socket_errors"] = sum(int(x) for x in m.groups())
-    return res
-
-
-def wrk(port: int, path: str, connections: int, threads: int, duration: float,
-        script: Path | None = None) -> dict:
-    threads = max(1, min(threads, connections))
-    argv = ["wrk", "--latency", f"-t{threads}", f"-c{connections}", f"-d{duration}s",
-            "--timeout", "5s"]
-    if script:
-        argv += ["-s", str(script)]
-    argv.append(f"http://{LOOPBACK}:{port}{path}")
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
-    if r.returncode != 0:
-        raise BenchError(f"wrk failed ({r.returncode}): {r.stderr.strip()}")
-    res = parse_wrk(r.stdout)
-    if res["rps"] is None or not res["requests"]:
-        raise BenchError(f"wrk produced no figure:\n{r.stdout}")
-    return res
-
-
-def redis_benchmark(port: int, connections: int, requests: int, size: int) -> dict:
-    argv = ["redis-benchmark", "-h", LOOPBACK, "-p", str(port), "-t", "get",
-            "-c", str(connections), "-n", str(requests), "-d", str(size), "--csv"]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    if r.returncode != 0:
-        raise BenchError(f"redis-benchmark failed: {r.stderr.strip()}")
-    rows = [line.replace('"', "").split(",") for line in r.stdout.strip().splitlines()]
-    header = rows[0]
-    for row in rows[1:]:
-        if row[0] == "GET":
-            d = dict(zip(header, row))
-            return {"rps": float(d["rps"]), "p50_ms": float(d["p50_latency_ms"]),
-                    "p99_ms": float(d["p99_latency_ms"])}
-    raise BenchError(f"redis-benchmark produced no GET figure:\n{r.stdout}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,7 +95,7 @@ def time_to_first_200(srv: Server, path: str, timeout: float = 60.0) -> dict:
             t_connect = time.perf_counter() - t0
         try:
             s.sendall(req)
-            status, _, body = _read_response(s)
+            status, _, body = read_response(s)
         except (OSError, ValueError, IndexError):
             status, body = None, b""
         finally:
@@ -899,187 +403,14 @@ def measure_memory(ctx: Ctx) -> dict:
     return res
 
 
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-request recorder and latency-over-time plot (the base of the chaos suite)
-# ---------------------------------------------------------------------------------------------
-
-
-class LoadRecorder:
-    """Closed-loop load from `connections` threads, each on a keep-alive HTTP/1.1 connection,
-    paced to `rate` requests/s in total, for at most `duration` seconds. Records one
-    (t_since_start_s, latency_ms, status_or_None, error_or_None) per request; reconnects after
-    any error. `events` holds (t, label) markers added with mark()."""
-
-    def __init__(self, port: int, path: str = "/live", connections: int = 8,
-                 rate: float = 400.0, duration: float = 6.0, timeout: float = 5.0):
-        self.port, self.path, self.connections = port, path, connections
-        self.interval = connections / rate
-        self.duration, self.timeout = duration, timeout
-        self.samples: list[tuple[float, float, int | None, str | None]] = []
-        self.events: list[tuple[float, str]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self.t0 = 0.0
-
-    def mark(self, label: str) -> None:
-        self.events.append((time.perf_counter() - self.t0, label))
-
-    def _conn(self):
-        s = socket.create_connection((LOOPBACK, self.port), timeout=self.timeout)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return s
-
-    def _loop(self, idx: int):
-        req = f"GET {self.path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n\r\n".encode()
-        sock = None
-        next_t = self.t0 + idx * self.interval / self.connections
-        end = self.t0 + self.duration
-        while not self._stop.is_set():
-            now = time.perf_counter()
-            if now >= end:
-                break
-            if next_t > now:
-                time.sleep(next_t - now)
-            next_t += self.interval
-            start = time.perf_counter()
-            status, err = None, None
-            try:
-                if sock is None:
-                    sock = self._conn()
-                sock.sendall(req)
-                status, headers, _ = _read_response(sock)
-                if headers.get("connection", "").lower() == "close":
-                    sock.close()
-                    sock = None
-            except (OSError, ValueError, IndexError) as exc:
-                err = type(exc).__name__
-                if sock is not None:
-                    sock.close()
-                    sock = None
-            lat = (time.perf_counter() - start) * 1e3
-            with self._lock:
-                self.samples.append((start - self.t0, lat, status, err))
-        if sock is not None:
-            sock.close()
-
-    def start(self):
-        self.t0 = time.perf_counter()
-        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True)
-                         for i in range(self.connections)]
-        for th in self._threads:
-            th.start()
-        return self
-
-    def join(self):
-        for th in self._threads:
-            th.join(self.duration + self.timeout + 5)
-        self._stop.set()
-
-    def summary(self) -> dict:
-        ok = [s for s in self.samples if s[2] is not None and 200 <= s[2] < 400]
-        bad = [s for s in self.samples if not (s[2] is not None and 200 <= s[2] < 400)]
-        lats = sorted(s[1] for s in ok)
-        pct = lambda q: lats[min(len(lats) - 1, int(q * len(lats)))] if lats else None  # noqa
-        t_event = self.events[0][0] if self.events else None
-        after = [s for s in bad if t_event is not None and s[0] + s[1] / 1e3 >= t_event]
-        slow_after = [s for s in ok if t_event is not None and s[0] >= t_event]
-        return {"requests": len(self.samples), "ok": len(ok), "failed": len(bad),
-                "failures": sorted({f"{s[2]}/{s[3]}" for s in bad}),
-                "failed_after_first_event": len(after),
-                "last_failure_after_event_ms": (max(s[0] - t_event for s in after) * 1e3
-                                                if after else 0.0),
-                "max_ms_after_event": max((s[1] for s in slow_after), default=0.0),
-                "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": lats[-1] if lats else None,
-                "events": self.events}
-
-
-def plot_timeline(rec: LoadRecorder, title: str, path: Path) -> None:
-    """Latency over time, failures as red crosses, events as vertical lines (venv matplotlib)."""
-    data = {"title": title, "samples": rec.samples, "events": rec.events}
-    tmp = OUT / (path.stem + ".json")
-    tmp.write_text(json.dumps(data))
-    script = r"""
-import json, sys
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-d = json.load(open(sys.argv[1]))
-ok = [s for s in d["samples"] if s[2] is not None and 200 <= s[2] < 400]
-bad = [s for s in d["samples"] if not (s[2] is not None and 200 <= s[2] < 400)]
-fig, ax = plt.subplots(figsize=(10, 4.5))
-ax.scatter([s[0] for s in ok], [s[1] for s in ok], s=3, alpha=0.5, label=f"ok ({len(ok)})")
-if bad:
-    ax.scatter([s[0] for s in bad], [max(s[1], 0.01) for s in bad], s=30, marker="x",
-               color="red", label=f"failed ({len(bad)})")
-for t, label in d["events"]:
-    ax.axvline(t, color="black", linestyle="--", linewidth=1)
-    ax.annotate(label, (t, 1), xycoords=("data", "axes fraction"), xytext=(4, -14),
-                textcoords="offset points", fontsize=9)
-ax.set_yscale("log")
-ax.set_xlabel("time since load start (s)")
-ax.set_ylabel("latency (ms, log)")
-ax.set_title(d["title"])
-ax.legend(loc="upper right")
-ax.grid(True, which="both", alpha=0.3)
-fig.tight_layout()
-fig.savefig(sys.argv[2], dpi=110)
-"""
-    r = subprocess.run([str(VPY), "-c", script, str(tmp), str(path)], capture_output=True,
-                       text=True, timeout=120)
-    if r.returncode != 0:
-        raise BenchError(f"plot failed: {r.stderr[-1000:]}")
-
-
-def chaos_demo(ctx: Ctx) -> dict:
-    """The peer (2 workers) under a paced /live load; kill -9 one gunicorn worker at t=2 s;
-    latency over time with the event marked. Also herdsman when its binary is there."""
-    res: dict = {"targets": {}}
-    dur = 4.0 if ctx.smoke else 8.0
-    for name in ctx.targets("peer", "herdsman"):
-        with start_target(ctx, name, workers=2) as srv:
-            srv.wait_http("/health")
-            time.sleep(0.5)
-            pids = srv.pids()
-            if len(pids) < 2:
-                raise BenchError(f"{name}: no worker process found under pid {pids}")
-            victim = pids[1]
-            rec = LoadRecorder(srv.port, "/live", connections=8, rate=400, duration=dur).start()
-            time.sleep(2.0)
-            os.kill(victim, signal.SIGKILL)
-            rec.mark(f"kill -9 worker {victim}")
-            rec.join()
-            srv.check_alive()
-        png = OUT / f"chaos-kill9-{name}.png"
-        plot_timeline(rec, f"{name}: GET /live at 400 req/s, kill -9 of one of 2 workers", png)
-        res["targets"][name] = {**rec.summary(), "plot": str(png.relative_to(BENCH))}
-    return res
-
-
 MEASURE = {"boot": measure_boot, "live": measure_live, "cache": measure_cache,
-           "login": measure_login, "memory": measure_memory, "chaos-demo": chaos_demo}
+           "login": measure_login, "memory": measure_memory, "chaos": chaos.measure_chaos}
 
 
 # ---------------------------------------------------------------------------------------------
 # Reporting: table, results.json, BENCHMARKS.md
 # ---------------------------------------------------------------------------------------------
 
-
-def fmt(v, unit: str = "", nd: int = 1) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:,.{nd}f}{unit}"
-    return f"{v}{unit}"
-
-
-def fmt_spread(s: dict, unit: str = "", nd: int = 1) -> str:
-    if not s or s.get("median") is None:
-        return "—"
-    if len(s["runs"]) == 1:
-        return fmt(s["median"], unit, nd)
-    return f"{fmt(s['median'], unit, nd)} ({fmt(s['min'], '', nd)}–{fmt(s['max'], '', nd)})"
 
 
 def _counts(values: list) -> str:
@@ -1158,17 +489,8 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[st
         out.append(("memory: process tree after 1 s of /live load (WEB_CONCURRENCY=2)",
                     ["server", "procs", "master RSS", "worker RSS (MiB)", "total RSS",
                      "total PSS"], rows, notes))
-    if "chaos-demo" in results:
-        r = results["chaos-demo"]
-        rows = [[n, str(x["requests"]), str(x["failed"]), ", ".join(x["failures"]) or "—",
-                 fmt(x["last_failure_after_event_ms"], " ms", 1),
-                 fmt(x["p99_ms"], " ms", 2), fmt(x["max_ms"], " ms", 1), x["plot"]]
-                for n, x in r["targets"].items()]
-        out.append(("chaos-demo: kill -9 of one worker under 400 req/s /live",
-                    ["server", "requests", "failed", "failure kinds", "last failure after kill",
-                     "p99", "max", "plot"], rows,
-                    ["LoadRecorder: 8 keep-alive connections paced to 400 req/s in total; "
-                     "failures are requests that got no HTTP answer (connection reset/closed)"]))
+    if "chaos" in results:
+        out.append(chaos.table(results["chaos"]))
     return out
 
 
@@ -1280,6 +602,19 @@ def machine_info(ctx: Ctx) -> dict:
     }
 
 
+def chaos_plots(result: dict, path: Path) -> list[str]:
+    """Copy the chaos plots to bench/plots (committed with the report); markdown that shows them."""
+    plots = BENCH / "plots"
+    plots.mkdir(exist_ok=True)
+    lines = []
+    for name, sc in result["scenarios"].items():
+        png = plots / Path(sc["plot"]).name
+        shutil.copy2(sc["plot"], png)
+        rel = os.path.relpath(png, path.resolve().parent)
+        lines += [f"### {name}: {sc['title']}", "", f"![{name}]({rel})", ""]
+    return lines
+
+
 def write_markdown(path: Path, ctx: Ctx, meta: dict, results: dict) -> None:
     m = meta
     lines = [
@@ -1332,14 +667,19 @@ def write_markdown(path: Path, ctx: Ctx, meta: dict, results: dict) -> None:
         lines.append("")
         lines += [f"- {n}" for n in notes]
         lines.append("")
-        if title.startswith("chaos-demo"):
-            for x in results["chaos-demo"]["targets"].values():
-                rel = os.path.relpath(BENCH / x["plot"], path.resolve().parent)
-                lines += [f"![{x['plot']}]({rel})", ""]
+        if title.startswith("chaos"):
+            lines += chaos_plots(results["chaos"], path)
     path.write_text("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+# May be None in a good run: ratios when herdsman was skipped; in the chaos suite, what a
+# scenario has no value for (p99 before when there is no event, recovery when not recovered).
+OPTIONAL_FIGURES = {"ratios", "health", "redis_status_at_first_200", "p99_before_ms",
+                    "recovery_ms", "recovery_each_ms", "max_during_ms", "exit_status",
+                    "exit_after_ms"}
 
 
 def missing_figures(obj, where="") -> list[str]:
@@ -1347,7 +687,7 @@ def missing_figures(obj, where="") -> list[str]:
     out = []
     if isinstance(obj, dict):
         for k, v in obj.items():
-            if k in ("ratios", "health", "redis_status_at_first_200") or k.startswith("ratio"):
+            if k in OPTIONAL_FIGURES or k.startswith("ratio"):
                 continue
             out += missing_figures(v, f"{where}.{k}")
     elif isinstance(obj, list):
@@ -1362,7 +702,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", nargs="*", help=f"measurements: {', '.join(MEASUREMENTS)} "
                     "(default: all)")
-    ap.add_argument("--smoke", action="store_true", help="tiny durations, 1 run: CI, < 2 min")
+    ap.add_argument("--smoke", action="store_true", help="short durations, 1 run: CI, ~5 min")
     ap.add_argument("--herdsman", type=Path, default=DEFAULT_HERDSMAN,
                     help=f"herdsman binary (default {DEFAULT_HERDSMAN}, or $HERDSMAN_BIN)")
     ap.add_argument("--require-herdsman", action="store_true",
@@ -1371,6 +711,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per server for wrk figures (3)")
     ap.add_argument("--boot-runs", type=int, default=5, help="spawns per boot variant (5)")
     ap.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
+    ap.add_argument("--chaos-runs", type=int, default=3, help="runs per chaos scenario (3)")
+    ap.add_argument("--chaos", type=lambda v: [x for x in v.split(",") if x], default=[],
+                    metavar="A,B", help=f"chaos scenarios ({','.join(chaos.SCENARIOS)}; default all)")
     ap.add_argument("--bcrypt-cost", type=int, default=10, help="BCRYPT_COST for login (10)")
     ap.add_argument("--quiet-wait", type=float, default=0, metavar="SECONDS",
                     help="before each measurement, wait up to this long for other processes to "
@@ -1382,6 +725,9 @@ def main() -> int:
     unknown = [w for w in what if w not in MEASUREMENTS]
     if unknown:
         ap.error(f"unknown measurement(s): {unknown}")
+    unknown = [c for c in args.chaos if c not in chaos.SCENARIOS]
+    if unknown:
+        ap.error(f"unknown chaos scenario(s): {unknown}")
 
     # SIGTERM (CI timeout, `timeout`) unwinds like Ctrl-C, so every server is torn down.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -314,3 +314,20 @@ async def login(request: Request) -> JSONResponse:
         _redis_failed(exc)
         return _unavailable()
     return JSONResponse({"token": token})
+
+
+# ---- test hooks (chaos suite only: PEER_TEST_HOOKS=1) ------------------------------------
+
+if _env_bool("PEER_TEST_HOOKS"):
+
+    @app.get("/__test/block")
+    async def test_block(ms: int) -> PlainTextResponse:
+        # Blocks the event loop, as a CPU-bound or sync call in an async handler does: the
+        # worker stops notifying gunicorn, which aborts it after its timeout.
+        time.sleep(ms / 1000)
+        return PlainTextResponse("unblocked")
+
+    @app.get("/__test/sleep")
+    async def test_sleep(ms: int) -> PlainTextResponse:
+        await asyncio.sleep(ms / 1000)
+        return PlainTextResponse("slept")

@@ -4,6 +4,7 @@ Run: gunicorn -c gunicorn.conf.py -k uvicorn.workers.UvicornWorker -w $WEB_CONCU
          -b 127.0.0.1:$PORT app:app
 (flags given on the command line win over this file; bench/run.py passes both.)
 """
+import math
 import os
 import warnings
 
@@ -25,8 +26,9 @@ def _float(name, default):
 bind = f"127.0.0.1:{_int('PORT', 8000)}"
 workers = _int("WEB_CONCURRENCY", os.cpu_count() or 1)
 worker_class = "uvicorn.workers.UvicornWorker"
-timeout = _float("GUNICORN_TIMEOUT", 30)
-graceful_timeout = _float("GRACEFUL_TIMEOUT", 25)
+# gunicorn takes whole seconds; herdsman takes fractions: round up.
+timeout = math.ceil(_float("GUNICORN_TIMEOUT", 30))
+graceful_timeout = math.ceil(_float("GRACEFUL_TIMEOUT", 25))
 max_requests = _int("MAX_REQUESTS", 0)
 max_requests_jitter = _int("MAX_REQUESTS_JITTER", 0)
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()

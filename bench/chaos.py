@@ -1,0 +1,658 @@
+"""The chaos suite: herdsman and the peer under steady load while something goes wrong.
+
+Every scenario runs the same way, on each server with WEB_CONCURRENCY=2:
+
+1. start the server and wait until both workers answer;
+2. start a `LoadRecorder` (8 keep-alive connections paced to 400 requests/s in total, every
+   request's start, latency and outcome kept) and two `Poller`s: the master's children every
+   20 ms, and GET /health on a new connection every 50 ms (which worker answers, its Redis);
+3. cause the event(s) at fixed times and mark them;
+4. let the load run on, then summarise.
+
+The figures per scenario and server:
+
+- failed: requests that got no HTTP answer (reset, refused, timed out) or a 5xx;
+- misses: 404s on a key that exists (cache scenarios only);
+- p99 before / during: latency of answered requests before the first event, and from the
+  first event to 2 s after the last one;
+- recovery: from the event until the server is whole again; what "whole" means depends on the
+  scenario (`Trial.summary`): a replacement worker has answered /health and no request has
+  failed or been slow (over 5x the p99 before the event, at least 20 ms) since; every worker is
+  new and has answered /health (HUP);
+  every worker reports Redis `up` in /health (after Redis comes back); the master has exited
+  (SIGTERM).
+
+Scenarios: kill9, hang, redis (stopped, back, paused, back), hup, max-requests, sigterm.
+The hang and sigterm scenarios use test-only routes (`/__test/block`, `/__test/sleep`): herdsman
+built with `--features test-hooks`, the peer started with PEER_TEST_HOOKS=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from harness import (
+    LOOPBACK,
+    OUT,
+    VPY,
+    BenchError,
+    Ctx,
+    RedisServer,
+    Server,
+    fmt,
+    fmt_spread,
+    http_json,
+    http_request,
+    log,
+    read_response,
+    spread,
+    start_target,
+    wait_redis_up,
+)
+
+WORKERS = 2
+RATE = 400.0
+CONNECTIONS = 8
+SETTLE_S = 2.0  # "during the event" lasts until this long after the last event
+HANG_TIMEOUT_S = 3  # GUNICORN_TIMEOUT in the hang scenario, both servers
+PLOTS = OUT / "plots"
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording: the load, the worker processes, /health
+# ---------------------------------------------------------------------------------------------
+
+
+class LoadRecorder:
+    """Closed-loop load from `connections` threads, each on a keep-alive HTTP/1.1 connection,
+    paced to `rate` requests/s in total, for `duration` seconds. Records one
+    (t_since_start_s, latency_ms, status_or_None, error_or_None) per request; reconnects after
+    any error or `Connection: close`. `events` holds (t, label) markers added with mark()."""
+
+    def __init__(self, port: int, path: str, duration: float, connections: int = CONNECTIONS,
+                 rate: float = RATE, timeout: float = 5.0):
+        self.port, self.path, self.connections = port, path, connections
+        self.interval = connections / rate
+        self.duration, self.timeout = duration, timeout
+        self.samples: list[tuple[float, float, int | None, str | None]] = []
+        self.events: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self.t0 = time.perf_counter()
+        self._threads: list[threading.Thread] = []
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def mark(self, label: str) -> float:
+        t = self.now()
+        self.events.append((t, label))
+        return t
+
+    def _loop(self, idx: int) -> None:
+        req = f"GET {self.path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n\r\n".encode()
+        sock = None
+        next_t = self.t0 + idx * self.interval / self.connections
+        end = self.t0 + self.duration
+        while True:
+            now = time.perf_counter()
+            if now >= end:
+                break
+            if next_t > now:
+                time.sleep(next_t - now)
+            next_t = max(next_t + self.interval, time.perf_counter() - self.interval)
+            start = time.perf_counter()
+            status, err = None, None
+            try:
+                if sock is None:
+                    sock = socket_to(self.port, self.timeout)
+                sock.sendall(req)
+                status, headers, _ = read_response(sock)
+                if headers.get("connection", "").lower() == "close":
+                    sock.close()
+                    sock = None
+            except (OSError, ValueError, IndexError) as exc:
+                err = type(exc).__name__
+                if sock is not None:
+                    sock.close()
+                    sock = None
+            latency_ms = (time.perf_counter() - start) * 1e3
+            with self._lock:
+                self.samples.append((start - self.t0, latency_ms, status, err))
+        if sock is not None:
+            sock.close()
+
+    def start(self) -> "LoadRecorder":
+        self.t0 = time.perf_counter()
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True)
+                         for i in range(self.connections)]
+        for th in self._threads:
+            th.start()
+        return self
+
+    def join(self) -> None:
+        for th in self._threads:
+            th.join(max(0.0, self.duration - self.now()) + self.timeout + 5)
+
+
+def socket_to(port: int, timeout: float):
+    import socket
+
+    s = socket.create_connection((LOOPBACK, port), timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def children(pid: int) -> frozenset[int]:
+    """The direct children of pid (a master's workers), from /proc."""
+    try:
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        kids: set[int] = set()
+        for task in tasks:
+            text = (task / "children").read_text().split()
+            kids.update(int(k) for k in text)
+        return frozenset(kids)
+    except OSError:
+        return frozenset()
+
+
+class Poller:
+    """Calls `sample()` every `every` seconds on a thread, keeping (t, value) on the load's
+    clock, until stopped. Used for the worker set and for /health."""
+
+    def __init__(self, rec: LoadRecorder, sample, every: float):
+        self.rec, self.sample, self.every = rec, sample, every
+        self.samples: list[tuple[float, object]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = self.rec.now()
+            value = self.sample()
+            if value is not None:
+                self.samples.append((t, value))
+            self._stop.wait(self.every)
+
+    def start(self) -> "Poller":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def health_sample(port: int):
+    """(worker pid, checks.redis.status or None) from one GET /health on a new connection, or
+    None when it did not answer 200."""
+    try:
+        status, body = http_json(port, "GET", "/health", timeout=1.0)
+        if status != 200:
+            return None
+        return body["pid"], (body.get("checks") or {}).get("redis", {}).get("status")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def fire(port: int, path: str, timeout: float, out: list) -> threading.Thread:
+    """One request on its own connection and thread; appends (status, latency_ms, error)."""
+
+    def go():
+        t0 = time.perf_counter()
+        try:
+            status, _ = http_request(port, "GET", path, timeout=timeout)
+            out.append((status, (time.perf_counter() - t0) * 1e3, None))
+        except (OSError, ValueError, IndexError) as exc:
+            out.append((None, (time.perf_counter() - t0) * 1e3, type(exc).__name__))
+
+    th = threading.Thread(target=go, daemon=True)
+    th.start()
+    return th
+
+
+def wait_workers_serving(srv: Server, n: int, timeout: float = 30.0) -> None:
+    """Until n distinct worker pids have answered /health (each request on a new connection)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        srv.check_alive()
+        sample = health_sample(srv.port)
+        if sample is not None:
+            seen.add(sample[0])
+        if len(seen) >= n and len(children(srv.proc.pid)) == n:
+            return
+        time.sleep(0.02)
+    raise BenchError(f"{srv.name}: {n} workers did not all answer within {timeout}s "
+                     f"(seen {sorted(seen)}):\n{srv.log_tail()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# A trial: one scenario on one server
+# ---------------------------------------------------------------------------------------------
+
+
+class Trial:
+    """The load, the worker watcher and the events of one scenario on one server.
+
+        with Trial(srv, "/live", duration=8) as trial:
+            trial.at(3.0)
+            os.kill(trial.workers()[-1], signal.SIGKILL)
+            trial.mark("kill -9 of a worker")
+        return trial.summary(recovery="worker-replaced")
+    """
+
+    def __init__(self, srv: Server, path: str, duration: float):
+        self.srv, self.path, self.duration = srv, path, duration
+        self.extra: dict = {}
+
+    def __enter__(self) -> "Trial":
+        wait_workers_serving(self.srv, WORKERS)
+        self.initial = children(self.srv.proc.pid)
+        self.rec = LoadRecorder(self.srv.port, self.path, self.duration).start()
+        master = self.srv.proc.pid
+        self.watcher = Poller(self.rec, lambda: children(master), 0.02).start()
+        # /health on a new connection every 50 ms: which worker answers, what it says of Redis.
+        self.health = Poller(self.rec, lambda: health_sample(self.srv.port), 0.05).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.rec.join()
+        self.watcher.stop()
+        self.health.stop()
+
+    def at(self, t: float) -> None:
+        """Sleep until t seconds after the load started."""
+        wait = t - self.rec.now()
+        if wait > 0:
+            time.sleep(wait)
+
+    def mark(self, label: str) -> float:
+        return self.rec.mark(label)
+
+    def workers(self) -> list[int]:
+        return sorted(children(self.srv.proc.pid))
+
+    # -- summary ---------------------------------------------------------------------------
+
+    def new_workers(self) -> list[tuple[float, int]]:
+        """(t first seen, pid) of every worker started after the load began."""
+        seen, out = set(self.initial), []
+        for t, pids in self.watcher.samples:
+            for pid in sorted(pids - seen):
+                out.append((t, pid))
+            seen |= pids
+        return out
+
+    def _workers_whole_at(self, t_event: float, all_new: bool) -> float | None:
+        """First time after t_event at which WORKERS workers run, at least one of them (all_new:
+        every one) started after the load began, and each of those has answered /health."""
+        answered: set[int] = set()
+        health = iter(self.health.samples)
+        pending = next(health, None)
+        for t, pids in self.watcher.samples:
+            while pending is not None and pending[0] <= t:
+                answered.add(pending[1][0])
+                pending = next(health, None)
+            if t < t_event or len(pids) != WORKERS:
+                continue
+            fresh = pids - self.initial
+            if (all_new and fresh != pids) or not fresh:
+                continue
+            if fresh <= answered:
+                return t
+        return None
+
+    def _redis_up_everywhere_at(self, t_event: float) -> float | None:
+        """First time after t_event by which every worker running then has reported Redis
+        `up` in /health since t_event."""
+        up: set[int] = set()
+        for t, (pid, status) in self.health.samples:
+            if t < t_event:
+                continue
+            if status == "up":
+                up.add(pid)
+            current = next((p for tw, p in reversed(self.watcher.samples) if tw <= t), None)
+            if current and current <= up:
+                return t
+        return None
+
+    def summary(self, recovery: str | None) -> dict:
+        """recovery: "worker-replaced", "all-workers-new", "redis-up" (from each event named
+        "Redis back"), "master-exit" (set in extra by the scenario), or None (no single
+        event to recover from)."""
+        samples = self.rec.samples
+        events = self.rec.events
+        answered = lambda s: s[2] is not None and s[2] < 500  # noqa: E731
+        failed = [s for s in samples if not answered(s)]
+        misses = [s for s in samples if s[2] == 404]
+        t_first = events[0][0] if events else 0.0
+        t_last = events[-1][0] if events else 0.0
+        before = sorted(s[1] for s in samples if answered(s) and s[0] + s[1] / 1e3 < t_first)
+        during = sorted(s[1] for s in samples
+                        if answered(s) and t_first <= s[0] <= t_last + SETTLE_S)
+        if not events:  # steady-state scenario: the whole run is "during"
+            during = sorted(s[1] for s in samples if answered(s))
+        p99_before = pct(before, 0.99)
+        slow_ms = max(5 * (p99_before or 0.0), 20.0)
+        res = {
+            "requests": len(samples),
+            "failed": len(failed),
+            "failure_kinds": sorted({f"{s[2]}" if s[2] is not None else s[3] for s in failed}),
+            "misses": len(misses),
+            "p99_before_ms": p99_before,
+            "p99_during_ms": pct(during, 0.99),
+            "max_during_ms": during[-1] if during else None,
+            "events": [label for _, label in events],
+            "new_workers": len(self.new_workers()),
+            **self.extra,
+        }
+        if recovery in ("worker-replaced", "all-workers-new"):
+            # The last request that failed or was slow after the event, and the replacement.
+            bad_ends = [s[0] + s[1] / 1e3 for s in samples if s[0] + s[1] / 1e3 >= t_first
+                        and (not answered(s) or s[1] > slow_ms)]
+            whole = self._workers_whole_at(t_first, all_new=recovery == "all-workers-new")
+            res["recovery_ms"] = (None if whole is None
+                                  else (max([whole, *bad_ends]) - t_first) * 1e3)
+        elif recovery == "redis-up":
+            backs = [t for t, label in events if label.startswith("Redis back")]
+            times = [self._redis_up_everywhere_at(t) for t in backs]
+            res["recovery_each_ms"] = [None if t is None else (t - tb) * 1e3
+                                       for t, tb in zip(times, backs)]
+            res["recovery_ms"] = (None if None in times or not times
+                                  else max(res["recovery_each_ms"]))
+        elif recovery == "master-exit":
+            res["recovery_ms"] = self.extra.get("exit_after_ms")
+        else:
+            res["recovery_ms"] = None
+        return res
+
+    def timeline(self, target: str) -> dict:
+        """What the plot needs: every request, the events, when new workers appeared."""
+        return {"target": target, "samples": self.rec.samples, "events": self.rec.events,
+                "new_workers": [t for t, _ in self.new_workers()]}
+
+
+def pct(sorted_values: list[float], q: float):
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The scenarios: (ctx, target) -> (summary, timeline)
+# ---------------------------------------------------------------------------------------------
+
+
+def hooks_env(target: str) -> dict:
+    return {"PEER_TEST_HOOKS": "1"} if target == "peer" else {}
+
+
+def require_test_hooks(srv: Server) -> None:
+    srv.wait_http("/live")
+    status, _ = http_request(srv.port, "GET", "/__test/sleep?ms=1", timeout=5)
+    if status != 200:
+        raise BenchError(f"{srv.name}: GET /__test/sleep answered {status}: the binary was built "
+                         "without test hooks (cargo build --release --features test-hooks)")
+
+
+def kill9(ctx: Ctx, target: str):
+    with start_target(ctx, target, WORKERS) as srv, Trial(srv, "/live", 8.0) as trial:
+        trial.at(3.0)
+        os.kill(trial.workers()[-1], signal.SIGKILL)
+        trial.mark("kill -9 of a worker")
+    return trial.summary("worker-replaced"), trial.timeline(target)
+
+
+def hang(ctx: Ctx, target: str):
+    env = {"GUNICORN_TIMEOUT": HANG_TIMEOUT_S, **hooks_env(target)}
+    with start_target(ctx, target, WORKERS, env) as srv:
+        require_test_hooks(srv)
+        with Trial(srv, "/live", 10.0) as trial:
+            trial.at(2.0)
+            probe: list = []
+            fire(srv.port, "/__test/block?ms=60000", 12.0, probe)
+            trial.mark(f"a worker's event loop blocks (timeout {HANG_TIMEOUT_S} s)")
+    return trial.summary("worker-replaced"), trial.timeline(target)
+
+
+def hup(ctx: Ctx, target: str):
+    with start_target(ctx, target, WORKERS) as srv, Trial(srv, "/live", 10.0) as trial:
+        trial.at(3.0)
+        srv.proc.send_signal(signal.SIGHUP)
+        trial.mark("SIGHUP (rolling restart)")
+    return trial.summary("all-workers-new"), trial.timeline(target)
+
+
+def max_requests(ctx: Ctx, target: str):
+    env = {"MAX_REQUESTS": 1000, "MAX_REQUESTS_JITTER": 100}
+    with start_target(ctx, target, WORKERS, env) as srv, Trial(srv, "/live", 10.0) as trial:
+        pass
+    res = trial.summary(None)
+    res["recycled"] = res["new_workers"]
+    return res, trial.timeline(target)
+
+
+def sigterm(ctx: Ctx, target: str):
+    """Four 3-second requests in flight when SIGTERM arrives: each must complete; requests the
+    load sends after the signal may be refused (the server is going away): counted apart."""
+    with start_target(ctx, target, WORKERS, hooks_env(target)) as srv:
+        require_test_hooks(srv)
+        with Trial(srv, "/live", 7.0) as trial:
+            trial.at(2.0)
+            slow: list = []
+            threads = [fire(srv.port, "/__test/sleep?ms=3000", 15.0, slow) for _ in range(4)]
+            time.sleep(0.5)
+            t_sig = trial.mark("SIGTERM, four 3 s requests in flight")
+            srv.proc.send_signal(signal.SIGTERM)
+            try:
+                status = srv.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                status = None
+            exit_after = trial.rec.now() - t_sig
+            for th in threads:
+                th.join(15)
+            trial.extra = {
+                "slow_completed": sum(1 for s in slow if s[0] == 200),
+                "slow_total": len(threads),
+                "exit_status": status,
+                "exit_after_ms": exit_after * 1e3 if status is not None else None,
+            }
+    res = trial.summary("master-exit")
+    # Split the load's failures: in flight (sent before the signal) vs. sent after it.
+    in_flight = [s for s in trial.rec.samples if s[0] < t_sig and (s[2] is None or s[2] >= 500)]
+    res["failed_after_signal"] = res["failed"] - len(in_flight)
+    res["failed"] = len(in_flight) + res["slow_total"] - res["slow_completed"]
+    return res, trial.timeline(target)
+
+
+def redis_outage(ctx: Ctx, target: str):
+    """GET /cache/k (a value PUT through the server before the load) while Redis is stopped
+    (SIGTERM; restarted on its port with its append-only file: the value survives), then
+    paused (SIGSTOP: it hangs instead of refusing), then resumed."""
+    with RedisServer(persistent=True) as redis:
+        env = {"REDIS_URL": redis.url}
+        with start_target(ctx, target, WORKERS, env) as srv:
+            wait_redis_up(srv)
+            status, _ = http_request(srv.port, "PUT", "/cache/k", b"v" * 64)
+            if status != 204:
+                raise BenchError(f"{srv.name}: PUT /cache/k answered {status}")
+            with Trial(srv, "/cache/k", 14.0) as trial:
+                trial.at(2.0)
+                redis.stop()
+                trial.mark("Redis stopped")
+                trial.at(5.0)
+                redis.start()
+                trial.mark("Redis back (restarted)")
+                trial.at(8.0)
+                redis.pause()
+                trial.mark("Redis paused")
+                trial.at(11.0)
+                redis.resume()
+                trial.mark("Redis back (resumed)")
+    return trial.summary("redis-up"), trial.timeline(target)
+
+
+SCENARIOS = {
+    "kill9": ("kill -9 of one worker", kill9),
+    "hang": ("a hung worker (event loop blocked)", hang),
+    "redis": ("Redis stopped, back, paused, back (GET /cache/k)", redis_outage),
+    "hup": ("SIGHUP rolling restart", hup),
+    "max-requests": ("MAX_REQUESTS=1000 (+ jitter 100) recycling, 10 s", max_requests),
+    "sigterm": ("SIGTERM with slow requests in flight", sigterm),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurement: every scenario, both servers, several runs; plots of the first run
+# ---------------------------------------------------------------------------------------------
+
+
+def measure_chaos(ctx: Ctx) -> dict:
+    names = ctx.chaos_scenarios or list(SCENARIOS)
+    runs = ctx.chaos_runs
+    trials: dict = {n: {t: [] for t in ctx.targets("herdsman", "peer")} for n in names}
+    timelines: dict = {n: [] for n in names}
+    for run in range(runs):
+        for name in names:
+            _, scenario = SCENARIOS[name]
+            for target in trials[name]:
+                log(f"chaos {name} on {target} (run {run + 1}/{runs})")
+                try:
+                    res, timeline = scenario(ctx, target)
+                except (BenchError, OSError) as exc:
+                    ctx.fail(f"chaos {name} (run {run + 1})", target, exc)
+                    continue
+                trials[name][target].append(res)
+                if not any(tl["target"] == target for tl in timelines[name]):
+                    timelines[name].append(timeline)
+    out: dict = {"runs": runs, "rate": RATE, "connections": CONNECTIONS, "scenarios": {}}
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if not timelines[name]:
+            continue  # failed on every server: ctx.failures says why
+        title, _ = SCENARIOS[name]
+        png = PLOTS / f"chaos-{name}.png"
+        plot_timelines(timelines[name], f"{title}: GET at {RATE:.0f} req/s, 2 workers", png)
+        out["scenarios"][name] = {
+            "title": title,
+            "plot": str(png),
+            "targets": {t: aggregate(results) for t, results in trials[name].items() if results},
+        }
+    return out
+
+
+FIGURES = ("failed", "misses", "p99_before_ms", "p99_during_ms", "max_during_ms", "recovery_ms")
+
+
+def aggregate(results: list[dict]) -> dict:
+    """Median and spread over runs of each figure, and every run as it was."""
+    agg = {k: spread([r[k] for r in results]) for k in FIGURES}
+    agg["recovered_runs"] = sum(1 for r in results if r["recovery_ms"] is not None)
+    agg["runs"] = results
+    return agg
+
+
+def plot_timelines(timelines: list[dict], title: str, path: Path) -> None:
+    """Latency over time, one panel per server: answered requests as dots, failures as red
+    crosses at the time they were sent, events as dashed lines, new workers as dotted ones."""
+    data = OUT / (path.stem + ".json")
+    data.write_text(json.dumps({"title": title, "timelines": timelines}))
+    script = r"""
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+d = json.load(open(sys.argv[1]))
+tls = d["timelines"]
+fig, axes = plt.subplots(len(tls), 1, figsize=(12, 3.2 * len(tls)), sharex=True, squeeze=False)
+for ax, tl in zip(axes[:, 0], tls):
+    ok = [s for s in tl["samples"] if s[2] is not None and s[2] < 500 and s[2] != 404]
+    miss = [s for s in tl["samples"] if s[2] == 404]
+    bad = [s for s in tl["samples"] if s[2] is None or s[2] >= 500]
+    ax.scatter([s[0] for s in ok], [s[1] for s in ok], s=3, alpha=0.5, label=f"ok ({len(ok)})")
+    if miss:
+        ax.scatter([s[0] for s in miss], [s[1] for s in miss], s=12, marker="s", color="orange",
+                   label=f"404 on an existing key ({len(miss)})")
+    if bad:
+        ax.scatter([s[0] for s in bad], [max(s[1], 0.01) for s in bad], s=30, marker="x",
+                   color="red", label=f"failed ({len(bad)})")
+    for i, t in enumerate(tl["new_workers"]):
+        ax.axvline(t, color="green", linestyle=":", linewidth=1,
+                   label="new worker" if i == 0 else None)
+    for t, label in tl["events"]:
+        ax.axvline(t, color="black", linestyle="--", linewidth=1)
+        ax.annotate(label, (t, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"{tl['target']}: latency (ms)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+axes[-1, 0].set_xlabel("time since the load started (s)")
+fig.suptitle(d["title"])
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=100)
+"""
+    r = subprocess.run([str(VPY), "-c", script, str(data), str(path)], capture_output=True,
+                       text=True, timeout=120)
+    if r.returncode != 0:
+        raise BenchError(f"plot failed: {r.stderr[-1000:]}")
+
+
+def table(result: dict) -> tuple[str, list[str], list[list[str]], list[str]]:
+    """(title, header, rows, notes) for run.py's report."""
+    rows = []
+    for name, sc in result["scenarios"].items():
+        for target, x in sc["targets"].items():
+            runs = x["runs"]
+            rows.append([name, target, fmt_spread(x["failed"], "", 0),
+                         fmt_spread(x["misses"], "", 0),
+                         fmt_spread(x["p99_before_ms"], " ms", 1),
+                         fmt_spread(x["p99_during_ms"], " ms", 1),
+                         fmt_spread(x["max_during_ms"], " ms", 1),
+                         recovery_cell(x, len(runs)), scenario_note(name, runs)])
+    notes = [
+        f"load: {result['connections']} keep-alive connections paced to {result['rate']:.0f} "
+        f"req/s in total; median of {result['runs']} run(s) (min–max)",
+        "failed: no HTTP answer or a 5xx (sigterm: only requests in flight at the signal and "
+        "the slow ones); misses: 404 for a key that exists",
+        "p99/max during: answered requests from the first event to 2 s after the last (the whole "
+        "run for max-requests); recovery: until a replacement worker has answered /health and "
+        "no request has failed or been slow (> 5x p99 before, ≥ 20 ms) since (kill9, hang), "
+        "until every worker is new and has answered (hup), until every worker reports Redis up "
+        "(redis: the slower of the two returns), until the master exited (sigterm); /health is "
+        "polled every 50 ms, the workers every 20 ms",
+    ]
+    return ("chaos: failures, latency and recovery under steady load (WEB_CONCURRENCY=2)",
+            ["scenario", "server", "failed", "misses", "p99 before", "p99 during", "max during",
+             "recovery",
+             "notes"], rows, notes)
+
+
+def recovery_cell(x: dict, runs: int) -> str:
+    if not x["runs"][0]["events"]:
+        return "—"  # nothing to recover from (max-requests)
+    if x["recovered_runs"] == 0:
+        return "not within the run"
+    cell = fmt_spread(x["recovery_ms"], " ms", 0)
+    if x["recovered_runs"] < runs:
+        cell += f" ({runs - x['recovered_runs']} run(s) did not recover)"
+    return cell
+
+
+def scenario_note(name: str, runs: list[dict]) -> str:
+    if name == "sigterm":
+        return "; ".join(f"slow {r['slow_completed']}/{r['slow_total']} completed, exit "
+                         f"{r['exit_status']}, {r['failed_after_signal']} refused after the signal"
+                         for r in runs[:1]) + (" (run 1)" if len(runs) > 1 else "")
+    if name == "max-requests":
+        return "workers recycled per run: " + ", ".join(str(r["recycled"]) for r in runs)
+    if name == "redis":
+        return "back → all workers up (ms): " + "; ".join(
+            ", ".join(fmt(v, "", 0) for v in r["recovery_each_ms"]) for r in runs)
+    return "new workers per run: " + ", ".join(str(r["new_workers"]) for r in runs)
