@@ -53,7 +53,6 @@ from harness import (
     read_response,
     spread,
     start_target,
-    wait_redis_up,
 )
 
 WORKERS = 2
@@ -216,20 +215,21 @@ def fire(port: int, path: str, timeout: float, out: list) -> threading.Thread:
     return th
 
 
-def wait_workers_serving(srv: Server, n: int, timeout: float = 30.0) -> None:
-    """Until n distinct worker pids have answered /health (each request on a new connection)."""
+def wait_workers_serving(srv: Server, n: int, redis: bool = False, timeout: float = 30.0) -> None:
+    """Until n distinct worker pids have answered /health (each request on a new connection);
+    redis=True: have reported Redis `up` (a worker still connecting serves from memory)."""
     seen: set[int] = set()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         srv.check_alive()
         sample = health_sample(srv.port)
-        if sample is not None:
+        if sample is not None and (not redis or sample[1] == "up"):
             seen.add(sample[0])
         if len(seen) >= n and len(children(srv.proc.pid)) == n:
             return
         time.sleep(0.02)
-    raise BenchError(f"{srv.name}: {n} workers did not all answer within {timeout}s "
-                     f"(seen {sorted(seen)}):\n{srv.log_tail()}")
+    raise BenchError(f"{srv.name}: {n} workers did not all answer{' with Redis up' if redis else ''} "
+                     f"within {timeout}s (seen {sorted(seen)}):\n{srv.log_tail()}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,7 +478,7 @@ def redis_outage(ctx: Ctx, target: str):
     with RedisServer(persistent=True) as redis:
         env = {"REDIS_URL": redis.url}
         with start_target(ctx, target, WORKERS, env) as srv:
-            wait_redis_up(srv)
+            wait_workers_serving(srv, WORKERS, redis=True)
             status, _ = http_request(srv.port, "PUT", "/cache/k", b"v" * 64)
             if status != 204:
                 raise BenchError(f"{srv.name}: PUT /cache/k answered {status}")

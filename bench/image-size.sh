@@ -5,6 +5,7 @@
 #                                  needs registry access for rust:1-bookworm), print its size
 #   bench/image-size.sh --host     no registry: build a static release binary on this host and
 #                                  the Dockerfile's `runtime-from-host` stage from it
+#   bench/image-size.sh --host BIN the same stage from a static binary built already
 #   bench/image-size.sh IMAGE      print the size of an image that already exists
 #
 # Output: one line, `herdsman image IMAGE: BYTES bytes (X.XX MB)`, and exit 1 above 10 MB.
@@ -20,14 +21,19 @@ case "${1:-}" in
     image="$tag"
     ;;
 --host)
-    target=x86_64-unknown-linux-gnu
-    static_dir="${CARGO_TARGET_DIR:-target}-static"
-    RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$static_dir" \
-        cargo build --quiet --release --locked --bin herdsman --target "$target"
+    binary="${2:-}"
+    if [ -z "$binary" ]; then
+        # Its own target dir: the tests' static build (scripts/test.sh) has the test hooks.
+        target=x86_64-unknown-linux-gnu
+        static_dir="${CARGO_TARGET_DIR:-target}-static-release"
+        RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$static_dir" \
+            cargo build --quiet --release --locked --bin herdsman --target "$target"
+        binary="$static_dir/$target/release/herdsman"
+    fi
     stage="deploy/docker/host/size-$$"
     trap 'rm -rf "$stage"' EXIT
     mkdir -p "$stage/etc/ssl/certs"
-    cp "$static_dir/$target/release/herdsman" "$stage/herdsman"
+    cp "$binary" "$stage/herdsman"
     cp /etc/ssl/certs/ca-certificates.crt "$stage/etc/ssl/certs/"
     docker build --quiet --target runtime-from-host --build-arg "HOST_ROOTFS=$stage" --tag "$tag" . >/dev/null
     image="$tag"

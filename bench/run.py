@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -40,6 +41,7 @@ from harness import (
     LOGS,
     LOOPBACK,
     OUT,
+    PEER_DIR,
     VPY,
     BenchError,
     Ctx,
@@ -66,7 +68,7 @@ from harness import (
     wrk,
 )
 
-MEASUREMENTS = ("boot", "live", "cache", "login", "memory", "chaos")
+MEASUREMENTS = ("boot", "live", "cache", "login", "memory", "image", "chaos")
 
 
 
@@ -403,8 +405,69 @@ def measure_memory(ctx: Ctx) -> dict:
     return res
 
 
+def is_static(binary: Path) -> bool:
+    """No ELF interpreter named in its headers: a binary that runs in a `scratch` image."""
+    with open(binary, "rb") as f:
+        return b"/ld-linux" not in f.read(8192)
+
+
+# In the venv: the bytes on disk of the peer's packages and everything they require (not the
+# harness's own matplotlib), from the installed distributions' file lists.
+PEER_PACKAGES_BYTES = r"""
+import importlib.metadata as md, re, sys
+todo, seen, total = list(sys.argv[1:]), set(), 0
+while todo:
+    name = re.split(r"[\s\[<>=;!~]", todo.pop())[0].lower().replace("_", "-")
+    if not name or name in seen:
+        continue
+    seen.add(name)
+    try:
+        dist = md.distribution(name)
+    except md.PackageNotFoundError:
+        continue
+    total += sum(f.size or 0 for f in dist.files or [])
+    todo += [r for r in dist.requires or [] if "extra ==" not in r]
+print(total)
+"""
+
+
+def peer_packages_bytes() -> int:
+    reqs = [line.split("#")[0].strip() for line in (PEER_DIR / "requirements.txt").read_text()
+            .splitlines()]
+    reqs = [r for r in reqs if r and not r.startswith("matplotlib")]
+    # uvicorn[standard]: the extras it is installed with are part of the peer.
+    extras = ["uvloop", "httptools", "websockets", "watchfiles", "python-dotenv", "pyyaml"]
+    r = subprocess.run([str(VPY), "-c", PEER_PACKAGES_BYTES, *reqs, *extras],
+                       capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise BenchError(f"sizing the peer's packages failed: {r.stderr[-500:]}")
+    app = sum(f.stat().st_size for f in PEER_DIR.iterdir() if f.is_file())
+    return int(r.stdout) + app
+
+
+def measure_image(ctx: Ctx) -> dict:
+    """herdsman's container image: the Dockerfile's final stage around a static binary built on
+    this host (no registry here for the build stage). The peer's image cannot be built here (no
+    Python base image can be pulled): what it adds to one, its venv and app, is measured."""
+    if shutil.which("docker") is None or subprocess.run(
+            ["docker", "info"], capture_output=True).returncode != 0:
+        raise BenchError("no Docker engine reachable (docker info failed)")
+    argv = [str(BENCH / "image-size.sh"), "--host"]
+    source = "static release build (cargo build --release, +crt-static)"
+    if ctx.smoke and ctx.herdsman is not None and is_static(ctx.herdsman):
+        argv.append(str(ctx.herdsman))  # no second static build in CI
+        source = "the static binary under test"
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    m = re.search(r": (\d+) bytes", r.stdout)
+    if m is None:
+        raise BenchError(f"image-size.sh failed ({r.returncode}): {(r.stdout + r.stderr)[-1000:]}")
+    return {"herdsman_image_mb": int(m.group(1)) / 1e6, "source": source,
+            "peer_packages_and_app_mb": peer_packages_bytes() / 1e6}
+
+
 MEASURE = {"boot": measure_boot, "live": measure_live, "cache": measure_cache,
-           "login": measure_login, "memory": measure_memory, "chaos": chaos.measure_chaos}
+           "login": measure_login, "memory": measure_memory, "image": measure_image,
+           "chaos": chaos.measure_chaos}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,6 +552,16 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[st
         out.append(("memory: process tree after 1 s of /live load (WEB_CONCURRENCY=2)",
                     ["server", "procs", "master RSS", "worker RSS (MiB)", "total RSS",
                      "total PSS"], rows, notes))
+    if "image" in results:
+        r = results["image"]
+        out.append(("image: container image size",
+                    ["server", "size", "what"],
+                    [["herdsman", fmt(r["herdsman_image_mb"], " MB", 2),
+                      f"whole image: scratch + CA bundle + {r['source']}"],
+                     ["peer", fmt(r["peer_packages_and_app_mb"], " MB", 1),
+                      "its Python packages and app only, to add to a Python base image (no "
+                      "base image can be pulled here)"]],
+                    ["target: herdsman image ≤ 10 MB (bench/image-size.sh)"]))
     if "chaos" in results:
         out.append(chaos.table(results["chaos"]))
     return out
@@ -767,7 +840,8 @@ def main() -> int:
         try:
             fn = MEASURE[name]
             ctx.results[name] = fn(ctx)
-            ctx.noise[name] = foreign_cpu(cpu0, cpu_snapshot())
+            if name != "image":  # a size, not a time: other processes do not change it
+                ctx.noise[name] = foreign_cpu(cpu0, cpu_snapshot())
             holes = missing_figures(ctx.results[name])
             if holes:
                 raise BenchError(f"no figure for {', '.join(holes[:5])}")

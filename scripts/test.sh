@@ -36,3 +36,15 @@ fi
 cargo fmt --all -- --check
 cargo clippy --all-targets --all-features -- -D warnings
 cargo test --all-features --no-fail-fast
+
+# The benchmark harness in its smoke mode (short durations, one run of each measurement and
+# chaos scenario), so that it cannot rot. Its figures are printed, not judged: a shared machine
+# is too noisy for that; it fails when a measurement cannot be made. The chaos scenarios need
+# the test-hooks routes: the static test binary has them, else build one.
+bench/setup.sh
+bench_bin="${HERDSMAN_STATIC_BIN:-}"
+if [ -z "$bench_bin" ]; then
+    cargo build --release --locked --features test-hooks --bin herdsman
+    bench_bin="${CARGO_TARGET_DIR:-target}/release/herdsman"
+fi
+python3 bench/run.py --smoke --require-herdsman --herdsman "$bench_bin"

@@ -13,7 +13,7 @@
 //!   get/set ----> | breaker closed (Up):  Redis  + memory copy    |
 //!                 | breaker open (Fallback): memory only          |
 //!                 +-----------------------------------------------+
-//!                         ^ background probe: PING every 250 ms..2 s
+//!                         ^ background probe: PING every 250 ms..1 s
 //! ```
 //!
 //! # The circuit breaker
@@ -98,7 +98,9 @@ const POOL_MAX_LIFETIME: Duration = Duration::from_secs(15 * 60);
 
 /// First probe delay after the breaker opens; doubles up to [`PROBE_MAX`].
 const PROBE_MIN: Duration = Duration::from_millis(250);
-const PROBE_MAX: Duration = Duration::from_secs(2);
+/// One PING a second per worker is nothing to a Redis coming back, and the return is noticed
+/// within about a second of it.
+const PROBE_MAX: Duration = Duration::from_secs(1);
 
 /// How the cache is set up; see [`Default`] for the defaults.
 #[derive(Clone)]
