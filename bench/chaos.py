@@ -47,12 +47,14 @@ from harness import (
     Server,
     fmt,
     fmt_spread,
-    http_json,
     http_request,
     log,
     read_response,
     spread,
+    children,
+    health_sample,
     start_target,
+    wait_workers_serving,
 )
 
 WORKERS = 2
@@ -147,19 +149,6 @@ def socket_to(port: int, timeout: float):
     return s
 
 
-def children(pid: int) -> frozenset[int]:
-    """The direct children of pid (a master's workers), from /proc."""
-    try:
-        tasks = Path(f"/proc/{pid}/task").iterdir()
-        kids: set[int] = set()
-        for task in tasks:
-            text = (task / "children").read_text().split()
-            kids.update(int(k) for k in text)
-        return frozenset(kids)
-    except OSError:
-        return frozenset()
-
-
 class Poller:
     """Calls `sample()` every `every` seconds on a thread, keeping (t, value) on the load's
     clock, until stopped. Used for the worker set and for /health."""
@@ -187,18 +176,6 @@ class Poller:
         self._thread.join(5)
 
 
-def health_sample(port: int):
-    """(worker pid, checks.redis.status or None) from one GET /health on a new connection, or
-    None when it did not answer 200."""
-    try:
-        status, body = http_json(port, "GET", "/health", timeout=1.0)
-        if status != 200:
-            return None
-        return body["pid"], (body.get("checks") or {}).get("redis", {}).get("status")
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
-
-
 def fire(port: int, path: str, timeout: float, out: list) -> threading.Thread:
     """One request on its own connection and thread; appends (status, latency_ms, error)."""
 
@@ -213,23 +190,6 @@ def fire(port: int, path: str, timeout: float, out: list) -> threading.Thread:
     th = threading.Thread(target=go, daemon=True)
     th.start()
     return th
-
-
-def wait_workers_serving(srv: Server, n: int, redis: bool = False, timeout: float = 30.0) -> None:
-    """Until n distinct worker pids have answered /health (each request on a new connection);
-    redis=True: have reported Redis `up` (a worker still connecting serves from memory)."""
-    seen: set[int] = set()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        srv.check_alive()
-        sample = health_sample(srv.port)
-        if sample is not None and (not redis or sample[1] == "up"):
-            seen.add(sample[0])
-        if len(seen) >= n and len(children(srv.proc.pid)) == n:
-            return
-        time.sleep(0.02)
-    raise BenchError(f"{srv.name}: {n} workers did not all answer{' with Redis up' if redis else ''} "
-                     f"within {timeout}s (seen {sorted(seen)}):\n{srv.log_tail()}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -503,23 +503,52 @@ def redis_up(body) -> bool:
         return False
 
 
-def wait_redis_up(srv: Server, timeout: float = 20.0) -> None:
-    """Wait for /health to say checks.redis.status == "up"; fail fast (3 s) when /health has
-    no Redis check at all (a build without Redis support)."""
-    srv.wait_http("/health")
-    deadline, t_first = time.monotonic() + timeout, time.monotonic()
-    body = None
+def children(pid: int) -> frozenset[int]:
+    """The direct children of pid (a master's workers), from /proc."""
+    try:
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        kids: set[int] = set()
+        for task in tasks:
+            text = (task / "children").read_text().split()
+            kids.update(int(k) for k in text)
+        return frozenset(kids)
+    except OSError:
+        return frozenset()
+
+
+def health_sample(port: int):
+    """(worker pid, checks.redis.status or None) from one GET /health on a new connection, or
+    None when it did not answer 200."""
+    try:
+        status, body = http_json(port, "GET", "/health", timeout=1.0)
+        if status != 200:
+            return None
+        return body["pid"], (body.get("checks") or {}).get("redis", {}).get("status")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def wait_workers_serving(srv: Server, n: int, redis: bool = False, timeout: float = 30.0) -> None:
+    """Until n distinct worker pids have answered /health (each request on a new connection);
+    redis=True: have reported Redis `up` (a worker still connecting serves from memory). Fails
+    fast (3 s) when /health has no Redis check at all (a build without Redis support)."""
+    seen: set[int] = set()
+    t_first = time.monotonic()
+    deadline = t_first + timeout
+    sample = None
     while time.monotonic() < deadline:
         srv.check_alive()
-        _, body = http_json(srv.port, "GET", "/health", timeout=2.0)
-        if redis_up(body):
+        sample = health_sample(srv.port)
+        if sample is not None and (not redis or sample[1] == "up"):
+            seen.add(sample[0])
+        if len(seen) >= n and len(children(srv.proc.pid)) == n:
             return
-        has_check = isinstance(body, dict) and "redis" in (body.get("checks") or {})
-        if not has_check and time.monotonic() - t_first > 3:
+        if redis and sample is not None and sample[1] is None and time.monotonic() - t_first > 3:
             raise BenchError(f"{srv.name}: /health has no checks.redis with REDIS_URL set "
-                             f"(Redis support missing?): {body}")
+                             "(Redis support missing?)")
         time.sleep(0.02)
-    raise BenchError(f"{srv.name}: Redis not 'up' in /health within {timeout}s: {body}")
+    raise BenchError(f"{srv.name}: {n} workers did not all answer{' with Redis up' if redis else ''} "
+                     f"within {timeout}s (seen {sorted(seen)}, last {sample}):\n{srv.log_tail()}")
 
 
 # ---------------------------------------------------------------------------------------------

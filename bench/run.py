@@ -64,7 +64,7 @@ from harness import (
     resp_command,
     spread,
     start_target,
-    wait_redis_up,
+    wait_workers_serving,
     wrk,
 )
 
@@ -196,7 +196,7 @@ def measure_cache(ctx: Ctx) -> dict:
         for name in names:
             srv = stack.enter_context(start_target(ctx, name, workers=2, env={"REDIS_URL": redis.url}))
             try:
-                wait_redis_up(srv)
+                wait_workers_serving(srv, 2, redis=True)
                 status, _ = http_request(srv.port, "PUT", "/cache/k", value)
                 if status != 204:
                     raise BenchError(f"{name}: PUT /cache/k answered {status}")
@@ -318,7 +318,7 @@ def measure_login(ctx: Ctx) -> dict:
 
 
 def _login_target(ctx: Ctx, srv: Server, name: str, password: str, dur: float) -> dict:
-    wait_redis_up(srv)
+    wait_workers_serving(srv, 2, redis=True)
     user = f"bench-{name}-{srv.port}"
     status, body = http_json(srv.port, "POST", "/auth/register",
                              {"username": user, "password": password}, timeout=30)
