@@ -38,10 +38,10 @@ import time
 from pathlib import Path
 
 from harness import (
-    LOOPBACK,
     OUT,
     VPY,
     BenchError,
+    LoadRecorder,
     Ctx,
     RedisServer,
     Server,
@@ -49,7 +49,7 @@ from harness import (
     fmt_spread,
     http_request,
     log,
-    read_response,
+    pct,
     spread,
     children,
     health_sample,
@@ -68,85 +68,6 @@ PLOTS = OUT / "plots"
 # ---------------------------------------------------------------------------------------------
 # Recording: the load, the worker processes, /health
 # ---------------------------------------------------------------------------------------------
-
-
-class LoadRecorder:
-    """Closed-loop load from `connections` threads, each on a keep-alive HTTP/1.1 connection,
-    paced to `rate` requests/s in total, for `duration` seconds. Records one
-    (t_since_start_s, latency_ms, status_or_None, error_or_None) per request; reconnects after
-    any error or `Connection: close`. `events` holds (t, label) markers added with mark()."""
-
-    def __init__(self, port: int, path: str, duration: float, connections: int = CONNECTIONS,
-                 rate: float = RATE, timeout: float = 5.0):
-        self.port, self.path, self.connections = port, path, connections
-        self.interval = connections / rate
-        self.duration, self.timeout = duration, timeout
-        self.samples: list[tuple[float, float, int | None, str | None]] = []
-        self.events: list[tuple[float, str]] = []
-        self._lock = threading.Lock()
-        self.t0 = time.perf_counter()
-        self._threads: list[threading.Thread] = []
-
-    def now(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def mark(self, label: str) -> float:
-        t = self.now()
-        self.events.append((t, label))
-        return t
-
-    def _loop(self, idx: int) -> None:
-        req = f"GET {self.path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n\r\n".encode()
-        sock = None
-        next_t = self.t0 + idx * self.interval / self.connections
-        end = self.t0 + self.duration
-        while True:
-            now = time.perf_counter()
-            if now >= end:
-                break
-            if next_t > now:
-                time.sleep(next_t - now)
-            next_t = max(next_t + self.interval, time.perf_counter() - self.interval)
-            start = time.perf_counter()
-            status, err = None, None
-            try:
-                if sock is None:
-                    sock = socket_to(self.port, self.timeout)
-                sock.sendall(req)
-                status, headers, _ = read_response(sock)
-                if headers.get("connection", "").lower() == "close":
-                    sock.close()
-                    sock = None
-            except (OSError, ValueError, IndexError) as exc:
-                err = type(exc).__name__
-                if sock is not None:
-                    sock.close()
-                    sock = None
-            latency_ms = (time.perf_counter() - start) * 1e3
-            with self._lock:
-                self.samples.append((start - self.t0, latency_ms, status, err))
-        if sock is not None:
-            sock.close()
-
-    def start(self) -> "LoadRecorder":
-        self.t0 = time.perf_counter()
-        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True)
-                         for i in range(self.connections)]
-        for th in self._threads:
-            th.start()
-        return self
-
-    def join(self) -> None:
-        for th in self._threads:
-            th.join(max(0.0, self.duration - self.now()) + self.timeout + 5)
-
-
-def socket_to(port: int, timeout: float):
-    import socket
-
-    s = socket.create_connection((LOOPBACK, port), timeout=timeout)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return s
 
 
 class Poller:
@@ -336,12 +257,6 @@ class Trial:
         """What the plot needs: every request, the events, when new workers appeared."""
         return {"target": target, "samples": self.rec.samples, "events": self.rec.events,
                 "new_workers": [t for t, _ in self.new_workers()]}
-
-
-def pct(sorted_values: list[float], q: float):
-    if not sorted_values:
-        return None
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -551,6 +551,101 @@ def wait_workers_serving(srv: Server, n: int, redis: bool = False, timeout: floa
                      f"within {timeout}s (seen {sorted(seen)}, last {sample}):\n{srv.log_tail()}")
 
 
+class LoadRecorder:
+    """Closed-loop load from `connections` threads, each on a keep-alive HTTP/1.1 connection,
+    paced to `rate` requests/s in total, for `duration` seconds. Records one
+    (t_since_start_s, latency_ms, status_or_None, error_or_None) per request; reconnects after
+    any error or `Connection: close`. `events` holds (t, label) markers added with mark()."""
+
+    def __init__(self, port: int, path: str, duration: float, connections: int = 8,
+                 rate: float = 400.0, timeout: float = 5.0):
+        self.port, self.path, self.connections = port, path, connections
+        self.interval = connections / rate
+        self.duration, self.timeout = duration, timeout
+        self.samples: list[tuple[float, float, int | None, str | None]] = []
+        self.events: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self.t0 = time.perf_counter()
+        self._threads: list[threading.Thread] = []
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def mark(self, label: str) -> float:
+        t = self.now()
+        self.events.append((t, label))
+        return t
+
+    def _loop(self, idx: int) -> None:
+        req = f"GET {self.path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n\r\n".encode()
+        sock = None
+        next_t = self.t0 + idx * self.interval / self.connections
+        end = self.t0 + self.duration
+        while True:
+            now = time.perf_counter()
+            if now >= end:
+                break
+            if next_t > now:
+                time.sleep(next_t - now)
+            next_t = max(next_t + self.interval, time.perf_counter() - self.interval)
+            start = time.perf_counter()
+            status, err = None, None
+            try:
+                if sock is None:
+                    sock = socket_to(self.port, self.timeout)
+                sock.sendall(req)
+                status, headers, _ = read_response(sock)
+                if headers.get("connection", "").lower() == "close":
+                    sock.close()
+                    sock = None
+            except (OSError, ValueError, IndexError) as exc:
+                err = type(exc).__name__
+                if sock is not None:
+                    sock.close()
+                    sock = None
+            latency_ms = (time.perf_counter() - start) * 1e3
+            with self._lock:
+                self.samples.append((start - self.t0, latency_ms, status, err))
+        if sock is not None:
+            sock.close()
+
+    def start(self) -> "LoadRecorder":
+        self.t0 = time.perf_counter()
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True)
+                         for i in range(self.connections)]
+        for th in self._threads:
+            th.start()
+        return self
+
+    def join(self) -> None:
+        for th in self._threads:
+            th.join(max(0.0, self.duration - self.now()) + self.timeout + 5)
+
+
+def socket_to(port: int, timeout: float) -> socket.socket:
+    s = socket.create_connection((LOOPBACK, port), timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def probe(port: int, path: str, duration: float, rate: float = 200.0) -> dict:
+    """A paced latency probe (4 keep-alive connections, `rate` requests/s in total): unlike
+    wrk, it measures the latency a light client sees without taking the CPU itself."""
+    rec = LoadRecorder(port, path, duration, connections=4, rate=rate).start()
+    rec.join()
+    ok = sorted(s[1] for s in rec.samples if s[2] == 200)
+    if not ok:
+        raise BenchError(f"probe of {path}: no request answered 200")
+    return {"p50_ms": pct(ok, 0.5), "p99_ms": pct(ok, 0.99), "requests": len(rec.samples),
+            "failed": len(rec.samples) - len(ok)}
+
+
+def pct(sorted_values: list[float], q: float):
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
 # ---------------------------------------------------------------------------------------------
 # Load tools: wrk and redis-benchmark
 # ---------------------------------------------------------------------------------------------
