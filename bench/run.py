@@ -42,6 +42,7 @@ from harness import (
     LOOPBACK,
     OUT,
     PEER_DIR,
+    REPO,
     VPY,
     BenchError,
     Ctx,
@@ -655,10 +656,13 @@ def machine_info(ctx: Ctx) -> dict:
                            "import importlib.metadata as m;print(' '.join(f'{p}=={m.version(p)}' "
                            "for p in ['fastapi','uvicorn','gunicorn','starlette','redis','bcrypt',"
                            "'uvloop','httptools']))"], capture_output=True, text=True).stdout.strip()
-    herdsman_rev = "?"
-    if ctx.herdsman_source is not None:
-        herdsman_rev = _cmd(["git", "-C", str(ctx.herdsman_source.parent), "log", "-1",
-                             "--format=%h %cI %s"])
+    # The binary may live in any target dir: name the commit of the checkout it was built from
+    # when it is inside one, else this repository's (with --dirty, as `git describe` says).
+    where = ctx.herdsman_source.parent if ctx.herdsman_source is not None else REPO
+    herdsman_rev = _cmd(["git", "-C", str(where), "describe", "--always", "--dirty"])
+    if herdsman_rev.startswith("fatal") or herdsman_rev == "?":
+        herdsman_rev = _cmd(["git", "-C", str(REPO), "describe", "--always", "--dirty"]) + \
+            " (this checkout; the binary was built outside it)"
     return {
         "cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem / 1024 / 1024, 1),
         "kernel": platform.release(), "os": _cmd(["sh", "-c", ". /etc/os-release; echo $PRETTY_NAME"]),
