@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::unix::pipe;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -140,7 +139,8 @@ async fn serve(
     let hasher = Hasher::new(threads, HASH_QUEUE_PER_THREAD * threads).map_err(std::io::Error::other)?;
     let services =
         Services { config: config.clone(), warmup, cache, hasher, started: Instant::now(), tracker: tracker.clone() };
-    let router = http::router(&services, app.user_routes(&services), tracker.clone());
+    let router = http::router(&services, app.user_routes(&services));
+    let guard = http::Guard::new(router, tracker.clone(), config.request_timeout, config.max_body_bytes);
 
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(config.header_timeout);
@@ -164,7 +164,7 @@ async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone()));
+                    let connection = http.serve_connection(TokioIo::new(stream), guard.clone());
                     let connection = graceful.watch(connection);
                     let counted = slot.as_ref().map(|slot| slot.open_connection());
                     tokio::spawn(async move {

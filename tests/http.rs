@@ -51,6 +51,25 @@ async fn oversized_bodies_get_413_and_the_worker_lives_on() {
     assert_eq!(reqwest::get(server.url("/live")).await.unwrap().status(), 200);
 }
 
+#[test]
+fn oversized_chunked_bodies_get_413_too() {
+    // No Content-Length to refuse up front: the body is cut off once it passes the limit.
+    let server = start(&[("WEB_CONCURRENCY", "1"), ("HERDSMAN_MAX_BODY_BYTES", "1024")]);
+    let mut stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    stream.write_all(b"PUT /cache/big HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+    for _ in 0..4 {
+        let _ = stream.write_all(b"400\r\n");
+        let _ = stream.write_all(&[b'x'; 1024]);
+        let _ = stream.write_all(b"\r\n");
+    }
+    let _ = stream.write_all(b"0\r\n\r\n");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut response = [0u8; 512];
+    let n = stream.read(&mut response).unwrap();
+    let response = String::from_utf8_lossy(&response[..n]);
+    assert!(response.starts_with("HTTP/1.1 413"), "{response:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_handler_gets_503_at_the_request_timeout() {
     let server = start(&[("WEB_CONCURRENCY", "1"), ("HERDSMAN_REQUEST_TIMEOUT", "0.5")]);

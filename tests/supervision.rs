@@ -83,6 +83,32 @@ async fn sigterm_lets_slow_in_flight_requests_finish_then_exits_0() {
     assert!(TcpStream::connect(("127.0.0.1", server.port)).is_err());
 }
 
+#[test]
+fn idle_keep_alive_connections_do_not_hold_up_a_drain() {
+    let mut server = start(&[("WEB_CONCURRENCY", "1"), ("GRACEFUL_TIMEOUT", "20")]);
+    server.wait_for_log("ready in", SECS(5));
+    // One connection idle after a request, one that never sent any.
+    let mut used = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    used.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = [0u8; 256];
+    let n = used.read(&mut answer).unwrap();
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&answer[..n]));
+    let mut silent = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let sent_term = Instant::now();
+    server.signal(Signal::SIGTERM);
+    for stream in [&mut used, &mut silent] {
+        stream.set_read_timeout(Some(SECS(10))).unwrap();
+        let mut rest = Vec::new();
+        // Closed by the worker (EOF or a reset), not left open until the deadline.
+        let _ = stream.read_to_end(&mut rest);
+        assert!(sent_term.elapsed() < SECS(5), "closed after {:?}", sent_term.elapsed());
+    }
+    assert_eq!(server.wait_exit(SECS(10)).code(), Some(0));
+    assert!(sent_term.elapsed() < SECS(5), "exits long before GRACEFUL_TIMEOUT: {:?}", sent_term.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_replaces_every_worker_without_a_failed_request() {
     let server = start(&[("WEB_CONCURRENCY", "2")]);

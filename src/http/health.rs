@@ -7,6 +7,8 @@
 //!   draining. 503 with a JSON reason otherwise.
 //! - `/health`: everything, for humans and dashboards; `degraded` while a dependency is down.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -22,10 +24,11 @@ pub fn routes(services: Services) -> Router {
         .route("/live", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/health", get(health))
-        .with_state(services)
+        // Behind an `Arc`: axum clones the state for every request to these routes.
+        .with_state(Arc::new(services))
 }
 
-async fn ready(State(services): State<Services>) -> Response {
+async fn ready(State(services): State<Arc<Services>>) -> Response {
     match not_ready_reason(&services) {
         None => Json(json!({ "ready": true })).into_response(),
         Some(reason) => {
@@ -44,7 +47,7 @@ fn not_ready_reason(services: &Services) -> Option<String> {
     services.warmup.not_ready_reason()
 }
 
-async fn health(State(services): State<Services>) -> Json<serde_json::Value> {
+async fn health(State(services): State<Arc<Services>>) -> Json<serde_json::Value> {
     let mut checks = services.warmup.snapshot();
     // A required warm-up task that did not succeed, or a Redis we are not using, is a degraded
     // service: it still answers, from memory, but an operator should look.

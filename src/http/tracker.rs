@@ -5,15 +5,13 @@
 //! to read it while the runtime is blocked, so it lives behind a plain `std::sync::Mutex` that is
 //! held only for an insert or a remove.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, Uri};
-use axum::middleware::Next;
 use axum::response::Response;
+use slab::Slab;
 
 /// Shared, cheap to clone.
 #[derive(Clone)]
@@ -22,8 +20,8 @@ pub struct RequestTracker {
 }
 
 struct Inner {
-    in_flight: Mutex<HashMap<u64, InFlight>>,
-    next_id: AtomicU64,
+    /// A slab rather than a map: a request's key is its slot, reused once it is answered.
+    in_flight: Mutex<Slab<InFlight>>,
     served: AtomicU64,
     draining: AtomicBool,
     /// Requests after which the worker asks to be recycled; `u64::MAX` when `MAX_REQUESTS=0`.
@@ -52,8 +50,7 @@ impl RequestTracker {
     pub fn new(recycle_after: Option<u64>, on_recycle: impl Fn() + Send + Sync + 'static) -> Self {
         RequestTracker {
             inner: Arc::new(Inner {
-                in_flight: Mutex::new(HashMap::new()),
-                next_id: AtomicU64::new(0),
+                in_flight: Mutex::new(Slab::new()),
                 served: AtomicU64::new(0),
                 draining: AtomicBool::new(false),
                 recycle_after: recycle_after.unwrap_or(u64::MAX),
@@ -80,45 +77,49 @@ impl RequestTracker {
         let now = Instant::now();
         // A poisoned lock still holds valid entries; diagnostics must not give up on it.
         let map = self.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        let mut requests: Vec<_> = map.values().map(|r| (r.clone(), now - r.started)).collect();
+        let mut requests: Vec<_> = map.iter().map(|(_, r)| (r.clone(), now - r.started)).collect();
         requests.sort_by_key(|(_, age)| std::cmp::Reverse(*age));
         requests
     }
 
-    fn register(&self, method: Method, uri: Uri) -> Registration {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn register(&self, method: Method, uri: Uri) -> Registration {
         let started = Instant::now();
         let mut map = self.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        map.insert(id, InFlight { method, uri, started });
-        Registration { tracker: self.clone(), id }
+        let key = map.insert(InFlight { method, uri, started });
+        Registration { tracker: self.clone(), key, started }
     }
 }
 
-/// Removes its request from the tracker when dropped: on completion, timeout or cancellation.
-struct Registration {
+/// One request's place in the tracker. Removes it when dropped: on completion, timeout or
+/// cancellation.
+pub(crate) struct Registration {
     tracker: RequestTracker,
-    id: u64,
+    key: usize,
+    started: Instant,
+}
+
+impl Registration {
+    pub(crate) fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The request is answered: count it, and mark the response while draining.
+    pub(crate) fn finish(self, response: &mut Response) {
+        let tracker = self.tracker.clone();
+        drop(self);
+        let served = tracker.inner.served.fetch_add(1, Ordering::Relaxed) + 1;
+        if served == tracker.inner.recycle_after {
+            (tracker.inner.on_recycle)();
+        }
+        if tracker.is_draining() {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut map = self.tracker.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        map.remove(&self.id);
+        map.try_remove(self.key);
     }
-}
-
-/// The middleware: register, run, count, and mark the response while draining.
-pub async fn track(State(tracker): State<RequestTracker>, request: Request, next: Next) -> Response {
-    let registration = tracker.register(request.method().clone(), request.uri().clone());
-    let mut response = next.run(request).await;
-    drop(registration);
-
-    let served = tracker.inner.served.fetch_add(1, Ordering::Relaxed) + 1;
-    if served == tracker.inner.recycle_after {
-        (tracker.inner.on_recycle)();
-    }
-    if tracker.is_draining() {
-        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
 }

@@ -1,0 +1,157 @@
+//! [`Guard`]: the service every request passes through on its way to the router, so that one
+//! bad request cannot hurt the others. In order:
+//! 1. it registers the request with the [`RequestTracker`] (method, path, age: what an aborted
+//!    worker reports) and, once answered, counts it for `MAX_REQUESTS` and adds
+//!    `Connection: close` while the worker drains, so keep-alive clients move to another worker
+//!    instead of racing a closing socket;
+//! 2. a body declared larger than `HERDSMAN_MAX_BODY_BYTES` gets 413 before it is read, and any
+//!    other body is cut off at that size (extractors then answer 413 too);
+//! 3. a handler running past `HERDSMAN_REQUEST_TIMEOUT` answers 503, as Heroku's router would,
+//!    and its future is dropped;
+//! 4. a panicking handler answers 500 and the worker lives on (the panic hook in
+//!    [`crate::worker`] logs it as one line).
+//!
+//! Why one hand-written service and not four tower layers: `Router::layer` wraps every route in
+//! each layer separately, so each request paid for cloning and boxing four nested services, and
+//! `/live` cost twice the CPU instructions of a bare axum hello-world (measured with callgrind).
+//! Here the common path allocates nothing of its own, and the timer exists only for a handler
+//! that does not answer at its first poll.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, HttpBody};
+use axum::http::{header, HeaderValue, Request, StatusCode};
+use axum::response::Response;
+use axum::routing::future::RouteFuture;
+use axum::Router;
+use http_body_util::Limited;
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+use tower::Service as _;
+
+use super::json_error;
+use super::tracker::{Registration, RequestTracker};
+
+/// The router with the four protections around it; serve it with hyper.
+#[derive(Clone)]
+pub struct Guard {
+    router: Router,
+    tracker: RequestTracker,
+    request_timeout: Duration,
+    max_body_bytes: usize,
+}
+
+impl Guard {
+    pub fn new(router: Router, tracker: RequestTracker, request_timeout: Duration, max_body_bytes: usize) -> Self {
+        Guard { router, tracker, request_timeout, max_body_bytes }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for Guard {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = GuardFuture;
+
+    fn call(&self, request: Request<Incoming>) -> GuardFuture {
+        let registration = self.tracker.register(request.method().clone(), request.uri().clone());
+        let declared = request.body().size_hint().exact();
+        if declared.is_some_and(|bytes| bytes > self.max_body_bytes as u64) {
+            return GuardFuture::answered(registration, body_too_large(self.max_body_bytes));
+        }
+        let limit = self.max_body_bytes;
+        let request =
+            request.map(|body| if body.is_end_stream() { Body::empty() } else { Body::new(Limited::new(body, limit)) });
+        let deadline = Instant::from_std(registration.started()) + self.request_timeout;
+        // The router is an `Arc` inside: cloning it is how axum itself serves a request.
+        match catch_unwind(AssertUnwindSafe(|| self.router.clone().call(request))) {
+            Ok(handler) => GuardFuture {
+                registration: Some(registration),
+                state: State::Running { handler, deadline, timeout: self.request_timeout, timer: None },
+            },
+            Err(_) => GuardFuture::answered(registration, handler_panicked()),
+        }
+    }
+}
+
+/// A request on its way through the [`Guard`].
+pub struct GuardFuture {
+    registration: Option<Registration>,
+    state: State,
+}
+
+// Boxing the large variant would cost an allocation per request, for a future built once.
+#[allow(clippy::large_enum_variant)]
+enum State {
+    /// Answered without the handler (413, or a panic while the router built its future).
+    Answered(Option<Response>),
+    Running {
+        handler: RouteFuture<Infallible>,
+        deadline: Instant,
+        timeout: Duration,
+        /// Created only when the handler does not finish at its first poll.
+        timer: Option<Pin<Box<Sleep>>>,
+    },
+}
+
+impl GuardFuture {
+    fn answered(registration: Registration, response: Response) -> Self {
+        GuardFuture { registration: Some(registration), state: State::Answered(Some(response)) }
+    }
+}
+
+impl Future for GuardFuture {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Nothing here is pinned structurally: the handler future is `Unpin` (boxed by axum)
+        // and the timer is boxed.
+        let this = self.get_mut();
+        let mut response = match &mut this.state {
+            State::Answered(response) => response.take().unwrap_or_else(handler_panicked),
+            State::Running { handler, deadline, timeout, timer } => {
+                match catch_unwind(AssertUnwindSafe(|| Pin::new(&mut *handler).poll(cx))) {
+                    Ok(Poll::Ready(Ok(response))) => response,
+                    Ok(Poll::Ready(Err(never))) => match never {},
+                    Err(_panic) => handler_panicked(),
+                    Ok(Poll::Pending) => {
+                        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(*deadline)));
+                        match timer.as_mut().poll(cx) {
+                            Poll::Ready(()) => request_timed_out(*timeout),
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
+                }
+            }
+        };
+        // Drop the handler (a timed-out one is cancelled here), then close the books.
+        this.state = State::Answered(None);
+        if let Some(registration) = this.registration.take() {
+            registration.finish(&mut response);
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+fn body_too_large(limit: usize) -> Response {
+    json_error(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is larger than {limit} bytes"))
+}
+
+fn request_timed_out(after: Duration) -> Response {
+    let mut response = json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the request took longer than {}s and was cancelled", after.as_secs_f64()),
+    );
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// The panic hook already logged the message and location in one line (see `worker.rs`); the
+/// client learns nothing about the internals.
+fn handler_panicked() -> Response {
+    json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
+}
