@@ -123,3 +123,21 @@ impl Drop for Registration {
         map.try_remove(self.key);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answered_requests_leave_the_tracker_and_diagnostics_show_no_query() {
+        let tracker = RequestTracker::new(None, || {});
+        let first = tracker.register(Method::GET, "/slow?token=secret".parse().expect("a valid URI"));
+        let second = tracker.register(Method::POST, "/fast".parse().expect("a valid URI"));
+        second.finish(&mut Response::default());
+        let left: Vec<_> = tracker.in_flight().into_iter().map(|(r, _)| (r.path().to_string(), r.method)).collect();
+        assert_eq!(left, vec![("/slow".to_string(), Method::GET)]);
+        assert_eq!(tracker.served(), 1);
+        drop(first);
+        assert!(tracker.in_flight().is_empty());
+    }
+}
