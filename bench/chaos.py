@@ -215,10 +215,14 @@ class Trial:
         t_first = events[0][0] if events else 0.0
         t_last = events[-1][0] if events else 0.0
         before = sorted(s[1] for s in samples if answered(s) and s[0] + s[1] / 1e3 < t_first)
-        during = sorted(s[1] for s in samples
-                        if answered(s) and t_first <= s[0] <= t_last + SETTLE_S)
+        # Every answered request in flight at some point of the window, not only those sent
+        # in it: a request that waited out the whole event belongs to it.
+        in_window = lambda s: s[0] <= t_last + SETTLE_S and s[0] + s[1] / 1e3 >= t_first  # noqa: E731
+        during = sorted(s[1] for s in samples if answered(s) and in_window(s))
         if not events:  # steady-state scenario: the whole run is "during"
             during = sorted(s[1] for s in samples if answered(s))
+        if events and not during and not any(in_window(s) for s in failed):
+            raise BenchError("chaos: no request was sent, answered or failed during the event")
         p99_before = pct(before, 0.99)
         slow_ms = max(5 * (p99_before or 0.0), 20.0)
         res = {
@@ -229,6 +233,9 @@ class Trial:
             "p99_before_ms": p99_before,
             "p99_during_ms": pct(during, 0.99),
             "max_during_ms": during[-1] if during else None,
+            # 0 when every connection was stuck through the window: a stall, not a gap in the
+            # measurement (p99/max during are then None, and the failures say what happened).
+            "answered_during": len(during),
             "events": [label for _, label in events],
             "new_workers": len(self.new_workers()),
             **self.extra,
@@ -496,8 +503,9 @@ def table(result: dict) -> tuple[str, list[str], list[list[str]], list[str]]:
         f"req/s in total; median of {result['runs']} run(s) (min–max)",
         "failed: no HTTP answer or a 5xx (sigterm: only requests in flight at the signal and "
         "the slow ones); misses: 404 for a key that exists",
-        "p99/max during: answered requests from the first event to 2 s after the last (the whole "
-        "run for max-requests); recovery: until a replacement worker has answered /health and "
+        "p99/max during: answered requests in flight between the first event and 2 s after the "
+        "last (the whole run for max-requests); recovery: until a replacement worker has "
+        "answered /health and "
         "no request has failed or been slow (> 5x p99 before, ≥ 20 ms) since (kill9, hang), "
         "until every worker is new and has answered (hup), until every worker reports Redis up "
         "(redis: the slower of the two returns), until the master exited (sigterm); /health is "
@@ -530,4 +538,12 @@ def scenario_note(name: str, runs: list[dict]) -> str:
     if name == "redis":
         return "back → all workers up (ms): " + "; ".join(
             ", ".join(fmt(v, "", 0) for v in r["recovery_each_ms"]) for r in runs)
-    return "new workers per run: " + ", ".join(str(r["new_workers"]) for r in runs)
+    return "new workers per run: " + ", ".join(str(r["new_workers"]) for r in runs) + stalls(runs)
+
+
+def stalls(runs: list[dict]) -> str:
+    stalled = [str(i + 1) for i, r in enumerate(runs) if r.get("answered_during") == 0]
+    if not stalled:
+        return ""
+    return (f"; run {', '.join(stalled)}: no request answered during the event (every load "
+            f"connection was stuck on the hung worker), left out of p99/max during")

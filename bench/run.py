@@ -758,7 +758,7 @@ def write_markdown(path: Path, ctx: Ctx, meta: dict, results: dict) -> None:
 # May be None in a good run: ratios when herdsman was skipped; in the chaos suite, what a
 # scenario has no value for (p99 before when there is no event, recovery when not recovered).
 OPTIONAL_FIGURES = {"ratios", "health", "redis_status_at_first_200", "p99_before_ms",
-                    "recovery_ms", "recovery_each_ms", "max_during_ms", "exit_status",
+                    "recovery_ms", "recovery_each_ms", "p99_during_ms", "max_during_ms", "exit_status",
                     "exit_after_ms"}
 
 

@@ -16,7 +16,7 @@
 //! - [`control`]: the worker → master pipe that carries readiness and heartbeats.
 //! - [`balance`]: the shared table that spreads connections evenly over the workers.
 //! - [`worker`]: a worker process: runtime, accept loop, drain, hang diagnostics.
-//! - [`http`]: the router, built-in routes and the layers around every request.
+//! - [`http`]: the router, built-in routes and the guard around every request.
 //! - [`warmup`]: background start-up tasks with timeouts, shown in `/health`.
 //! - [`cache`]: Redis through a bb8 pool, a bounded in-memory cache when Redis is away, and the
 //!   circuit breaker that switches between them.

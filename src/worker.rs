@@ -325,7 +325,7 @@ fn spawn_abort_diagnostics(tracker: RequestTracker, warmup: Warmup) {
     }
 }
 
-/// A panicking handler is answered 500 by the catch-panic layer; this makes its log entry one
+/// A panicking handler is answered 500 by the [`http::Guard`]; this makes its log entry one
 /// line with the message and location, never a multi-line dump.
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
