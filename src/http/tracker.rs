@@ -103,15 +103,15 @@ impl Registration {
         self.started
     }
 
-    /// The request is answered: count it, and mark the response while draining.
+    /// The request is answered: count it, and mark the response while draining. It leaves
+    /// the in-flight table when `self` is dropped, at the end.
     pub(crate) fn finish(self, response: &mut Response) {
-        let tracker = self.tracker.clone();
-        drop(self);
-        let served = tracker.inner.served.fetch_add(1, Ordering::Relaxed) + 1;
-        if served == tracker.inner.recycle_after {
-            (tracker.inner.on_recycle)();
+        let inner = &self.tracker.inner;
+        let served = inner.served.fetch_add(1, Ordering::Relaxed) + 1;
+        if served == inner.recycle_after {
+            (inner.on_recycle)();
         }
-        if tracker.is_draining() {
+        if self.tracker.is_draining() {
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
     }
