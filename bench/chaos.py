@@ -13,8 +13,8 @@ The figures per scenario and server:
 
 - failed: requests that got no HTTP answer (reset, refused, timed out) or a 5xx;
 - misses: 404s on a key that exists (cache scenarios only);
-- p99 before / during: latency of answered requests before the first event, and from the
-  first event to 2 s after the last one;
+- p99 before / during: latency of answered requests before the first event, and of those in
+  flight at some point between the first event and 2 s after the last one;
 - recovery: from the event until the server is whole again; what "whole" means depends on the
   scenario (`Trial.summary`): a replacement worker has answered /health and no request has
   failed or been slow (over 5x the p99 before the event, at least 20 ms) since; every worker is
@@ -97,6 +97,11 @@ class Poller:
         self._thread.join(5)
 
 
+def answered(sample) -> bool:
+    """A LoadRecorder sample that got an HTTP answer other than a 5xx."""
+    return sample[2] is not None and sample[2] < 500
+
+
 def fire(port: int, path: str, timeout: float, out: list) -> threading.Thread:
     """One request on its own connection and thread; appends (status, latency_ms, error)."""
 
@@ -173,19 +178,19 @@ class Trial:
     def _workers_whole_at(self, t_event: float, all_new: bool) -> float | None:
         """First time after t_event at which WORKERS workers run, at least one of them (all_new:
         every one) started after the load began, and each of those has answered /health."""
-        answered: set[int] = set()
+        greeted: set[int] = set()
         health = iter(self.health.samples)
         pending = next(health, None)
         for t, pids in self.watcher.samples:
             while pending is not None and pending[0] <= t:
-                answered.add(pending[1][0])
+                greeted.add(pending[1][0])
                 pending = next(health, None)
             if t < t_event or len(pids) != WORKERS:
                 continue
             fresh = pids - self.initial
             if (all_new and fresh != pids) or not fresh:
                 continue
-            if fresh <= answered:
+            if fresh <= greeted:
                 return t
         return None
 
@@ -209,7 +214,6 @@ class Trial:
         event to recover from)."""
         samples = self.rec.samples
         events = self.rec.events
-        answered = lambda s: s[2] is not None and s[2] < 500  # noqa: E731
         failed = [s for s in samples if not answered(s)]
         misses = [s for s in samples if s[2] == 404]
         t_first = events[0][0] if events else 0.0
@@ -347,7 +351,7 @@ def sigterm(ctx: Ctx, target: str):
             }
     res = trial.summary("master-exit")
     # Split the load's failures: in flight (sent before the signal) vs. sent after it.
-    in_flight = [s for s in trial.rec.samples if s[0] < t_sig and (s[2] is None or s[2] >= 500)]
+    in_flight = [s for s in trial.rec.samples if s[0] < t_sig and not answered(s)]
     res["failed_after_signal"] = res["failed"] - len(in_flight)
     res["failed"] = len(in_flight) + res["slow_total"] - res["slow_completed"]
     return res, trial.timeline(target)

@@ -496,11 +496,16 @@ def start_target(ctx: Ctx, name: str, workers: int = 2, env: dict | None = None)
 HEALTH_PATH = {"herdsman": "/health", "peer": "/health", "hello": "/live"}
 
 
-def redis_up(body) -> bool:
+def redis_status(body) -> str | None:
+    """checks.redis.status of a /health body, or None when it has none."""
     try:
-        return body["checks"]["redis"]["status"] == "up"
+        return body["checks"]["redis"]["status"]
     except (TypeError, KeyError):
-        return False
+        return None
+
+
+def redis_up(body) -> bool:
+    return redis_status(body) == "up"
 
 
 def children(pid: int) -> frozenset[int]:
@@ -523,8 +528,8 @@ def health_sample(port: int):
         status, body = http_json(port, "GET", "/health", timeout=1.0)
         if status != 200:
             return None
-        return body["pid"], (body.get("checks") or {}).get("redis", {}).get("status")
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return body["pid"], redis_status(body)
+    except (OSError, ValueError, TypeError, KeyError):
         return None
 
 

@@ -61,6 +61,7 @@ from harness import (
     ratio,
     read_response,
     redis_benchmark,
+    redis_status,
     redis_up,
     require_tools,
     resp_command,
@@ -133,10 +134,7 @@ def measure_boot(ctx: Ctx) -> dict:
                         t = time_to_first_200(srv, "/health")
                     first.append(t["first_200_ms"])
                     conn.append(t["connect_ms"])
-                    try:
-                        redis_at_first.append(t["health"]["checks"]["redis"]["status"])
-                    except (TypeError, KeyError):
-                        redis_at_first.append(None)
+                    redis_at_first.append(redis_status(t["health"]))
                 row[name] = {"first_200_ms": spread(first), "connect_ms": spread(conn),
                              "redis_status_at_first_200": redis_at_first}
             if "herdsman" in row:
@@ -144,6 +142,17 @@ def measure_boot(ctx: Ctx) -> dict:
                     row["herdsman"]["first_200_ms"]["median"], row["peer"]["first_200_ms"]["median"])
             res["variants"][variant] = row
     return res
+
+
+def throughput_figures(runs: list[dict]) -> dict:
+    """Median and spread of req/s, p50 and p99 over the runs of one load tool (wrk or
+    redis-benchmark, which reports no errors), and the errors of all runs."""
+    return {
+        "rps": spread([x["rps"] for x in runs]),
+        "p50_ms": spread([x["p50_ms"] for x in runs]),
+        "p99_ms": spread([x["p99_ms"] for x in runs]),
+        "errors": sum(x.get("non2xx", 0) + x.get("socket_errors", 0) for x in runs),
+    }
 
 
 def measure_live(ctx: Ctx) -> dict:
@@ -165,13 +174,7 @@ def measure_live(ctx: Ctx) -> dict:
             for name, srv in servers.items():
                 samples[name].append(wrk(srv.port, "/live", conns, threads, dur))
     for name in names:
-        s = samples[name]
-        res["targets"][name] = {
-            "rps": spread([x["rps"] for x in s]),
-            "p50_ms": spread([x["p50_ms"] for x in s]),
-            "p99_ms": spread([x["p99_ms"] for x in s]),
-            "errors": sum(x["non2xx"] + x["socket_errors"] for x in s),
-        }
+        res["targets"][name] = throughput_figures(samples[name])
     t = res["targets"]
     med = lambda n, k="rps": t[n][k]["median"] if n in t else None  # noqa: E731
     res["ratios"] = {
@@ -223,12 +226,7 @@ def measure_cache(ctx: Ctx) -> dict:
             if not redis_up(health):
                 raise BenchError(f"{name}: Redis left 'up' during the cache run: {health}")
     for name, s in samples.items():
-        res["targets"][name] = {
-            "rps": spread([x["rps"] for x in s]),
-            "p50_ms": spread([x["p50_ms"] for x in s]),
-            "p99_ms": spread([x["p99_ms"] for x in s]),
-            "errors": sum(x.get("non2xx", 0) + x.get("socket_errors", 0) for x in s),
-        }
+        res["targets"][name] = throughput_figures(s)
     t = res["targets"]
     rb = t["redis-benchmark"]["rps"]["median"]
     res["ratios"] = {f"{n}_over_redis_benchmark": ratio(t[n]["rps"]["median"], rb) for n in names}
@@ -488,6 +486,16 @@ def _counts(values: list) -> str:
     return ", ".join(f"{'—' if k is None else k}×{n}" for k, n in seen.items())
 
 
+def throughput_rows(targets: dict) -> list[list[str]]:
+    return [[n, fmt_spread(x["rps"], "", 0), fmt_spread(x["p50_ms"], " ms", 2),
+             fmt_spread(x["p99_ms"], " ms", 2), str(x["errors"])] for n, x in targets.items()]
+
+
+def ratio_notes(ratios: dict) -> list[str]:
+    return [f"{k.replace('_over_', ' / ')}: {fmt(v, '', 3)}" for k, v in ratios.items()
+            if v is not None]
+
+
 def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
     """(title, header, rows, notes) per measurement; shared by stdout and markdown."""
     out = []
@@ -509,22 +517,16 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[st
                     rows, [f"median of {r['runs']} spawns (min–max)"]))
     if "live" in results:
         r = results["live"]
-        rows = [[n, fmt_spread(x["rps"], "", 0), fmt_spread(x["p50_ms"], " ms", 2),
-                 fmt_spread(x["p99_ms"], " ms", 2), str(x["errors"])]
-                for n, x in r["targets"].items()]
+        rows = throughput_rows(r["targets"])
         notes = [f"wrk {r['wrk']}, median of {r['runs']} interleaved runs (min–max)"]
-        notes += [f"{k.replace('_over_', ' / ')}: {fmt(v, '', 3)}" for k, v in r["ratios"].items()
-                  if v is not None]
+        notes += ratio_notes(r["ratios"])
         out.append(("live: GET /live", ["server", "req/s", "p50", "p99", "errors"], rows, notes))
     if "cache" in results:
         r = results["cache"]
-        rows = [[n, fmt_spread(x["rps"], "", 0), fmt_spread(x["p50_ms"], " ms", 2),
-                 fmt_spread(x["p99_ms"], " ms", 2), str(x["errors"])]
-                for n, x in r["targets"].items()]
+        rows = throughput_rows(r["targets"])
         notes = [f"servers: wrk {r['wrk']} GET /cache/k ({r['value_bytes']} B value in Redis); "
                  f"redis-benchmark {r['redis_benchmark']}; median of {r['runs']} runs"]
-        notes += [f"{k.replace('_over_', ' / ')}: {fmt(v, '', 3)}" for k, v in r["ratios"].items()
-                  if v is not None]
+        notes += ratio_notes(r["ratios"])
         out.append(("cache: GET /cache/k from Redis vs redis-benchmark GET",
                     ["client → server", "req/s", "p50", "p99", "errors"], rows, notes))
     if "login" in results:
@@ -756,7 +758,8 @@ def write_markdown(path: Path, ctx: Ctx, meta: dict, results: dict) -> None:
 
 
 # May be None in a good run: ratios when herdsman was skipped; in the chaos suite, what a
-# scenario has no value for (p99 before when there is no event, recovery when not recovered).
+# scenario has no value for (p99 before when there is no event, p99/max during when every
+# load connection stalled through the event, recovery when not recovered).
 OPTIONAL_FIGURES = {"ratios", "health", "redis_status_at_first_200", "p99_before_ms",
                     "recovery_ms", "recovery_each_ms", "p99_during_ms", "max_during_ms", "exit_status",
                     "exit_after_ms"}
