@@ -33,8 +33,7 @@ pub fn router(services: &Services, user_routes: Router) -> Router {
         .merge(crate::auth::routes(services.cache.durable(), services.hasher.clone(), services.config.bcrypt_cost))
         .merge(user_routes);
     #[cfg(feature = "test-hooks")]
-    return router.merge(test_hooks::routes());
-    #[cfg(not(feature = "test-hooks"))]
+    let router = router.merge(test_hooks::routes());
     router
 }
 
