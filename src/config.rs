@@ -80,6 +80,10 @@ pub struct Config {
     /// Bound on each warm-up task. `STARTUP_OPERATION_TIMEOUT`, default 2 s.
     #[serde(with = "secs")]
     pub startup_operation_timeout: Duration,
+    /// Longest wait between two attempts of a required warm-up task that failed or timed out;
+    /// the waits start at 1 s and double up to this. `HERDSMAN_WARMUP_RETRY_MAX`, default 30 s.
+    #[serde(with = "secs")]
+    pub warmup_retry_max: Duration,
     /// bcrypt cost for passwords. `BCRYPT_COST`, default 10 (4 to 31).
     pub bcrypt_cost: u32,
     /// Keys loaded from Redis into memory at boot. `CACHE_WARM_KEYS`, comma-separated.
@@ -196,6 +200,9 @@ settings! {
     startup_operation_timeout, "STARTUP_OPERATION_TIMEOUT", "startup-operation-timeout", "SECONDS",
         "Seconds each warm-up task may take [default: 2]",
         default Duration::from_secs(2), parse Raw::seconds;
+    warmup_retry_max, "HERDSMAN_WARMUP_RETRY_MAX", "warmup-retry-max", "SECONDS",
+        "Longest wait between retries of a failed required warm-up, from 1 s doubling [default: 30]",
+        default Duration::from_secs(30), parse Raw::seconds;
     bcrypt_cost, "BCRYPT_COST", "bcrypt-cost", "COST",
         "bcrypt cost for passwords, 4 to 31 [default: 10]",
         default 10, parse |r: &Raw| r.integer(4u32, 31);

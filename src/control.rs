@@ -21,6 +21,9 @@ pub enum Message {
     Ready,
     /// The worker's runtime is alive.
     Heartbeat,
+    /// The worker answered its first request: it is useful, so a hang from now on is no longer
+    /// a failed boot. Sent once.
+    Served,
     /// The worker served its `MAX_REQUESTS`: start a replacement, then tell this one to drain.
     /// It keeps serving until then, so recycling drops no request.
     Recycle,
@@ -31,6 +34,7 @@ impl Message {
         match self {
             Message::Ready => b'R',
             Message::Heartbeat => b'H',
+            Message::Served => b'S',
             Message::Recycle => b'M',
         }
     }
@@ -39,6 +43,7 @@ impl Message {
         match byte {
             b'R' => Some(Message::Ready),
             b'H' => Some(Message::Heartbeat),
+            b'S' => Some(Message::Served),
             b'M' => Some(Message::Recycle),
             _ => None,
         }
@@ -51,7 +56,7 @@ mod tests {
 
     #[test]
     fn every_message_survives_the_pipe() {
-        for m in [Message::Ready, Message::Heartbeat, Message::Recycle] {
+        for m in [Message::Ready, Message::Heartbeat, Message::Served, Message::Recycle] {
             assert_eq!(Message::from_byte(m.to_byte()), Some(m));
         }
         assert_eq!(Message::from_byte(b'?'), None);

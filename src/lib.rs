@@ -17,7 +17,9 @@
 //! - [`balance`]: the shared table that spreads connections evenly over the workers.
 //! - [`worker`]: a worker process: runtime, accept loop, drain, hang diagnostics.
 //! - [`http`]: the router, built-in routes and the guard around every request.
-//! - [`warmup`]: background start-up tasks with timeouts, shown in `/health`.
+//! - [`warmup`]: start-up tasks on threads of their own, with timeouts enforced from outside and
+//!   retries for the required ones, shown in `/health`.
+//! - [`backoff`]: the exponential back-off with jitter behind every retry.
 //! - [`cache`]: Redis through a bb8 pool, a bounded in-memory cache when Redis is away, and the
 //!   circuit breaker that switches between them.
 //! - [`auth`]: users in Redis, bcrypt on a dedicated low-priority thread pool.
@@ -25,6 +27,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod backoff;
 pub mod balance;
 pub mod cache;
 pub mod cli;

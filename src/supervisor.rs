@@ -33,6 +33,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::balance::{self, SlotTable, SLOTS_FD};
 use crate::config::Config;
 use crate::control::{Message, CONTROL_FD};
@@ -49,6 +50,8 @@ const BOOT_STAGGER: Duration = Duration::from_millis(200);
 const ABORT_GRACE: Duration = Duration::from_secs(2);
 /// A worker that served this long resets the failure back-off.
 const STABLE_AFTER: Duration = Duration::from_secs(5);
+/// The wait after the second failure in a row; it doubles with each further one.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait between two attempts to start a failing worker.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How long workers get to exit after SIGQUIT before SIGKILL.
@@ -92,11 +95,22 @@ struct WorkerState {
     replace: bool,
     /// Its entry in the connection-balancing table, if it got one.
     slot: Option<usize>,
+    /// It answered a request (it said so with [`Message::Served`]).
+    served: bool,
+    /// The master aborted it for silence.
+    aborted: bool,
 }
 
 impl WorkerState {
     fn is_active(&self) -> bool {
         self.retirement == Retirement::Active
+    }
+
+    /// Whether this worker ever did its job: it answered a request, or its runtime kept beating
+    /// for a whole `GUNICORN_TIMEOUT` after it said it was ready (no traffic is no failure).
+    /// A worker that is ready and then blocks at once is not useful: its boot failed.
+    fn useful(&self, timeout: Duration) -> bool {
+        self.served || self.ready_at.is_some_and(|ready| self.last_heartbeat >= ready + timeout)
     }
 }
 
@@ -112,12 +126,14 @@ pub struct Supervisor {
     target: usize,
     phase: Phase,
     next_serial: u64,
-    /// Failures since the last stable worker; drives the back-off.
-    recent_failures: u32,
-    /// Boots that failed while no worker has ever been ready.
+    /// Failures since the last stable worker; reset by a worker that served [`STABLE_AFTER`].
+    backoff: Backoff,
+    /// Boots that failed while no worker has ever been useful.
     failed_boots: u32,
     last_failure: Option<String>,
-    ever_ready: bool,
+    /// Whether any worker was ever useful (see [`WorkerState::useful`]): until then, failed
+    /// boots count towards `HERDSMAN_BOOT_ATTEMPTS`.
+    ever_useful: bool,
     next_spawn_at: Instant,
     messages_tx: mpsc::UnboundedSender<(Pid, Message)>,
     messages_rx: mpsc::UnboundedReceiver<(Pid, Message)>,
@@ -187,10 +203,10 @@ impl Supervisor {
             workers: BTreeMap::new(),
             phase: Phase::Starting,
             next_serial: 1,
-            recent_failures: 0,
+            backoff: Backoff::new(FIRST_BACKOFF, MAX_BACKOFF).free_retries(1),
             failed_boots: 0,
             last_failure: None,
-            ever_ready: false,
+            ever_useful: false,
             next_spawn_at: now,
             messages_tx,
             messages_rx,
@@ -287,6 +303,7 @@ impl Supervisor {
         worker.last_heartbeat = now;
         match message {
             Message::Heartbeat => {}
+            Message::Served => worker.served = true,
             Message::Ready => {
                 if worker.ready_at.is_none() {
                     worker.ready_at = Some(now);
@@ -295,8 +312,6 @@ impl Supervisor {
                         worker.serial,
                         (now - worker.spawned_at).as_millis()
                     );
-                    self.ever_ready = true;
-                    self.failed_boots = 0;
                     if self.phase == Phase::Starting {
                         self.set_phase(Phase::Running);
                     }
@@ -368,18 +383,28 @@ impl Supervisor {
             return;
         }
         // An unplanned death, a hang or a failed boot: the replacement waits out a back-off.
-        self.recent_failures += 1;
-        self.last_failure = Some(format!("worker {how}"));
-        if worker.ready_at.is_none() {
+        // A boot failed when the worker never became ready, or when it was ready but never
+        // useful and then hung or crashed (a killer from outside, such as the OOM killer, is
+        // not the worker's failure).
+        let hung_or_crashed = worker.aborted || (worker.is_active() && signal.is_none());
+        let boot_failed = worker.ready_at.is_none() || (hung_or_crashed && !worker.useful(self.config.timeout));
+        self.last_failure = Some(match worker.ready_at {
+            Some(_) if boot_failed && worker.aborted => format!(
+                "worker {} {how}; its runtime stopped beating before it served a request: blocked during start-up",
+                worker.serial
+            ),
+            _ => format!("worker {} {how}", worker.serial),
+        });
+        if boot_failed {
             self.failed_boots += 1;
         }
-        let backoff = backoff(self.recent_failures);
-        self.next_spawn_at = self.next_spawn_at.max(Instant::now() + backoff);
-        if !backoff.is_zero() {
+        let wait = self.backoff.fail();
+        self.next_spawn_at = self.next_spawn_at.max(Instant::now() + wait);
+        if !wait.is_zero() {
             tracing::info!(
                 "next worker start in {} ms (failure {} in a row)",
-                backoff.as_millis(),
-                self.recent_failures
+                wait.as_millis(),
+                self.backoff.failures()
             );
         }
     }
@@ -397,10 +422,10 @@ impl Supervisor {
             }
             return None;
         }
-        if !self.ever_ready && self.failed_boots >= self.config.boot_attempts {
+        if !self.ever_useful && self.failed_boots >= self.config.boot_attempts {
             let last = self.last_failure.clone().unwrap_or_default();
             tracing::error!(
-                "no worker became ready after {} attempts (last: {last}); exiting with status 3 so that the platform reports a failed deploy",
+                "no worker became ready and useful after {} attempts (last: {last}); exiting with status 3 so that the platform reports a failed deploy",
                 self.failed_boots
             );
             self.kill_remaining("the master gives up");
@@ -414,7 +439,14 @@ impl Supervisor {
 
     fn enforce_deadlines(&mut self, now: Instant) {
         if self.workers.values().any(|w| w.ready_at.is_some_and(|at| now - at >= STABLE_AFTER) && w.is_active()) {
-            self.recent_failures = 0;
+            self.backoff.reset();
+        }
+        if !self.ever_useful && self.workers.values().any(|w| w.useful(self.config.timeout)) {
+            tracing::info!(
+                "a worker served (or kept beating for GUNICORN_TIMEOUT): the boot-attempt limit no longer applies"
+            );
+            self.ever_useful = true;
+            self.failed_boots = 0;
         }
         for (&pid, worker) in self.workers.iter_mut() {
             match worker.retirement {
@@ -434,6 +466,7 @@ impl Supervisor {
                             tracing::error!("WORKER TIMEOUT (pid:{pid}): silent for {:.1}s", silent_for.as_secs_f64());
                         }
                         worker.retirement = Retirement::Aborting { deadline: now + ABORT_GRACE };
+                        worker.aborted = true;
                         send(pid, Signal::SIGABRT);
                     }
                 }
@@ -495,10 +528,9 @@ impl Supervisor {
             Ok(pid) => tracing::info!("Booting worker with pid: {pid}"),
             Err(e) => {
                 tracing::error!("cannot start a worker: {e}");
-                self.recent_failures += 1;
                 self.failed_boots += 1;
                 self.last_failure = Some(format!("spawn failed: {e}"));
-                self.next_spawn_at = now + backoff(self.recent_failures);
+                self.next_spawn_at = now + self.backoff.fail();
             }
         }
     }
@@ -562,6 +594,8 @@ impl Supervisor {
                 retirement: Retirement::Active,
                 replace: false,
                 slot,
+                served: false,
+                aborted: false,
             },
         );
         self.listen_to(pid, read_end)?;
@@ -611,16 +645,6 @@ fn become_subreaper() {
     }
 }
 
-/// No wait after the first failure, then 100 ms doubling up to [`MAX_BACKOFF`], with ±20%
-/// jitter: a crashing worker is retried, never in a tight loop.
-fn backoff(failures: u32) -> Duration {
-    if failures <= 1 {
-        return Duration::ZERO;
-    }
-    let base = Duration::from_millis(100).saturating_mul(1 << (failures - 2).min(16)).min(MAX_BACKOFF);
-    base.mul_f64(0.8 + 0.4 * rand::random::<f64>())
-}
-
 fn send(pid: Pid, signal: Signal) {
     if let Err(e) = kill(pid, signal) {
         // ESRCH: it exited already and will be reaped.
@@ -636,17 +660,4 @@ fn move_above_reserved_fds(fd: OwnedFd) -> std::io::Result<OwnedFd> {
     let high = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(10))?;
     // SAFETY: fcntl just returned this new descriptor, owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(high) })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_bounded() {
-        assert_eq!(backoff(1), Duration::ZERO);
-        assert!(backoff(2) <= Duration::from_millis(120));
-        assert!(backoff(5) > backoff(2));
-        assert!(backoff(60) <= MAX_BACKOFF.mul_f64(1.2));
-    }
 }

@@ -13,7 +13,8 @@
 //!
 //! The life of a worker:
 //! 1. take the socket and the pipe, start the runtime, tell the master `Ready`, serve;
-//! 2. run the warm-up tasks in the background and beat the heart every `GUNICORN_TIMEOUT / 4`;
+//! 2. run the warm-up tasks in the background, each attempt on a thread of its own (see
+//!    [`crate::warmup`]), and beat the heart every `GUNICORN_TIMEOUT / 4`;
 //! 3. on SIGTERM or SIGINT (or when the master is gone) drain: stop accepting, answer every
 //!    request with `Connection: close`, close idle connections, let in-flight requests finish
 //!    within `GRACEFUL_TIMEOUT`, exit 0. SIGQUIT exits at once;
@@ -40,7 +41,7 @@ use crate::cache::{Cache, CacheConfig};
 use crate::config::Config;
 use crate::control::{Message, CONTROL_FD};
 use crate::http::{self, RequestTracker};
-use crate::warmup::Warmup;
+use crate::warmup::{RunPolicy, Warmup};
 use crate::{listener, logging};
 
 /// The variable through which the master hands a worker its configuration.
@@ -147,13 +148,16 @@ async fn serve(
     let graceful = GracefulShutdown::new();
 
     spawn_stop_signals(stop_tx.clone())?;
-    spawn_heartbeat(control.clone(), slot.clone(), heartbeat_interval(config.timeout), stop_tx);
+    spawn_heartbeat(control.clone(), slot.clone(), tracker.clone(), heartbeat_interval(config.timeout), stop_tx);
     tell(&control, Message::Ready).await?;
     tracing::info!("worker serving");
+    let tasks = crate::builtin_warmups(&config).into_iter().chain(app.user_warmups());
+    #[cfg(feature = "test-hooks")]
+    let tasks = tasks.chain(crate::warmup::test_hooks::tasks());
     services.warmup.spawn_all(
-        crate::builtin_warmups(&config).into_iter().chain(app.user_warmups()).collect(),
+        tasks.collect(),
         &services,
-        config.startup_operation_timeout,
+        RunPolicy { default_timeout: config.startup_operation_timeout, retry_max: config.warmup_retry_max },
     );
 
     let stop = loop {
@@ -239,20 +243,30 @@ fn heartbeat_interval(timeout: Duration) -> Duration {
     (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 
+/// Beats every `every` from the runtime; also tells the master, once, that this worker has
+/// answered a request (a worker that hangs before that is a failed boot).
 fn spawn_heartbeat(
     control: Arc<pipe::Sender>,
     slot: Option<Arc<WorkerSlot>>,
+    tracker: RequestTracker,
     every: Duration,
     stop: mpsc::Sender<Stop>,
 ) {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(every);
+        let mut told_served = false;
         loop {
             ticker.tick().await;
             if let Some(slot) = &slot {
                 slot.stamp();
             }
-            match tell(&control, Message::Heartbeat).await {
+            let message = if !told_served && tracker.served() > 0 {
+                told_served = true;
+                Message::Served
+            } else {
+                Message::Heartbeat
+            };
+            match tell(&control, message).await {
                 Ok(()) => {}
                 Err(_) => {
                     tracing::warn!("the master is gone; draining");
@@ -314,6 +328,9 @@ fn spawn_abort_diagnostics(tracker: RequestTracker, warmup: Warmup) {
             if let Some(pending) = warmup.pending() {
                 tracing::error!("warm-up still running: {pending}");
             }
+            if in_flight.is_empty() {
+                tracing::error!("no request was running: a task on the runtime blocked it (work spawned by a warm-up or a background task?)");
+            }
             for (request, age) in in_flight {
                 tracing::error!("in flight: {} {} for {:.1}s", request.method, request.path(), age.as_secs_f64());
             }
@@ -329,12 +346,7 @@ fn spawn_abort_diagnostics(tracker: RequestTracker, warmup: Warmup) {
 /// line with the message and location, never a multi-line dump.
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        let message = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".into());
+        let message = logging::panic_message(info.payload());
         let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         tracing::error!("panic: {message}{location}");
     }));
