@@ -151,7 +151,15 @@ fn workers_whose_runtime_blocks_before_they_serve_are_failed_boots_and_the_loop_
     let logs = server.logs().join("\n");
     assert_eq!(status.code(), Some(3), "{logs}");
     assert!(server.count_logs("ready in") >= 3, "the workers were ready before they blocked:\n{logs}");
-    let last = server.wait_for_log("no worker became ready and useful after 3 attempts", SECS(1));
+    // Two workers can fail in the same tick, so the count may pass 3 by one.
+    let last = server.wait_for_log("no worker became ready and useful after", SECS(1));
+    let attempts: u32 = last
+        .split("useful after ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!((3..=4).contains(&attempts), "{last}");
     assert!(last.contains("stopped beating before it served a request"), "{last}");
     let running = server.wait_for_log("warm-up still running:", SECS(1));
     assert!(running.contains("test_blocking"), "{running}");
