@@ -1,8 +1,11 @@
-//! [`App`]: what a user embeds. Their routes and warm-up tasks, herdsman's process model.
+//! [`App`]: what a user embeds — their routes and warm-up tasks — and the entry point that
+//! becomes the process it was started as. The top of the crate: it calls the master, the
+//! worker and the command line; nothing calls it.
 //!
 //! ```no_run
 //! use axum::{routing::get, Router};
 //!
+//! // A synchronous main: herdsman starts its own runtimes.
 //! fn main() -> std::process::ExitCode {
 //!     herdsman::App::new()
 //!         .routes(|_services| Router::new().route("/", get(|| async { "hello" })))
@@ -16,41 +19,18 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Router;
 
-use crate::auth::Hasher;
 use crate::cache::Cache;
 use crate::cli::{self, Command};
 use crate::config::Config;
-use crate::http::RequestTracker;
-use crate::warmup::{Warmup, WarmupTask};
-use crate::{logging, supervisor, worker};
+use crate::exit::Exit;
+use crate::services::Services;
+use crate::warmup::WarmupTask;
+use crate::{logging, master, worker};
 
 type RouteFactory = Arc<dyn Fn(&Services) -> Router + Send + Sync>;
-
-/// What a worker's routes and warm-up tasks can use. Cheap to clone.
-#[derive(Clone)]
-pub struct Services {
-    pub config: Arc<Config>,
-    /// The worker's warm-up tasks and their states.
-    pub warmup: Warmup,
-    /// Redis when it answers, memory when it does not.
-    pub cache: Cache,
-    /// bcrypt off the async runtime, on low-priority threads.
-    pub hasher: Hasher,
-    /// When this worker started, for `uptime_s`.
-    pub started: Instant,
-    pub(crate) tracker: RequestTracker,
-}
-
-impl Services {
-    /// Whether this worker is shutting down and should get no new traffic.
-    pub fn draining(&self) -> bool {
-        self.tracker.is_draining()
-    }
-}
 
 /// A herdsman application: built-in routes plus the user's, run by the master/worker model.
 #[derive(Clone, Default)]
@@ -77,55 +57,73 @@ impl App {
         self
     }
 
-    pub(crate) fn user_routes(&self, services: &Services) -> Router {
-        self.routes.as_ref().map_or_else(Router::new, |factory| factory(services))
-    }
-
-    pub(crate) fn user_warmups(&self) -> Vec<WarmupTask> {
-        self.warmups.clone()
-    }
-
-    /// Runs as the process this was started as, and returns its exit status:
-    /// 0 after a clean stop, 1 for a failed healthcheck or a runtime error, 2 for bad
-    /// configuration or arguments, 3 when no worker could ever boot.
+    /// Runs as the process this was started as and returns its exit status (see
+    /// [`crate::exit`]).
+    ///
+    /// `run` owns the process: it reads the arguments and the environment, execs workers,
+    /// installs signal handlers and starts its own single-threaded runtime. Call it from a
+    /// plain synchronous `fn main`, not from `#[tokio::main]` (a runtime in the master before
+    /// it starts workers is exactly what herdsman avoids; it is refused with a clear message).
     pub fn run(self) -> ExitCode {
+        self.run_as_process().into()
+    }
+
+    fn run_as_process(self) -> Exit {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            eprintln!(
+                "herdsman: App::run was called inside a tokio runtime; call it from a synchronous `fn main` (without #[tokio::main]): herdsman starts its own runtimes"
+            );
+            return Exit::BadUsage;
+        }
         let cli = match cli::parse_args(std::env::args_os()) {
             Ok(cli) => cli,
-            Err((message, status)) => {
-                eprint!("{message}");
-                return ExitCode::from(status);
+            Err(cli::ArgsOutcome::Print(text)) => {
+                print!("{text}");
+                return Exit::Clean;
+            }
+            Err(cli::ArgsOutcome::Invalid(line)) => {
+                eprint!("{line}");
+                return Exit::BadUsage;
             }
         };
         let command = cli.command.unwrap_or(Command::Serve);
         // A worker takes its configuration from its master, never from the environment.
-        let config = match command {
-            Command::Worker => return worker::run(&self),
-            _ => match Config::from_process(&cli.flags) {
-                Ok(config) => config,
-                Err(e) => {
-                    eprintln!("herdsman: {e}");
-                    return ExitCode::from(2);
-                }
-            },
+        if let Command::Worker = command {
+            let routes = self.routes.clone();
+            let user_routes = move |services: &Services| routes.as_ref().map_or_else(Router::new, |f| f(services));
+            return worker::run(user_routes, self.warmups);
+        }
+        let config = match Config::from_process(&cli.flags) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("herdsman: {e}");
+                return Exit::BadUsage;
+            }
         };
         // A REDIS_URL the cache cannot use is a configuration error too: say so before binding.
         if let Err(e) = Cache::new(crate::cache::CacheConfig::from_config(&config)) {
             eprintln!("herdsman: {e}");
-            return ExitCode::from(2);
+            return Exit::BadUsage;
         }
         match command {
             Command::Check => {
                 print!("{}", cli::check(&config));
-                ExitCode::SUCCESS
+                Exit::Clean
             }
-            Command::Healthcheck => ExitCode::from(if cli::healthcheck(&config) { 0 } else { 1 }),
+            Command::Healthcheck => match cli::healthcheck(&config) {
+                Ok(()) => Exit::Clean,
+                Err(why) => {
+                    eprintln!("herdsman: healthcheck failed: {why}");
+                    Exit::Failure
+                }
+            },
             Command::Serve | Command::Worker => {
                 logging::init(config.log_format, &config.log_level, "master");
                 if config.redis_tls_insecure && config.redis_url.as_deref().is_some_and(|u| u.starts_with("rediss://"))
                 {
                     tracing::warn!("REDIS_TLS_INSECURE=true: the Redis server's TLS certificate is not verified");
                 }
-                supervisor::run(config)
+                master::run(config)
             }
         }
     }

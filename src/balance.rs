@@ -7,8 +7,8 @@
 //! saturates a core while the others idle.
 //!
 //! So the workers publish how many connections each holds, in a small table of [`Slot`]s in
-//! memory shared through a `memfd` (the master creates it and hands it to each worker as fd
-//! [`SLOTS_FD`], with the worker's slot number in `HERDSMAN_WORKER_SLOT`). Before accepting, a
+//! memory shared through a `memfd` (the master creates it and hands it to each worker, with the
+//! worker's slot number, see [`crate::contract`]). Before accepting, a
 //! worker holding more than its fair share (the average over live workers, plus one) waits a
 //! moment, so that a less busy worker takes the connection instead. The wait is bounded
 //! ([`MAX_DEFERRALS`]) so that no connection is ever left waiting on a worker that cannot accept.
@@ -18,7 +18,7 @@
 //! others back. Nothing here is needed for correctness: without the table (no memfd support, no
 //! free slot) every worker simply accepts as before.
 
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -26,12 +26,6 @@ use std::time::Duration;
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::sys::time::TimeValLike;
 use nix::time::{clock_gettime, ClockId};
-
-/// The descriptor number under which a worker finds the shared table.
-pub const SLOTS_FD: RawFd = 5;
-
-/// The variable that tells a worker which slot is its own.
-pub const SLOT_ENV: &str = "HERDSMAN_WORKER_SLOT";
 
 /// Slots in the table: room for the largest `WEB_CONCURRENCY` twice over, since old and new
 /// workers overlap during a rolling restart.
@@ -74,14 +68,13 @@ impl SlotTable {
         Self::map(fd)
     }
 
-    /// Maps the table a worker inherited as [`SLOTS_FD`].
-    ///
-    /// # Safety
-    /// Only in a worker started by the master, which puts the table's memfd on [`SLOTS_FD`].
-    pub unsafe fn inherited() -> std::io::Result<SlotTable> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: the caller guarantees fd 5 is the table's memfd, owned by nothing else.
-        Self::map(unsafe { OwnedFd::from_raw_fd(SLOTS_FD) })
+    /// Maps the table a worker inherited from its master.
+    pub fn from_inherited(fd: OwnedFd) -> std::io::Result<SlotTable> {
+        let size = nix::sys::stat::fstat(&fd)?.st_size;
+        if usize::try_from(size).ok() != Some(Self::bytes()) {
+            return Err(std::io::Error::other(format!("the table has {size} bytes, not {}", Self::bytes())));
+        }
+        Self::map(fd)
     }
 
     fn bytes() -> usize {
@@ -185,20 +178,13 @@ pub struct WorkerSlot {
 }
 
 impl WorkerSlot {
-    /// The slot the master gave this worker, if it gave one.
-    ///
-    /// # Safety
-    /// As for [`SlotTable::inherited`]: only in a worker started by the master.
-    pub unsafe fn inherited() -> Option<WorkerSlot> {
-        let index = std::env::var(SLOT_ENV).ok()?.parse::<usize>().ok().filter(|i| *i < SLOT_COUNT)?;
-        // SAFETY: forwarded from the caller.
-        match unsafe { SlotTable::inherited() } {
-            Ok(table) => Some(WorkerSlot { table: std::sync::Arc::new(table), index, withdrawn: Default::default() }),
-            Err(e) => {
-                tracing::debug!("no connection balancing: {e}");
-                None
-            }
+    /// Slot `index` of the table a worker inherited.
+    pub fn from_inherited(fd: OwnedFd, index: usize) -> std::io::Result<WorkerSlot> {
+        if index >= SLOT_COUNT {
+            return Err(std::io::Error::other(format!("slot {index} is out of the table")));
         }
+        let table = SlotTable::from_inherited(fd)?;
+        Ok(WorkerSlot { table: std::sync::Arc::new(table), index, withdrawn: Default::default() })
     }
 
     /// Marks this worker live (from the heartbeat task, inside the runtime).

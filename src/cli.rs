@@ -38,26 +38,37 @@ pub enum Command {
     /// Request /live on the local port and exit 0 if it answers 200, else 1 (for container
     /// HEALTHCHECKs in images without curl).
     Healthcheck,
-    /// Internal: run one worker on the socket the master passes as fd 3.
-    #[command(name = "__worker", hide = true)]
+    /// Internal: run one worker on what the master passes (see the contract module).
+    #[command(name = crate::contract::WORKER_SUBCOMMAND, hide = true)]
     Worker,
 }
 
-/// Parses the command line. `Err` holds what to print and the exit status (0 for `--help`).
-pub fn parse_args<I, T>(args: I) -> Result<Cli, (String, u8)>
+/// When the command line is not a command to run.
+#[derive(Debug)]
+pub enum ArgsOutcome {
+    /// `--help` or `--version`: print this on stdout and exit 0.
+    Print(String),
+    /// A bad flag or argument: print this one line on stderr and exit 2.
+    Invalid(String),
+}
+
+/// Parses the command line.
+pub fn parse_args<I, T>(args: I) -> Result<Cli, ArgsOutcome>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
     Cli::try_parse_from(args).map_err(|e| match e.kind() {
-        clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => (e.to_string(), 0),
+        clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+            ArgsOutcome::Print(e.to_string())
+        }
         _ => {
             // clap's first line names the culprit ("error: unexpected argument '--x' found");
             // the usage block after it is noise in a platform's deploy log.
             let rendered = e.to_string();
             let first = rendered.lines().next().unwrap_or("invalid arguments");
             let first = first.trim_start_matches("error: ");
-            (format!("herdsman: {first} (see herdsman --help for the accepted flags)\n"), 2)
+            ArgsOutcome::Invalid(format!("herdsman: {first} (see herdsman --help for the accepted flags)\n"))
         }
     })
 }
@@ -71,8 +82,9 @@ pub fn check(config: &Config) -> String {
     out
 }
 
-/// `herdsman healthcheck`: a minimal HTTP/1.1 GET of `/live` on the configured port.
-pub fn healthcheck(config: &Config) -> bool {
+/// `herdsman healthcheck`: a minimal HTTP/1.1 GET of `/live` on the configured port. `Err`
+/// says why it failed, for the line printed on stderr.
+pub fn healthcheck(config: &Config) -> Result<(), String> {
     // An unspecified bind address is reached through loopback of the same family.
     let ip = match config.host {
         IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -81,22 +93,31 @@ pub fn healthcheck(config: &Config) -> bool {
     };
     let timeout = Duration::from_secs(3);
     let candidates = [SocketAddr::new(ip, config.port), SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), config.port)];
-    candidates.iter().any(|addr| live_answers(addr, timeout))
+    let mut failures = Vec::new();
+    for addr in candidates {
+        match live_answers(&addr, timeout) {
+            Ok(()) => return Ok(()),
+            Err(why) => failures.push(format!("http://{addr}/live: {why}")),
+        }
+    }
+    Err(failures.join("; "))
 }
 
-fn live_answers(addr: &SocketAddr, timeout: Duration) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(addr, timeout) else {
-        return false;
-    };
+fn live_answers(addr: &SocketAddr, timeout: Duration) -> Result<(), String> {
+    let mut stream = TcpStream::connect_timeout(addr, timeout).map_err(|e| e.to_string())?;
     let _ = stream.set_read_timeout(Some(timeout));
     let _ = stream.set_write_timeout(Some(timeout));
     let request = format!("GET /live HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).is_err() {
-        return false;
-    }
+    stream.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
     let mut response = Vec::new();
-    let _ = stream.take(4096).read_to_end(&mut response);
-    response.starts_with(b"HTTP/1.1 200") || response.starts_with(b"HTTP/1.0 200")
+    let read = stream.take(4096).read_to_end(&mut response);
+    let status_line = response.split(|b| *b == b'\r').next().unwrap_or_default();
+    match (response.starts_with(b"HTTP/1.1 200") || response.starts_with(b"HTTP/1.0 200"), read) {
+        (true, _) => Ok(()),
+        (false, Err(e)) if response.is_empty() => Err(format!("no answer ({e})")),
+        (false, _) if response.is_empty() => Err("the connection closed without an answer".into()),
+        (false, _) => Err(format!("answered {:?}", String::from_utf8_lossy(status_line))),
+    }
 }
 
 #[cfg(test)]
@@ -105,16 +126,14 @@ mod tests {
 
     #[test]
     fn an_unknown_flag_is_one_line_with_status_2() {
-        let (msg, status) = parse_args(["herdsman", "--bogus"]).unwrap_err();
-        assert_eq!(status, 2);
+        let Err(ArgsOutcome::Invalid(msg)) = parse_args(["herdsman", "--bogus"]) else { panic!("accepted --bogus") };
         assert_eq!(msg.trim_end().lines().count(), 1, "{msg}");
         assert!(msg.contains("--bogus"), "{msg}");
     }
 
     #[test]
     fn help_lists_every_variable() {
-        let (help, status) = parse_args(["herdsman", "--help"]).unwrap_err();
-        assert_eq!(status, 0);
+        let Err(ArgsOutcome::Print(help)) = parse_args(["herdsman", "--help"]) else { panic!("no help") };
         // Help text wraps at the terminal width; compare with the wrapping undone.
         let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
         for (var, _) in Config::default().describe() {

@@ -1,6 +1,6 @@
 //! The pipe from each worker to its master: how a worker proves it is alive.
 //!
-//! Each worker writes one-byte [`Message`]s to the pipe it inherits as [`CONTROL_FD`]; the master
+//! Each worker writes one-byte [`Message`]s to the pipe it inherits (see [`crate::contract`]); the master
 //! reads the other end. Heartbeats are written by a task *inside the worker's async runtime*:
 //! if that runtime is blocked (a handler that never yields, a deadlock), heartbeats stop, and the
 //! master aborts the worker after `GUNICORN_TIMEOUT`. A side thread could keep writing while the
@@ -8,11 +8,6 @@
 //!
 //! The pipe also tells each side when the other is gone: the master reads end-of-file when a
 //! worker dies, and a worker's write fails with `EPIPE` when its master died.
-
-use std::os::fd::RawFd;
-
-/// The descriptor number under which a worker finds the write end of its pipe.
-pub const CONTROL_FD: RawFd = 4;
 
 /// What a worker tells its master.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,42 +7,72 @@
 //! retried with back-off, and a dead Redis never takes requests down with it.
 //!
 //! # Layout
-//! - [`app`]: [`App`], what a user embeds: their routes and warm-up tasks, our process model.
-//! - [`cli`]: the command line (`serve`, `check`, `healthcheck`) and its one-line errors.
-//! - [`config`]: every setting, from flags over environment over defaults, validated.
-//! - [`supervisor`]: the master: spawn, watch, replace, reap, stop.
-//! - [`signals`]: the one table mapping signals to the master's intents.
-//! - [`listener`]: binding the shared socket, and taking it over in a worker.
+//!
+//! Read it top-down; every arrow points down, and no module calls one above it.
+//!
+//! ```text
+//!                         app (App::run: what the process is)
+//!                /            |             \
+//!         master            worker            cli
+//!    (spawn, reap,      (runtime, accept,   (flags, check,
+//!     policy)            drain, heartbeat)   healthcheck)
+//!        |    \          /   |      \
+//!        |  contract ----'    http    warmup
+//!        |  control/balance    |   \    |
+//!     signals, listener        |   services
+//!                              |  /   |    \
+//!                   tracker  cache  hasher  warmup_status
+//!                                  \  |  /
+//!                   config, exit, backoff, logging
+//! ```
+//!
+//! - [`app`]: [`App`], what a user embeds (their routes and warm-up tasks) and the entry point.
+//! - [`master`]: the master: [`master::Master`]'s loop, with spawning, reaping and policy in
+//!   files of their own.
+//! - [`worker`]: a worker process: runtime, accept loop, drain, hang diagnostics.
+//! - [`contract`]: what crosses the `exec` from master to worker (fds, variables, subcommand).
 //! - [`control`]: the worker → master pipe that carries readiness and heartbeats.
 //! - [`balance`]: the shared table that spreads connections evenly over the workers.
-//! - [`worker`]: a worker process: runtime, accept loop, drain, hang diagnostics.
-//! - [`http`]: the router, built-in routes and the guard around every request.
-//! - [`warmup`]: start-up tasks on threads of their own, with timeouts enforced from outside and
-//!   retries for the required ones, shown in `/health`.
-//! - [`backoff`]: the exponential back-off with jitter behind every retry.
+//! - [`signals`]: the one table mapping signals to the master's intents.
+//! - [`listener`]: binding the shared socket.
+//! - [`cli`]: the command line (`serve`, `check`, `healthcheck`) and its one-line errors.
+//! - [`http`]: the router, the built-in routes (health, cache, auth), the guard around every
+//!   request and the one error type of every route.
+//! - [`warmup`]: start-up tasks on threads of their own, timeouts enforced from outside,
+//!   retries for the required ones; the built-in tasks.
+//! - [`services`]: [`Services`], what routes and warm-up tasks may use.
+//! - [`warmup_status`]: the warm-up states that `/ready`, `/health` and diagnostics read.
+//! - [`tracker`]: the requests a worker is serving, for diagnostics, draining, `MAX_REQUESTS`.
 //! - [`cache`]: Redis through a bb8 pool, a bounded in-memory cache when Redis is away, and the
-//!   circuit breaker that switches between them.
-//! - [`auth`]: users in Redis, bcrypt on a dedicated low-priority thread pool.
-//! - [`logging`]: one line per event on stderr, text or JSON, with pid and role.
+//!   circuit breaker that switches between them; durable operations for users.
+//! - [`hasher`]: bcrypt on a dedicated low-priority thread pool.
+//! - [`config`]: every setting, from flags over environment over defaults, validated.
+//! - [`exit`]: the process's exit statuses. [`backoff`]: the back-off behind every retry.
+//!   [`logging`]: one line per event on stderr, text or JSON, with pid and role.
 
 pub mod app;
-pub mod auth;
 pub mod backoff;
 pub mod balance;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod contract;
 pub mod control;
+pub mod exit;
+pub mod hasher;
 pub mod http;
 pub mod listener;
 pub mod logging;
+pub mod master;
+pub mod services;
 pub mod signals;
-pub mod supervisor;
+pub mod tracker;
 pub mod warmup;
+pub mod warmup_status;
 pub mod worker;
 
-pub use app::{App, Services};
+pub use app::App;
 pub use config::Config;
-pub use warmup::{TaskState, WarmupTask};
-
-pub(crate) use warmup::builtin as builtin_warmups;
+pub use services::Services;
+pub use warmup::WarmupTask;
+pub use warmup_status::{TaskState, WarmupStatus};

@@ -2,17 +2,12 @@
 //!
 //! The master binds before it does anything else, so a platform's port probe succeeds at once
 //! and connections that arrive while workers boot wait in the kernel's accept queue instead of
-//! being refused. Each worker inherits the socket as file descriptor [`LISTEN_FD`] and accepts on
-//! it; the kernel hands each new connection to one of the workers waiting in `accept`.
+//! being refused. Each worker inherits the socket (see [`crate::contract`]) and accepts on it; the kernel hands each new connection to one of the workers waiting in `accept`.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
-
-/// The descriptor number under which a worker finds the listening socket.
-pub const LISTEN_FD: RawFd = 3;
 
 /// Connections the kernel queues while every worker is busy or still booting.
 const BACKLOG: i32 = 2048;
@@ -42,22 +37,5 @@ fn bind_exact(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuse_address(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
-    Ok(socket.into())
-}
-
-/// Takes the socket a worker inherited from its master.
-///
-/// # Safety
-/// Only call this in a worker started by the master, which guarantees that [`LISTEN_FD`] is an
-/// open listening socket owned by nothing else in this process.
-pub unsafe fn inherited() -> io::Result<TcpListener> {
-    // SAFETY: the caller guarantees fd 3 is an open socket that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FD) };
-    let socket = Socket::from(fd);
-    // Refuse anything that is not a listening TCP socket, with a clear error.
-    if !socket.is_listener()? {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "fd 3 is not a listening socket"));
-    }
-    socket.set_nonblocking(true)?;
     Ok(socket.into())
 }

@@ -51,6 +51,21 @@ impl Signals {
         Ok(Signals { streams })
     }
 
+    /// Forwards every signal, as its intent and name, to the channel returned (the master's
+    /// loop reads it), from a task on the current runtime.
+    pub fn into_intents(mut self) -> tokio::sync::mpsc::Receiver<(Intent, &'static str)> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let intent = self.recv().await;
+                if tx.send(intent).await.is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
     /// Waits for the next signal and returns its intent and name.
     pub async fn recv(&mut self) -> (Intent, &'static str) {
         std::future::poll_fn(|cx| {

@@ -22,18 +22,16 @@
 //! not succeed keeps `/ready` at 503 with the reason and is tried again with back-off (1 s
 //! doubling up to `HERDSMAN_WARMUP_RETRY_MAX`), never two attempts of one task at once.
 
-use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
-use crate::app::Services;
 use crate::backoff::Backoff;
 use crate::logging::panic_message;
+use crate::services::Services;
+use crate::warmup_status::{TaskState, WarmupStatus};
 
 type TaskBody = Arc<dyn Fn(Services) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
@@ -94,25 +92,6 @@ impl WarmupTask {
     }
 }
 
-/// Where a task is.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum TaskState {
-    Pending,
-    Ok { duration_ms: u64 },
-    Failed { duration_ms: u64, reason: String },
-    TimedOut { after_ms: u64 },
-}
-
-#[derive(Debug, Clone, Serialize)]
-struct Entry {
-    #[serde(flatten)]
-    state: TaskState,
-    required: bool,
-    /// Attempts started so far: more than one only for a required task that was retried.
-    attempts: u32,
-}
-
 /// How the tasks of a worker are run: their default timeout and the retry ceiling.
 #[derive(Debug, Clone, Copy)]
 pub struct RunPolicy {
@@ -125,137 +104,87 @@ pub struct RunPolicy {
 /// The first wait before a required task is tried again.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 
-/// The states of a worker's warm-up tasks, shared with the health routes.
-#[derive(Clone, Default)]
-pub struct Warmup {
-    entries: Arc<Mutex<BTreeMap<String, Entry>>>,
+/// Starts every task in the background of the current runtime (see the module
+/// documentation for where each one runs). Returns at once.
+pub fn spawn_all(status: &WarmupStatus, tasks: Vec<WarmupTask>, services: &Services, policy: RunPolicy) {
+    for task in tasks {
+        status.update(&task.name, task.required, |_| {});
+        tokio::spawn(run(status.clone(), task, services.clone(), policy));
+    }
 }
 
-impl Warmup {
-    /// Starts every task in the background of the current runtime (see the module
-    /// documentation for where each one runs). Returns at once.
-    pub fn spawn_all(&self, tasks: Vec<WarmupTask>, services: &Services, policy: RunPolicy) {
-        for task in tasks {
-            self.update(&task.name, task.required, |_| {});
-            tokio::spawn(self.clone().run(task, services.clone(), policy));
-        }
+/// Runs one task to success, or to its last failure when it is not required.
+async fn run(status: WarmupStatus, task: WarmupTask, services: Services, policy: RunPolicy) {
+    if !task.jitter.is_zero() {
+        tokio::time::sleep(task.jitter.mul_f64(rand::random::<f64>())).await;
     }
-
-    /// Runs one task to success, or to its last failure when it is not required.
-    async fn run(self, task: WarmupTask, services: Services, policy: RunPolicy) {
-        if !task.jitter.is_zero() {
-            tokio::time::sleep(task.jitter.mul_f64(rand::random::<f64>())).await;
+    let timeout = task.timeout.unwrap_or(policy.default_timeout);
+    let mut backoff = Backoff::new(FIRST_RETRY, policy.retry_max);
+    loop {
+        let state = attempt(&status, &task, &services, timeout).await;
+        if matches!(state, TaskState::Ok { .. }) || !task.required {
+            return;
         }
-        let timeout = task.timeout.unwrap_or(policy.default_timeout);
-        let mut backoff = Backoff::new(FIRST_RETRY, policy.retry_max);
-        loop {
-            let state = self.attempt(&task, &services, timeout).await;
-            if matches!(state, TaskState::Ok { .. }) || !task.required {
-                return;
+        let wait = backoff.fail();
+        tracing::info!(
+            "warm-up {} is required: trying again in {} ms (failure {} in a row)",
+            task.name,
+            wait.as_millis(),
+            backoff.failures()
+        );
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One attempt on a thread of its own; returns the state it ended in.
+async fn attempt(status: &WarmupStatus, task: &WarmupTask, services: &Services, timeout: Duration) -> TaskState {
+    let name = task.name.as_str();
+    status.update(name, task.required, |entry| {
+        entry.state = TaskState::Pending;
+        entry.attempts += 1;
+    });
+    let started = Instant::now();
+    let body = task.body.clone();
+    let services = services.clone();
+    let runtime = tokio::runtime::Handle::current();
+    // `Handle::block_on` on a blocking-pool thread: the body runs there, while its I/O and
+    // timers are driven by the worker's runtime, whose thread stays free to serve.
+    let mut thread = tokio::task::spawn_blocking(move || runtime.block_on(body(services)));
+    let state = match tokio::time::timeout(timeout, &mut thread).await {
+        Ok(finished) => {
+            let state = outcome(finished, started);
+            match &state {
+                TaskState::Ok { duration_ms } => tracing::info!("warm-up {name} done in {duration_ms} ms"),
+                TaskState::Failed { duration_ms, reason } => {
+                    tracing::warn!("warm-up {name} failed after {duration_ms} ms: {reason}")
+                }
+                TaskState::Pending | TaskState::TimedOut { .. } => {}
             }
-            let wait = backoff.fail();
-            tracing::info!(
-                "warm-up {} is required: trying again in {} ms (failure {} in a row)",
-                task.name,
-                wait.as_millis(),
-                backoff.failures()
+            state
+        }
+        Err(_) => {
+            let after_ms = timeout.as_millis() as u64;
+            tracing::warn!(
+                "warm-up {name} timed out after {after_ms} ms; abandoned (its thread runs on, serving is not affected)"
             );
-            tokio::time::sleep(wait).await;
+            status.update(name, task.required, |entry| entry.state = TaskState::TimedOut { after_ms });
+            // Wait for the abandoned attempt, so that a late finish is told, and so that a
+            // retry never runs beside it.
+            let state = outcome(thread.await, started);
+            match &state {
+                TaskState::Ok { duration_ms } => tracing::warn!(
+                    "warm-up {name} finished late, {duration_ms} ms after it started (timeout {after_ms} ms): now ok"
+                ),
+                TaskState::Failed { duration_ms, reason } => tracing::warn!(
+                    "warm-up {name} finished late, {duration_ms} ms after it started (timeout {after_ms} ms): failed: {reason}"
+                ),
+                TaskState::Pending | TaskState::TimedOut { .. } => {}
+            }
+            state
         }
-    }
-
-    /// One attempt on a thread of its own; returns the state it ended in.
-    async fn attempt(&self, task: &WarmupTask, services: &Services, timeout: Duration) -> TaskState {
-        let name = task.name.as_str();
-        self.update(name, task.required, |entry| {
-            entry.state = TaskState::Pending;
-            entry.attempts += 1;
-        });
-        let started = Instant::now();
-        let body = task.body.clone();
-        let services = services.clone();
-        let runtime = tokio::runtime::Handle::current();
-        // `Handle::block_on` on a blocking-pool thread: the body runs there, while its I/O and
-        // timers are driven by the worker's runtime, whose thread stays free to serve.
-        let mut thread = tokio::task::spawn_blocking(move || runtime.block_on(body(services)));
-        let state = match tokio::time::timeout(timeout, &mut thread).await {
-            Ok(finished) => {
-                let state = outcome(finished, started);
-                match &state {
-                    TaskState::Ok { duration_ms } => tracing::info!("warm-up {name} done in {duration_ms} ms"),
-                    TaskState::Failed { duration_ms, reason } => {
-                        tracing::warn!("warm-up {name} failed after {duration_ms} ms: {reason}")
-                    }
-                    TaskState::Pending | TaskState::TimedOut { .. } => {}
-                }
-                state
-            }
-            Err(_) => {
-                let after_ms = timeout.as_millis() as u64;
-                tracing::warn!(
-                    "warm-up {name} timed out after {after_ms} ms; abandoned (its thread runs on, serving is not affected)"
-                );
-                self.update(name, task.required, |entry| entry.state = TaskState::TimedOut { after_ms });
-                // Wait for the abandoned attempt, so that a late finish is told, and so that a
-                // retry never runs beside it.
-                let state = outcome(thread.await, started);
-                match &state {
-                    TaskState::Ok { duration_ms } => tracing::warn!(
-                        "warm-up {name} finished late, {duration_ms} ms after it started (timeout {after_ms} ms): now ok"
-                    ),
-                    TaskState::Failed { duration_ms, reason } => tracing::warn!(
-                        "warm-up {name} finished late, {duration_ms} ms after it started (timeout {after_ms} ms): failed: {reason}"
-                    ),
-                    TaskState::Pending | TaskState::TimedOut { .. } => {}
-                }
-                state
-            }
-        };
-        self.update(name, task.required, |entry| entry.state = state.clone());
-        state
-    }
-
-    /// Changes a task's entry, creating it as `pending` if it does not exist yet.
-    fn update(&self, name: &str, required: bool, change: impl FnOnce(&mut Entry)) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let entry =
-            entries.entry(name.to_string()).or_insert(Entry { state: TaskState::Pending, required, attempts: 0 });
-        change(entry);
-    }
-
-    /// The state of one task, if it exists.
-    pub fn state(&self, name: &str) -> Option<TaskState> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.get(name).map(|e| e.state.clone())
-    }
-
-    /// Every task's state, as shown under `checks` in `/health`.
-    pub fn snapshot(&self) -> serde_json::Map<String, serde_json::Value> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.iter().map(|(name, entry)| (name.clone(), serde_json::to_value(entry).unwrap_or_default())).collect()
-    }
-
-    /// The tasks still running, if any, for the diagnostics of an aborted worker.
-    pub fn pending(&self) -> Option<String> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let pending: Vec<&str> =
-            entries.iter().filter(|(_, e)| e.state == TaskState::Pending).map(|(name, _)| name.as_str()).collect();
-        (!pending.is_empty()).then(|| pending.join(", "))
-    }
-
-    /// Why this worker is not ready yet: the required tasks that have not succeeded.
-    pub fn not_ready_reason(&self) -> Option<String> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let waiting: Vec<String> = entries
-            .iter()
-            .filter(|(_, e)| e.required && !matches!(e.state, TaskState::Ok { .. }))
-            .map(|(name, e)| match &e.state {
-                TaskState::Failed { reason, .. } => format!("{name} (failed: {reason})"),
-                state => format!("{name} ({})", state_word(state)),
-            })
-            .collect();
-        (!waiting.is_empty()).then(|| format!("waiting for required warm-up: {}", waiting.join(", ")))
-    }
+    };
+    status.update(name, task.required, |entry| entry.state = state.clone());
+    state
 }
 
 /// The state a finished attempt ends in: its result, or its panic.
@@ -268,15 +197,6 @@ fn outcome(finished: Result<Result<(), String>, tokio::task::JoinError>, started
             TaskState::Failed { duration_ms, reason: format!("panicked: {}", panic_message(e.into_panic().as_ref())) }
         }
         Err(e) => TaskState::Failed { duration_ms, reason: format!("did not finish: {e}") },
-    }
-}
-
-fn state_word(state: &TaskState) -> &'static str {
-    match state {
-        TaskState::Pending => "pending",
-        TaskState::Ok { .. } => "ok",
-        TaskState::Failed { .. } => "failed",
-        TaskState::TimedOut { .. } => "timed out",
     }
 }
 
@@ -297,7 +217,7 @@ pub fn builtin(config: &crate::config::Config) -> Vec<WarmupTask> {
                 took.as_millis()
             );
         }
-        Ok::<(), crate::auth::HashError>(())
+        Ok::<(), crate::hasher::HashError>(())
     })];
     if config.redis_url.is_some() {
         // Workers booting together must not all connect in the same instant.

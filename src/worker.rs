@@ -1,11 +1,8 @@
 //! A worker process: one single-threaded tokio runtime serving the app on the shared socket.
 //!
-//! The master starts each worker by re-executing its own binary as `herdsman __worker`, with
-//! the listening socket on fd 3, the write end of its control pipe on fd 4 (see
-//! [`crate::control`]) and its resolved configuration in `HERDSMAN_WORKER_CONFIG`. Re-executing
-//! rather than forking means the master never forks with a runtime's threads and locks in
-//! flight, and a worker starts from a clean process image, the same binary, like gunicorn's
-//! workers but without inheriting anything by accident.
+//! The master starts each worker by re-executing its own binary; what the worker inherits
+//! (socket, control pipe, balancing table, configuration) is the contract of
+//! [`crate::contract`], taken first thing, before the runtime exists.
 //!
 //! One runtime thread per worker (and `WEB_CONCURRENCY` workers, one per CPU by default) is the
 //! prefork model: a worker whose runtime blocks stops its heartbeat and is replaced; it cannot
@@ -22,11 +19,11 @@
 //!    doing — each in-flight request's method, path and age — and exits.
 
 use std::net::TcpListener as StdTcpListener;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::process::ExitCode;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::unix::pipe;
@@ -34,18 +31,19 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::app::{App, Services};
-use crate::auth::Hasher;
 use crate::balance::WorkerSlot;
 use crate::cache::{Cache, CacheConfig};
 use crate::config::Config;
-use crate::control::{Message, CONTROL_FD};
-use crate::http::{self, RequestTracker};
-use crate::warmup::{RunPolicy, Warmup};
-use crate::{listener, logging};
-
-/// The variable through which the master hands a worker its configuration.
-pub const CONFIG_ENV: &str = "HERDSMAN_WORKER_CONFIG";
+use crate::contract::{self, ContractError};
+use crate::control::Message;
+use crate::exit::Exit;
+use crate::hasher::Hasher;
+use crate::http;
+use crate::logging;
+use crate::services::Services;
+use crate::tracker::RequestTracker;
+use crate::warmup::{self, RunPolicy, WarmupTask};
+use crate::warmup_status::WarmupStatus;
 
 /// How long a draining worker lets keep-alive clients pick up their `Connection: close` before
 /// it closes the connections that stayed idle.
@@ -58,20 +56,23 @@ enum Stop {
     Fast,
 }
 
-/// Runs a worker to completion. Called from [`App::run`] for `herdsman __worker`.
-pub fn run(app: &App) -> ExitCode {
-    let config = match std::env::var(CONFIG_ENV)
-        .map_err(|e| e.to_string())
-        .and_then(|json| serde_json::from_str::<Config>(&json).map_err(|e| e.to_string()))
-    {
-        Ok(config) => config,
+/// Runs a worker to completion: `user_routes` builds the app's routes from the worker's
+/// services, `warmups` are the app's warm-up tasks (the built-in ones are added here).
+pub fn run(user_routes: impl FnOnce(&Services) -> Router, warmups: Vec<WarmupTask>) -> Exit {
+    // SAFETY: this is the first thing a `herdsman __worker` process does; nothing has opened a
+    // descriptor yet, so the contract's fds are the master's.
+    let inherited = match unsafe { contract::take_inherited() } {
+        Ok(inherited) => inherited,
+        Err(e @ ContractError::NoConfig(_)) => {
+            eprintln!("herdsman: {e}");
+            return Exit::BadUsage;
+        }
         Err(e) => {
-            eprintln!("herdsman: `herdsman __worker` is started by the herdsman master only ({CONFIG_ENV}: {e})");
-            return ExitCode::from(2);
+            eprintln!("herdsman: worker cannot use what its master passed: {e}");
+            return Exit::Failure;
         }
     };
-    // Subprocesses the app starts must not think they are herdsman workers.
-    std::env::remove_var(CONFIG_ENV);
+    let config = inherited.config;
     logging::init(config.log_format, &config.log_level, "worker");
     install_panic_hook();
     ignore_operator_signals();
@@ -79,39 +80,41 @@ pub fn run(app: &App) -> ExitCode {
     #[cfg(feature = "test-hooks")]
     test_boot_hooks();
 
-    // SAFETY: this process was started by the master as a worker (CONFIG_ENV was set), and the
-    // master puts the listening socket on LISTEN_FD and the pipe on CONTROL_FD before exec.
-    let (listener, control) = match unsafe { listener::inherited() } {
-        Ok(listener) => (listener, unsafe { OwnedFd::from_raw_fd(CONTROL_FD) }),
-        Err(e) => {
-            tracing::error!("worker cannot use the socket passed by the master: {e}");
-            return ExitCode::from(1);
-        }
-    };
-
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             tracing::error!("worker cannot start its runtime: {e}");
-            return ExitCode::from(1);
+            return Exit::Failure;
         }
     };
-    // SAFETY: as above; the master puts the balancing table on SLOTS_FD when it names a slot.
-    let slot = unsafe { WorkerSlot::inherited() };
-    let result = runtime.block_on(serve(app, Arc::new(config), listener, control, slot));
+    let slot = inherited.slots.and_then(|(fd, index)| match WorkerSlot::from_inherited(fd, index) {
+        Ok(slot) => Some(slot),
+        Err(e) => {
+            tracing::debug!("no connection balancing: {e}");
+            None
+        }
+    });
+    let app = UserApp { routes: user_routes, warmups };
+    let result = runtime.block_on(serve(app, Arc::new(config), inherited.listener, inherited.control, slot));
     // Warm-up tasks may still run; they are not worth waiting for on the way out.
     runtime.shutdown_timeout(Duration::from_millis(100));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => Exit::Clean,
         Err(e) => {
             tracing::error!("worker failed: {e}");
-            ExitCode::from(1)
+            Exit::Failure
         }
     }
 }
 
+/// What the embedding app adds to a worker.
+struct UserApp<R> {
+    routes: R,
+    warmups: Vec<WarmupTask>,
+}
+
 async fn serve(
-    app: &App,
+    app: UserApp<impl FnOnce(&Services) -> Router>,
     config: Arc<Config>,
     listener: StdTcpListener,
     control: OwnedFd,
@@ -131,7 +134,7 @@ async fn serve(
             tokio::spawn(async move { tell(&control, Message::Recycle).await });
         })
     };
-    let warmup = Warmup::default();
+    let warmup = WarmupStatus::default();
     spawn_abort_diagnostics(tracker.clone(), warmup.clone());
 
     // The master validated the URL before it bound the port, so this does not fail in practice.
@@ -140,7 +143,7 @@ async fn serve(
     let hasher = Hasher::new(threads, HASH_QUEUE_PER_THREAD * threads).map_err(std::io::Error::other)?;
     let services =
         Services { config: config.clone(), warmup, cache, hasher, started: Instant::now(), tracker: tracker.clone() };
-    let router = http::router(&services, app.user_routes(&services));
+    let router = http::router(&services, (app.routes)(&services));
     let guard = http::Guard::new(router, tracker.clone(), config.request_timeout, config.max_body_bytes);
 
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -151,10 +154,11 @@ async fn serve(
     spawn_heartbeat(control.clone(), slot.clone(), tracker.clone(), heartbeat_interval(config.timeout), stop_tx);
     tell(&control, Message::Ready).await?;
     tracing::info!("worker serving");
-    let tasks = crate::builtin_warmups(&config).into_iter().chain(app.user_warmups());
+    let tasks = warmup::builtin(&config).into_iter().chain(app.warmups);
     #[cfg(feature = "test-hooks")]
-    let tasks = tasks.chain(crate::warmup::test_hooks::tasks());
-    services.warmup.spawn_all(
+    let tasks = tasks.chain(warmup::test_hooks::tasks());
+    warmup::spawn_all(
+        &services.warmup,
         tasks.collect(),
         &services,
         RunPolicy { default_timeout: config.startup_operation_timeout, retry_max: config.warmup_retry_max },
@@ -313,7 +317,7 @@ fn spawn_stop_signals(stop: mpsc::Sender<Stop>) -> std::io::Result<()> {
 
 /// SIGABRT is the master's "you hung" (as in gunicorn). The runtime may be blocked, so the
 /// report comes from a side thread that reads the request tracker, then ends the process.
-fn spawn_abort_diagnostics(tracker: RequestTracker, warmup: Warmup) {
+fn spawn_abort_diagnostics(tracker: RequestTracker, warmup: WarmupStatus) {
     let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGABRT]) {
         Ok(signals) => signals,
         Err(e) => {

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
-use herdsman::auth::{self, Hasher};
 use herdsman::cache::{Cache, CacheConfig, RedisStatus};
+use herdsman::hasher::Hasher;
+use herdsman::http::auth_api;
 use http_body_util::BodyExt;
 use redis_support::TestRedis;
 use tower::ServiceExt;
@@ -25,7 +26,7 @@ async fn setup(redis: &TestRedis) -> (Cache, Router) {
         Cache::new(CacheConfig { redis_url: Some(redis.url.clone()), ..CacheConfig::default() }).expect("valid url");
     cache.connect().await.expect("connect");
     let hasher = Hasher::new(2, 64).expect("hasher");
-    let app = auth::routes(cache.durable(), hasher, COST);
+    let app = auth_api::routes(cache.durable(), hasher, COST);
     (cache, app)
 }
 
@@ -199,7 +200,7 @@ async fn unknown_users_cost_as_much_as_known_ones() {
         Cache::new(CacheConfig { redis_url: Some(redis.url.clone()), ..CacheConfig::default() }).expect("valid url");
     cache.connect().await.expect("connect");
     // A cost where bcrypt dominates a Redis round trip by far.
-    let app = auth::routes(cache.durable(), Hasher::new(1, 8).expect("hasher"), 8);
+    let app = auth_api::routes(cache.durable(), Hasher::new(1, 8).expect("hasher"), 8);
     let reply = post(&app, "/auth/register", "erin", "password-erin").await;
     assert_eq!(reply.status, StatusCode::CREATED);
 

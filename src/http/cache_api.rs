@@ -21,9 +21,10 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use serde::Deserialize;
 
+use super::error::ApiError;
 use crate::cache::{Cache, CacheError, Tier};
 
 /// Response header naming the tier that answered.
@@ -49,20 +50,8 @@ struct PutParams {
     ttl: Option<String>,
 }
 
-/// A JSON `{"error": ...}` answer; small enough to return in `Result`s.
-struct ApiError {
-    status: StatusCode,
-    message: String,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
-    }
-}
-
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    ApiError { status, message: message.into() }.into_response()
+    ApiError::new(status, message).into_response()
 }
 
 fn with_tier(mut response: Response, tier: Tier) -> Response {
@@ -79,19 +68,13 @@ fn cache_error(err: CacheError) -> Response {
 
 fn check_key(state: &ApiState, key: &str) -> Result<(), ApiError> {
     if key.len() > state.max_key_bytes {
-        return Err(ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: format!("key is longer than {} bytes", state.max_key_bytes),
-        });
+        return Err(ApiError::bad_request(format!("key is longer than {} bytes", state.max_key_bytes)));
     }
     Ok(())
 }
 
 fn parse_ttl(params: Result<Query<PutParams>, QueryRejection>) -> Result<Option<Duration>, ApiError> {
-    let bad = || ApiError {
-        status: StatusCode::BAD_REQUEST,
-        message: "ttl must be a positive integer number of seconds".to_string(),
-    };
+    let bad = || ApiError::bad_request("ttl must be a positive integer number of seconds");
     let Query(params) = params.map_err(|_| bad())?;
     match params.ttl.as_deref() {
         None => Ok(None),

@@ -25,8 +25,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, HttpBody};
-use axum::http::{header, HeaderValue, Request, StatusCode};
-use axum::response::Response;
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::future::RouteFuture;
 use axum::Router;
 use http_body_util::Limited;
@@ -34,8 +34,8 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 use tower::Service as _;
 
-use super::json_error;
-use super::tracker::{Registration, RequestTracker};
+use super::error::ApiError;
+use crate::tracker::{Registration, RequestTracker};
 
 /// The router with the four protections around it; serve it with hyper.
 #[derive(Clone)]
@@ -138,20 +138,21 @@ impl Future for GuardFuture {
 }
 
 fn body_too_large(limit: usize) -> Response {
-    json_error(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is larger than {limit} bytes"))
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is larger than {limit} bytes"))
+        .into_response()
 }
 
 fn request_timed_out(after: Duration) -> Response {
-    let mut response = json_error(
+    ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         format!("the request took longer than {}s and was cancelled", after.as_secs_f64()),
-    );
-    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    response
+    )
+    .retry_after(1)
+    .into_response()
 }
 
 /// The panic hook already logged the message and location in one line (see `worker.rs`); the
 /// client learns nothing about the internals.
 fn handler_panicked() -> Response {
-    json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal server error").into_response()
 }

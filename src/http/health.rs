@@ -16,8 +16,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::app::Services;
 use crate::cache::RedisStatus;
+use crate::services::Services;
 
 pub fn routes(services: Services) -> Router {
     Router::new()

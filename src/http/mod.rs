@@ -6,21 +6,20 @@
 //! [`guard`]. Headers that arrive too slowly are cut off by hyper itself
 //! (`header_read_timeout`), see [`crate::worker`].
 
+pub mod auth_api;
 pub mod cache_api;
+pub mod error;
 pub mod guard;
 pub mod health;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
-pub mod tracker;
 
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::{Json, Router};
+use axum::Router;
 
-use crate::app::Services;
+use crate::services::Services;
 
+pub use error::{ApiError, JsonBody};
 pub use guard::Guard;
-pub use tracker::RequestTracker;
 
 /// Cache keys longer than this are refused with 400; Redis keys are cheap but not free.
 pub const MAX_CACHE_KEY_BYTES: usize = 512;
@@ -30,14 +29,9 @@ pub fn router(services: &Services, user_routes: Router) -> Router {
     let router = Router::new()
         .merge(health::routes(services.clone()))
         .merge(cache_api::routes(services.cache.clone(), MAX_CACHE_KEY_BYTES, services.config.max_body_bytes))
-        .merge(crate::auth::routes(services.cache.durable(), services.hasher.clone(), services.config.bcrypt_cost))
+        .merge(auth_api::routes(services.cache.durable(), services.hasher.clone(), services.config.bcrypt_cost))
         .merge(user_routes);
     #[cfg(feature = "test-hooks")]
     let router = router.merge(test_hooks::routes());
     router
-}
-
-/// A JSON error body: `{"error": "..."}`.
-pub fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }

@@ -1,0 +1,83 @@
+//! [`ApiError`]: the one error answer of every route — a status, a JSON `{"error": "..."}`
+//! body and, where retrying makes sense, `Retry-After` — and [`JsonBody`], the JSON extractor
+//! whose rejections are answered the same way.
+
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use tracing::error;
+
+use crate::hasher::HashError;
+
+/// An error answer. Handlers return `Result<_, ApiError>`; the guard's own answers (413, 503,
+/// 500) are built with it too, so every error a client sees has the same shape.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    retry_after_secs: Option<u32>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into(), retry_after_secs: None }
+    }
+
+    /// Tells the client when trying again makes sense (503 for a busy or absent dependency).
+    pub fn retry_after(mut self, secs: u32) -> ApiError {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// The details belong in the log, not in the answer.
+    pub fn internal() -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    }
+}
+
+impl From<HashError> for ApiError {
+    fn from(err: HashError) -> ApiError {
+        match err {
+            HashError::Busy => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many logins in progress, retry later")
+                    .retry_after(1)
+            }
+            other => {
+                error!(error = %other, "password hashing failed");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(serde_json::json!({ "error": self.message }))).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+/// `Json<T>` whose rejections are JSON too (axum's own are plain text):
+/// 400 for malformed JSON, 415 without a JSON content type, 422 for missing
+/// fields or wrong types.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(JsonBody(value)),
+            Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
+        }
+    }
+}

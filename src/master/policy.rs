@@ -1,0 +1,140 @@
+//! Policy: what the master does about what it sees, decided on every tick by [`Master::step`]
+//! comparing what is with what should be: abort silent workers, kill those past their
+//! deadline, retire surplus or replaced ones once their successors serve, start missing ones
+//! one at a time and after the back-off.
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tokio::time::Instant;
+
+use super::{send, Master, Phase, Stage, ABORT_GRACE, BOOT_STAGGER, STABLE_AFTER};
+use crate::exit::Exit;
+
+impl Master {
+    /// Brings the workers closer to what they should be. Returns the exit status when the
+    /// master is done.
+    pub(super) fn step(&mut self, now: Instant) -> Option<Exit> {
+        if let Phase::Stopping { deadline, .. } = self.phase {
+            if self.workers.is_empty() {
+                tracing::info!("Shutting down: Master (all workers stopped)");
+                return Some(Exit::Clean);
+            }
+            if now >= deadline {
+                self.kill_remaining("did not stop before the deadline");
+            }
+            return None;
+        }
+        if !self.ever_useful && self.failed_boots >= self.config.boot_attempts {
+            let last = self.last_failure.clone().unwrap_or_default();
+            tracing::error!(
+                "no worker became ready and useful after {} attempts (last: {last}); exiting with status 3 so that the platform reports a failed deploy",
+                self.failed_boots
+            );
+            self.kill_remaining("the master gives up");
+            return Some(Exit::NoWorkerBooted);
+        }
+        self.enforce_deadlines(now);
+        self.retire_surplus(now);
+        self.spawn_missing(now);
+        None
+    }
+
+    fn enforce_deadlines(&mut self, now: Instant) {
+        if self.workers.values().any(|w| w.ready_at.is_some_and(|at| now - at >= STABLE_AFTER) && w.in_service()) {
+            self.backoff.reset();
+        }
+        if !self.ever_useful && self.workers.values().any(|w| w.useful(self.config.timeout)) {
+            tracing::info!(
+                "a worker served (or kept beating for GUNICORN_TIMEOUT): the boot-attempt limit no longer applies"
+            );
+            self.ever_useful = true;
+            self.failed_boots = 0;
+        }
+        for (&pid, worker) in self.workers.iter_mut() {
+            match worker.stage {
+                Stage::InService => {
+                    let silent_for = now - worker.last_heartbeat;
+                    let timed_out = match worker.ready_at {
+                        None => now - worker.spawned_at >= self.config.boot_timeout,
+                        Some(_) => silent_for >= self.config.timeout,
+                    };
+                    if timed_out {
+                        if worker.ready_at.is_none() {
+                            tracing::error!(
+                                "WORKER BOOT TIMEOUT (pid:{pid}): not serving after {}s",
+                                self.config.boot_timeout.as_secs_f64()
+                            );
+                        } else {
+                            tracing::error!("WORKER TIMEOUT (pid:{pid}): silent for {:.1}s", silent_for.as_secs_f64());
+                        }
+                        worker.stage = Stage::Aborting { deadline: now + ABORT_GRACE };
+                        worker.aborted = true;
+                        send(pid, Signal::SIGABRT);
+                    }
+                }
+                Stage::Draining { deadline } | Stage::Aborting { deadline } if now >= deadline => {
+                    tracing::warn!("Worker {} (pid:{pid}) did not exit in time; sending SIGKILL", worker.serial);
+                    worker.stage = Stage::Killed;
+                    send(pid, Signal::SIGKILL);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Drains workers marked for replacement once enough fresh ones serve, and extra workers
+    /// after SIGTTOU.
+    fn retire_surplus(&mut self, now: Instant) {
+        let fresh_ready =
+            self.workers.values().filter(|w| w.in_service() && !w.replace && w.ready_at.is_some()).count();
+        let marked: Vec<Pid> =
+            self.workers.iter().filter(|(_, w)| w.in_service() && w.replace).map(|(pid, _)| *pid).collect();
+        let mut surplus = (fresh_ready + marked.len()).saturating_sub(self.target);
+        // Oldest marked first: pids are not ordered by age, serials are.
+        let mut marked = marked;
+        marked.sort_by_key(|pid| self.workers.get(pid).map(|w| w.serial));
+        let mut to_retire: Vec<Pid> = marked.into_iter().take(surplus).collect();
+        surplus -= to_retire.len();
+        if surplus > 0 && fresh_ready > self.target {
+            // SIGTTOU: the newest fresh workers go first, the long-lived ones stay.
+            let mut fresh: Vec<(u64, Pid)> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.in_service() && !w.replace)
+                .map(|(pid, w)| (w.serial, *pid))
+                .collect();
+            fresh.sort_by_key(|(serial, _)| std::cmp::Reverse(*serial));
+            to_retire.extend(fresh.into_iter().take(fresh_ready - self.target).map(|(_, pid)| pid));
+        }
+        for pid in to_retire {
+            if let Some(worker) = self.workers.get_mut(&pid) {
+                tracing::info!("Worker {} (pid:{pid}) retiring: draining", worker.serial);
+                worker.stage = Stage::Draining { deadline: now + self.config.graceful_timeout + ABORT_GRACE };
+                send(pid, Signal::SIGTERM);
+            }
+        }
+    }
+
+    /// Starts one missing worker, if none is booting (or the booting one is taking a while)
+    /// and the back-off allows it.
+    fn spawn_missing(&mut self, now: Instant) {
+        let fresh = self.workers.values().filter(|w| w.in_service() && !w.replace).count();
+        if fresh >= self.target || now < self.next_spawn_at {
+            return;
+        }
+        let booting_recently =
+            self.workers.values().any(|w| w.in_service() && w.ready_at.is_none() && now - w.spawned_at < BOOT_STAGGER);
+        if booting_recently {
+            return;
+        }
+        match self.spawn_worker(now) {
+            Ok(pid) => tracing::info!("Booting worker with pid: {pid}"),
+            Err(e) => {
+                tracing::error!("cannot start a worker: {e}");
+                self.failed_boots += 1;
+                self.last_failure = Some(format!("spawn failed: {e}"));
+                self.next_spawn_at = now + self.backoff.fail();
+            }
+        }
+    }
+}

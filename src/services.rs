@@ -1,0 +1,35 @@
+//! [`Services`]: what a worker's routes and warm-up tasks may use — the configuration, the
+//! cache, the password hasher, the warm-up states and the worker's request tracker. Built once
+//! per worker; everything above it (HTTP routes, warm-up tasks) receives it, nothing below it
+//! knows it exists.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::hasher::Hasher;
+use crate::tracker::RequestTracker;
+use crate::warmup_status::WarmupStatus;
+
+/// Cheap to clone: every field is shared.
+#[derive(Clone)]
+pub struct Services {
+    pub config: Arc<Config>,
+    /// The worker's warm-up tasks and their states.
+    pub warmup: WarmupStatus,
+    /// Redis when it answers, memory when it does not.
+    pub cache: Cache,
+    /// bcrypt off the async runtime, on low-priority threads.
+    pub hasher: Hasher,
+    /// When this worker started, for `uptime_s`.
+    pub started: Instant,
+    pub(crate) tracker: RequestTracker,
+}
+
+impl Services {
+    /// Whether this worker is shutting down and should get no new traffic.
+    pub fn draining(&self) -> bool {
+        self.tracker.is_draining()
+    }
+}
