@@ -22,7 +22,6 @@ use std::sync::Arc;
 
 use axum::Router;
 
-use crate::cache::Cache;
 use crate::cli::{self, Command};
 use crate::config::Config;
 use crate::exit::Exit;
@@ -100,11 +99,6 @@ impl App {
                 return Exit::BadUsage;
             }
         };
-        // A REDIS_URL the cache cannot use is a configuration error too: say so before binding.
-        if let Err(e) = Cache::new(crate::cache::CacheConfig::from_config(&config)) {
-            eprintln!("herdsman: {e}");
-            return Exit::BadUsage;
-        }
         match command {
             Command::Check => {
                 print!("{}", cli::check(&config));

@@ -265,7 +265,16 @@ impl Raw<'_> {
     fn redis_url(&self) -> Result<Option<String>, ConfigError> {
         let url = self.value.trim();
         if url.starts_with("redis://") || url.starts_with("rediss://") {
-            return Ok(Some(url.to_string()));
+            // The one full parse of the URL in the master, before anything binds: the cache
+            // builds its connections from the same string in each worker.
+            return match redis::IntoConnectionInfo::into_connection_info(url) {
+                Ok(_) => Ok(Some(url.to_string())),
+                Err(e) => Err(ConfigError {
+                    source_name: self.source_name.clone(),
+                    value: redact_url(url),
+                    expected: format!("a redis:// or rediss:// URL that parses ({})", e.category()),
+                }),
+            };
         }
         // The value may hold a password: show only its scheme.
         let shown = url.split_once("://").map_or("(no scheme)", |(scheme, _)| scheme);
@@ -372,9 +381,10 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "***".into();
     };
-    // The authority ends at the first '/', '?' or '#'; credentials end at its last '@'.
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    // Credentials end at the last '@'. Not the authority's last: a password may hold an
+    // unescaped '#', '/' or '?' (`redis://:s3cr#et@host`), which would end the authority early
+    // and leave the password on show. An '@' further on only hides more than needed.
+    match rest.rfind('@') {
         Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
         None => url.to_string(),
     }
@@ -467,6 +477,8 @@ mod tests {
         assert_eq!(redact_url("redis://:hunter2@cache:6379/0"), "redis://***@cache:6379/0");
         assert_eq!(redact_url("rediss://u:p@[::1]:6380"), "rediss://***@[::1]:6380");
         assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
+        assert_eq!(redact_url("redis://:s3cr#et@host:6379"), "redis://***@host:6379");
+        assert_eq!(redact_url("redis://u:a/b?c@host"), "redis://***@host");
     }
 
     #[test]

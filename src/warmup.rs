@@ -212,10 +212,17 @@ pub fn builtin(config: &crate::config::Config) -> Vec<WarmupTask> {
         services.hasher.hash("herdsman-prewarm", cost).await?;
         let took = started.elapsed();
         if took > SLOW_HASH {
-            tracing::warn!(
-                "one bcrypt hash at cost {cost} takes {} ms on this CPU; logins will be slow: lower BCRYPT_COST",
-                took.as_millis()
-            );
+            if cfg!(debug_assertions) {
+                tracing::warn!(
+                    "one bcrypt hash at cost {cost} takes {} ms; this is a debug build, in which bcrypt is about ten times slower: measure with a release build",
+                    took.as_millis()
+                );
+            } else {
+                tracing::warn!(
+                    "one bcrypt hash at cost {cost} takes {} ms on this CPU; logins will be slow: lower BCRYPT_COST",
+                    took.as_millis()
+                );
+            }
         }
         Ok::<(), crate::hasher::HashError>(())
     })];

@@ -23,8 +23,8 @@
 //! timeout *opens the breaker*: the request that saw it is answered from
 //! memory, and later requests do not touch Redis at all, so they do not each
 //! pay the timeout. A single background task then PINGs Redis with
-//! exponential back-off plus jitter (250 ms doubling up to 2 s, so a
-//! recovered Redis is noticed within about 2.5 s) and closes the breaker once
+//! exponential back-off plus ±25% jitter (250 ms doubling up to 1 s, so a
+//! recovered Redis is noticed within about 1.25 s) and closes the breaker once
 //! Redis answers. Each transition is logged once: `warn!` going down (with the
 //! reason), `info!` coming back.
 //!
@@ -57,6 +57,11 @@
 //! go to Redis or fail fast with [`CacheError::Unavailable`] while the
 //! breaker is open, so callers can answer `503` instead of lying.
 //!
+//! # Files
+//!
+//! [`memory`] (the bounded moka tier), [`redis_tier`] (pool, breaker, probe, replay) and
+//! [`durable`] (no-fallback operations); this file is the [`Cache`] that chooses between them.
+//!
 //! # Lifecycle
 //!
 //! [`Cache::new`] only validates the URL; nothing connects and no task is
@@ -64,43 +69,32 @@
 //! fork). The connection pool is built lazily inside the runtime by
 //! [`Cache::connect`] (the warm-up task) or by the first operation.
 
-use std::collections::HashMap;
+mod durable;
+mod memory;
+mod redis_tier;
+
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bb8_redis::bb8;
 use bb8_redis::redis;
-use bb8_redis::RedisConnectionManager;
 use bytes::Bytes;
 use moka::future::Cache as MemoryCache;
-use moka::Expiry;
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use crate::config::redact_url;
+use memory::Entry;
+use redis_tier::{ensure_probe, trip, write_command, Pending, RedisTier, Request};
+
+pub use durable::DurableStore;
 
 /// Prefix of every cache key in Redis.
 pub const KEY_PREFIX: &str = "herdsman:cache:";
 
 /// Most distinct keys remembered for replay during one outage.
 pub const MAX_PENDING_WRITES: usize = 10_000;
-
-/// Replayed writes per pipelined round trip.
-const REPLAY_BATCH: usize = 256;
-
-/// Idle pooled connections are closed after this, well before servers close them.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Every pooled connection is replaced after this, so DNS changes (failover) are picked up.
-const POOL_MAX_LIFETIME: Duration = Duration::from_secs(15 * 60);
-
-/// First probe delay after the breaker opens; doubles up to [`PROBE_MAX`].
-const PROBE_MIN: Duration = Duration::from_millis(250);
-/// One PING a second per worker is nothing to a Redis coming back, and the return is noticed
-/// within about a second of it.
-const PROBE_MAX: Duration = Duration::from_secs(1);
 
 /// How the cache is set up; see [`Default`] for the defaults.
 #[derive(Clone)]
@@ -125,20 +119,15 @@ impl CacheConfig {
             operation_timeout: config.redis_timeout,
             memory_capacity: config.cache_entries,
             tls_insecure: config.redis_tls_insecure,
-            ..CacheConfig::default()
+            pool_size: redis_tier::POOL_SIZE,
         }
     }
 }
 
+/// The defaults of the settings table ([`crate::config`]): each default is defined there once.
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig {
-            redis_url: None,
-            operation_timeout: Duration::from_millis(250),
-            memory_capacity: 10_000,
-            pool_size: 8,
-            tls_insecure: false,
-        }
+        CacheConfig::from_config(&crate::config::Config::default())
     }
 }
 
@@ -260,13 +249,6 @@ impl Tier {
     }
 }
 
-/// A value in memory, with its own deadline so per-entry TTLs are honoured.
-#[derive(Clone)]
-struct Entry {
-    value: Bytes,
-    expires_at: Option<Instant>,
-}
-
 impl Entry {
     fn new(value: Bytes, ttl: Option<Duration>) -> Entry {
         Entry { value, expires_at: ttl.map(|ttl| Instant::now() + ttl) }
@@ -274,152 +256,6 @@ impl Entry {
 
     fn is_live(&self) -> bool {
         self.expires_at.is_none_or(|at| Instant::now() < at)
-    }
-}
-
-/// Tells moka to evict each entry at its own deadline.
-struct EntryExpiry;
-
-impl Expiry<String, Entry> for EntryExpiry {
-    fn expire_after_create(&self, _: &String, entry: &Entry, now: Instant) -> Option<Duration> {
-        entry.expires_at.map(|at| at.saturating_duration_since(now))
-    }
-
-    fn expire_after_update(&self, _: &String, entry: &Entry, now: Instant, _: Option<Duration>) -> Option<Duration> {
-        entry.expires_at.map(|at| at.saturating_duration_since(now))
-    }
-}
-
-/// A write made while Redis was unreachable, waiting to be replayed.
-enum Pending {
-    Set(Entry),
-    Delete,
-}
-
-/// Breaker state; only ever changed with [`Shared`]'s lock held.
-enum Breaker {
-    Connecting,
-    Up,
-    Fallback { reason: String, since: Instant },
-}
-
-struct Shared {
-    breaker: Breaker,
-    /// Outage writes by cache key (not namespaced).
-    pending: HashMap<String, Pending>,
-    /// Outage writes not remembered because `pending` was full.
-    pending_dropped: u64,
-    /// Whether the background probe task is running.
-    probing: bool,
-}
-
-/// The Redis side: connection pool, breaker and pending writes.
-struct RedisTier {
-    manager: RedisConnectionManager,
-    tls: bool,
-    pool_size: u32,
-    timeout: Duration,
-    /// Built lazily inside the runtime (bb8 spawns tasks when it is built).
-    /// Built on first use; replaced after every outage (see [`RedisTier::discard_pool`]).
-    pool: Mutex<Option<bb8::Pool<RedisConnectionManager>>>,
-    /// Lock-free mirror of `Breaker::Up` for the hot path.
-    up: AtomicBool,
-    shared: Mutex<Shared>,
-}
-
-/// A request sent to Redis as one round trip.
-enum Request<'a> {
-    Cmd(&'a redis::Cmd),
-    Pipe(&'a redis::Pipeline),
-}
-
-impl RedisTier {
-    fn lock(&self) -> MutexGuard<'_, Shared> {
-        // A panic while holding this lock cannot leave `Shared` inconsistent
-        // (every update is a single assignment), so poisoning is ignored.
-        self.shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn pool(&self) -> bb8::Pool<RedisConnectionManager> {
-        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        pool.get_or_insert_with(|| {
-            if self.tls {
-                // rediss:// needs a process-wide rustls provider; a second
-                // install (another cache, the app itself) is harmless.
-                let _ = rustls::crypto::ring::default_provider().install_default();
-            }
-            // No PING on every checkout (it would double the round trips of every operation).
-            // Connections a server or proxy closes while idle are avoided by recycling idle
-            // ones first (Heroku Redis closes them after 300 s); one that dies anyway fails its
-            // operation, which opens the breaker and discards the whole pool, so the probe and
-            // everything after it use fresh connections.
-            bb8::Pool::builder()
-                .max_size(self.pool_size)
-                .connection_timeout(self.timeout)
-                .test_on_check_out(false)
-                .idle_timeout(Some(POOL_IDLE_TIMEOUT))
-                .max_lifetime(Some(POOL_MAX_LIFETIME))
-                .build_unchecked(self.manager.clone())
-        })
-        .clone()
-    }
-
-    /// Drops every pooled connection: after an outage they may all be dead (a restarted Redis,
-    /// a failover), and bb8 cannot tell without a PING per checkout.
-    fn discard_pool(&self) {
-        self.pool.lock().unwrap_or_else(|e| e.into_inner()).take();
-    }
-
-    /// One round trip, pool checkout included, bounded by the operation timeout.
-    async fn query<T: redis::FromRedisValue>(&self, request: Request<'_>) -> Result<T, CacheError> {
-        let work = async {
-            // The pool's connections are multiplexed: many requests can share one in flight.
-            // So a connection is held only long enough to clone its handle, and goes back to
-            // the pool at once; holding it for the round trip would cap a worker at
-            // `pool_size` concurrent Redis operations (measured: 0.35x of redis-benchmark's
-            // GET rate instead of 0.5x and more).
-            let mut conn = {
-                let pool = self.pool();
-                let pooled = pool.get().await.map_err(|err| match err {
-                    bb8::RunError::User(err) => CacheError::Redis(err),
-                    bb8::RunError::TimedOut => CacheError::Timeout(self.timeout),
-                })?;
-                (*pooled).clone()
-            };
-            let result = match request {
-                Request::Cmd(cmd) => cmd.query_async(&mut conn).await,
-                Request::Pipe(pipe) => pipe.query_async(&mut conn).await,
-            };
-            result.map_err(CacheError::Redis)
-        };
-        tokio::time::timeout(self.timeout, work).await.map_err(|_| CacheError::Timeout(self.timeout))?
-    }
-
-    fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
-    }
-
-    fn status(&self) -> RedisStatus {
-        match &self.lock().breaker {
-            Breaker::Connecting => RedisStatus::Connecting,
-            Breaker::Up => RedisStatus::Up,
-            Breaker::Fallback { reason, since } => RedisStatus::Fallback { reason: reason.clone(), since: *since },
-        }
-    }
-
-    /// Remembers a write for replay; `false` if the breaker closed meanwhile
-    /// (the caller must then write to Redis itself).
-    fn remember(&self, key: &str, op: Pending) -> bool {
-        let mut shared = self.lock();
-        if matches!(shared.breaker, Breaker::Up) {
-            return false;
-        }
-        if shared.pending.len() < MAX_PENDING_WRITES || shared.pending.contains_key(key) {
-            shared.pending.insert(key.to_string(), op);
-        } else {
-            shared.pending_dropped += 1;
-        }
-        true
     }
 }
 
@@ -440,32 +276,6 @@ impl fmt::Debug for Cache {
     }
 }
 
-/// Checks the URL without connecting; errors never echo the password.
-/// redis-rs spells "do not verify the server's certificate" as the URL fragment `#insecure`.
-fn with_tls_choice(url: &str, insecure: bool) -> std::borrow::Cow<'_, str> {
-    if insecure && !url.contains('#') {
-        format!("{url}#insecure").into()
-    } else {
-        url.into()
-    }
-}
-
-fn parse_url(url: &str, tls_insecure: bool) -> Result<(RedisConnectionManager, bool), CacheError> {
-    let tls = if url.starts_with("rediss://") {
-        true
-    } else if url.starts_with("redis://") {
-        false
-    } else {
-        let scheme = url.split_once("://").map_or("(none)", |(scheme, _)| scheme);
-        return Err(CacheError::InvalidUrl(format!("scheme {scheme:?} is not supported, use redis:// or rediss://")));
-    };
-    let info = redis::IntoConnectionInfo::into_connection_info(with_tls_choice(url, tls && tls_insecure).as_ref())
-        .map_err(|err| CacheError::InvalidUrl(format!("cannot parse {}: {err}", redact_url(url))))?;
-    let manager = RedisConnectionManager::new(info)
-        .map_err(|err| CacheError::InvalidUrl(format!("{}: {err}", redact_url(url))))?;
-    Ok((manager, tls))
-}
-
 impl Cache {
     /// Validates the configuration; never connects, never blocks, spawns nothing.
     pub fn new(config: CacheConfig) -> Result<Cache, CacheError> {
@@ -474,25 +284,9 @@ impl Cache {
         }
         let redis = match config.redis_url.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(url) => {
-                let (manager, tls) = parse_url(url, config.tls_insecure)?;
-                Some(RedisTier {
-                    manager,
-                    tls,
-                    pool_size: config.pool_size.max(1),
-                    timeout: config.operation_timeout,
-                    pool: Mutex::new(None),
-                    up: AtomicBool::new(false),
-                    shared: Mutex::new(Shared {
-                        breaker: Breaker::Connecting,
-                        pending: HashMap::new(),
-                        pending_dropped: 0,
-                        probing: false,
-                    }),
-                })
-            }
+            Some(url) => Some(RedisTier::new(url, config.tls_insecure, config.pool_size, config.operation_timeout)?),
         };
-        let memory = MemoryCache::builder().max_capacity(config.memory_capacity).expire_after(EntryExpiry).build();
+        let memory = memory::new_memory(config.memory_capacity);
         Ok(Cache { inner: Arc::new(Inner { memory, redis }) })
     }
 
@@ -506,10 +300,7 @@ impl Cache {
         let Some(redis) = &self.inner.redis else {
             return Ok(());
         };
-        let result = match redis.query::<String>(Request::Cmd(&redis::cmd("PING"))).await {
-            Ok(_) => replay_and_close(redis).await.map(|_| ()),
-            Err(err) => Err(err),
-        };
+        let result = redis_tier::ping_then_replay(redis).await.map(|_| ());
         if let Err(err) = &result {
             trip(&self.inner, redis, err);
         }
@@ -524,16 +315,12 @@ impl Cache {
     /// Like [`get`](Self::get), also saying which tier answered.
     pub async fn get_with_tier(&self, key: &str) -> Result<(Option<Bytes>, Tier), CacheError> {
         if let Some(redis) = self.redis_if_up() {
-            let redis_key = redis_key(key);
             let mut pipe = redis::pipe();
-            // One round trip; no MULTI/EXEC needed: a key that expires in between reads as PTTL -2.
-            pipe.cmd("GET").arg(&redis_key).cmd("PTTL").arg(&redis_key);
+            redis_tier::get_with_pttl(&mut pipe, key);
             match redis.query::<(Option<Vec<u8>>, i64)>(Request::Pipe(&pipe)).await {
                 Ok((Some(value), pttl)) => {
                     let value = Bytes::from(value);
-                    // PTTL: -1 no expiry, -2 gone (raced with expiry), else ms left.
-                    let ttl = u64::try_from(pttl).ok().map(Duration::from_millis);
-                    if pttl != -2 {
+                    if let Some(ttl) = redis_tier::lifetime_from_pttl(pttl) {
                         // Refresh the memory copy only when it differs: an insert costs more
                         // than a read, and hot keys are read far more often than written.
                         let copy = self.inner.memory.get(key).await;
@@ -632,11 +419,10 @@ impl Cache {
             return Err(CacheError::Unavailable(self.unavailable_reason()));
         }
         let mut loaded = 0;
-        for chunk in keys.chunks(REPLAY_BATCH / 2) {
+        for chunk in keys.chunks(redis_tier::REPLAY_BATCH / 2) {
             let mut pipe = redis::pipe();
             for key in chunk {
-                let redis_key = redis_key(key);
-                pipe.cmd("GET").arg(&redis_key).cmd("PTTL").arg(&redis_key);
+                redis_tier::get_with_pttl(&mut pipe, key);
             }
             let replies: Vec<redis::Value> = match redis.query(Request::Pipe(&pipe)).await {
                 Ok(replies) => replies,
@@ -653,10 +439,7 @@ impl Cache {
                     continue;
                 };
                 let pttl = redis::from_redis_value_ref::<i64>(pttl).unwrap_or(-1);
-                if pttl == -2 {
-                    continue;
-                }
-                let ttl = u64::try_from(pttl).ok().map(Duration::from_millis);
+                let Some(ttl) = redis_tier::lifetime_from_pttl(pttl) else { continue };
                 self.inner.memory.insert(key.clone(), Entry::new(Bytes::from(value), ttl)).await;
                 loaded += 1;
             }
@@ -679,7 +462,7 @@ impl Cache {
 
     /// Operations that must reach Redis; `None` when no `REDIS_URL` is configured.
     pub fn durable(&self) -> Option<DurableStore> {
-        self.inner.redis.as_ref().map(|_| DurableStore { inner: self.inner.clone() })
+        self.inner.redis.as_ref().map(|_| DurableStore::new(self.inner.clone()))
     }
 
     fn redis_if_up(&self) -> Option<&RedisTier> {
@@ -707,249 +490,10 @@ fn unavailable_reason(status: RedisStatus) -> String {
     }
 }
 
-fn redis_key(key: &str) -> String {
-    format!("{KEY_PREFIX}{key}")
-}
-
-fn write_command(key: &str, op: &Pending) -> redis::Cmd {
-    let redis_key = redis_key(key);
-    match op {
-        Pending::Set(entry) => {
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(&redis_key).arg(entry.value.as_ref());
-            if let Some(at) = entry.expires_at {
-                let ms = at.saturating_duration_since(Instant::now()).as_millis();
-                cmd.arg("PX").arg(u64::try_from(ms).unwrap_or(u64::MAX).max(1));
-            }
-            cmd
-        }
-        Pending::Delete => {
-            let mut cmd = redis::cmd("DEL");
-            cmd.arg(&redis_key);
-            cmd
-        }
-    }
-}
-
-/// Opens the breaker after a failed operation (logging once per outage) and
-/// makes sure a probe is running.
-fn trip(inner: &Arc<Inner>, redis: &RedisTier, err: &CacheError) {
-    redis.discard_pool();
-    let mut shared = redis.lock();
-    match &mut shared.breaker {
-        Breaker::Up | Breaker::Connecting => {
-            let was_up = matches!(shared.breaker, Breaker::Up);
-            redis.up.store(false, Ordering::Release);
-            shared.breaker = Breaker::Fallback { reason: err.to_string(), since: Instant::now() };
-            if was_up {
-                warn!(reason = %err, "redis unavailable, cache switched to in-memory fallback");
-            } else {
-                warn!(reason = %err, "redis not reachable, cache stays in memory until it is");
-            }
-        }
-        Breaker::Fallback { reason, .. } => {
-            // Keep `since`; refresh the reason for /health.
-            *reason = err.to_string();
-        }
-    }
-    ensure_probe(inner, redis, &mut shared);
-}
-
-/// Spawns the probe unless one is running (needs a Tokio runtime).
-fn ensure_probe(inner: &Arc<Inner>, redis: &RedisTier, shared: &mut Shared) {
-    if shared.probing || redis.is_up() {
-        return;
-    }
-    let Ok(handle) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    shared.probing = true;
-    let first_delay = match shared.breaker {
-        Breaker::Connecting => Duration::ZERO,
-        _ => PROBE_MIN,
-    };
-    handle.spawn(probe(Arc::downgrade(inner), first_delay));
-}
-
-/// PINGs Redis with exponential back-off and jitter until it answers, then
-/// replays pending writes and closes the breaker. Holds only a weak
-/// reference, so dropping the last `Cache` ends it.
-async fn probe(inner: Weak<Inner>, first_delay: Duration) {
-    let mut delay = first_delay;
-    loop {
-        tokio::time::sleep(jitter(delay)).await;
-        delay = (delay * 2).clamp(PROBE_MIN, PROBE_MAX);
-        let Some(inner) = inner.upgrade() else { return };
-        let Some(redis) = &inner.redis else { return };
-        let result = match redis.query::<String>(Request::Cmd(&redis::cmd("PING"))).await {
-            Ok(_) => replay_and_close(redis).await,
-            Err(err) => Err(err),
-        };
-        match result {
-            Ok(_) => return, // `replay_and_close` cleared `probing`
-            Err(err) => {
-                debug!(reason = %err, "redis probe failed");
-                let mut shared = redis.lock();
-                match &mut shared.breaker {
-                    Breaker::Fallback { reason, .. } => *reason = err.to_string(),
-                    Breaker::Connecting => {
-                        shared.breaker = Breaker::Fallback { reason: err.to_string(), since: Instant::now() };
-                        warn!(reason = %err, "redis not reachable, cache stays in memory until it is");
-                    }
-                    Breaker::Up => {}
-                }
-            }
-        }
-    }
-}
-
-/// ±25 % so that many workers do not probe in lock-step.
-fn jitter(delay: Duration) -> Duration {
-    if delay.is_zero() {
-        return delay;
-    }
-    delay.mul_f64(rand::random_range(0.75..1.25))
-}
-
-/// Replays outage writes, then closes the breaker in the same critical
-/// section that sees the pending map empty, so no write can slip between.
-async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheError> {
-    let mut replayed = 0;
-    let mut refused = 0usize;
-    loop {
-        let batch: Vec<(String, Pending)> = {
-            let mut shared = redis.lock();
-            if shared.pending.is_empty() {
-                let dropped = std::mem::take(&mut shared.pending_dropped);
-                if refused > 0 {
-                    warn!(refused, "redis refused some replayed cache writes; they stay in memory only");
-                }
-                let was = std::mem::replace(&mut shared.breaker, Breaker::Up);
-                shared.probing = false;
-                redis.up.store(true, Ordering::Release);
-                drop(shared);
-                match was {
-                    Breaker::Up => {}
-                    Breaker::Connecting => info!(replayed, "redis connected, cache uses redis"),
-                    Breaker::Fallback { since, .. } => info!(
-                        replayed,
-                        lost_writes = dropped,
-                        down_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
-                        "redis is back, cache uses redis again"
-                    ),
-                }
-                return Ok(replayed);
-            }
-            let take = shared.pending.len().min(REPLAY_BATCH);
-            let keys: Vec<String> = shared.pending.keys().take(take).cloned().collect();
-            keys.into_iter().filter_map(|key| shared.pending.remove(&key).map(|op| (key, op))).collect()
-        };
-        let mut pipe = redis::pipe();
-        // One refused command (e.g. OOM) must not fail the batch: replaying
-        // it again would be refused again and keep the breaker open forever.
-        pipe.ignore_errors();
-        for (key, op) in &batch {
-            let op_now = match op {
-                Pending::Set(entry) if !entry.is_live() => &Pending::Delete,
-                other => other,
-            };
-            pipe.add_command(write_command(key, op_now));
-        }
-        match redis.query::<Vec<redis::RedisResult<redis::Value>>>(Request::Pipe(&pipe)).await {
-            Ok(results) => {
-                let failed = results.iter().filter(|result| result.is_err()).count();
-                refused += failed;
-                replayed += batch.len() - failed;
-            }
-            Err(err) => {
-                // Put back what was not superseded by a newer write meanwhile.
-                let mut shared = redis.lock();
-                for (key, op) in batch {
-                    shared.pending.entry(key).or_insert(op);
-                }
-                return Err(err);
-            }
-        }
-    }
-}
-
-/// Redis operations with no memory fallback, for data that must be durable
-/// (users, sessions). Keys are used as given: callers own their prefixes,
-/// which must differ from [`KEY_PREFIX`].
-#[derive(Clone)]
-pub struct DurableStore {
-    inner: Arc<Inner>,
-}
-
-impl fmt::Debug for DurableStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DurableStore").field("available", &self.is_available()).finish()
-    }
-}
-
-impl DurableStore {
-    /// Whether an operation would be attempted now (breaker closed).
-    pub fn is_available(&self) -> bool {
-        // `Cache::durable` only hands out a store when a Redis is configured.
-        let Some(redis) = &self.inner.redis else {
-            return false;
-        };
-        if !redis.is_up() {
-            ensure_probe(&self.inner, redis, &mut redis.lock());
-            return false;
-        }
-        true
-    }
-
-    async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, CacheError> {
-        let Some(redis) = self.inner.redis.as_ref().filter(|_| self.is_available()) else {
-            let status = self.inner.redis.as_ref().map_or(RedisStatus::Disabled, RedisTier::status);
-            return Err(CacheError::Unavailable(unavailable_reason(status)));
-        };
-        let result = redis.query(Request::Cmd(&cmd)).await;
-        match &result {
-            Err(err) if err.is_outage() => trip(&self.inner, redis, err),
-            _ => {}
-        }
-        result
-    }
-
-    /// `GET key`.
-    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
-        let mut cmd = redis::cmd("GET");
-        cmd.arg(key);
-        let value: Option<Vec<u8>> = self.run(cmd).await?;
-        Ok(value.map(Bytes::from))
-    }
-
-    /// `SET key value NX`: true if written, false if the key already existed.
-    pub async fn set_nx(&self, key: &str, value: &[u8]) -> Result<bool, CacheError> {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(key).arg(value).arg("NX");
-        let reply: Option<String> = self.run(cmd).await?;
-        Ok(reply.is_some())
-    }
-
-    /// `SET key value PX ttl`.
-    pub async fn set_ex(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), CacheError> {
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(key).arg(value).arg("PX").arg(ms);
-        self.run(cmd).await
-    }
-
-    /// `DEL key`: true if something was deleted.
-    pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
-        let mut cmd = redis::cmd("DEL");
-        cmd.arg(key);
-        let removed: i64 = self.run(cmd).await?;
-        Ok(removed > 0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redis_tier::with_tls_choice;
 
     fn memory_only(capacity: u64) -> Cache {
         Cache::new(CacheConfig { memory_capacity: capacity, ..CacheConfig::default() }).expect("memory-only cache")

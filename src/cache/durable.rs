@@ -1,0 +1,91 @@
+//! The durable store: Redis operations with no memory fallback, for data that must never live
+//! in one worker's memory only (users, sessions). While the breaker is open they fail at once
+//! with [`CacheError::Unavailable`], so callers can answer 503 instead of lying.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bb8_redis::redis;
+use bytes::Bytes;
+
+use super::redis_tier::{ensure_probe, trip, RedisTier, Request};
+use super::{unavailable_reason, CacheError, Inner, RedisStatus};
+
+/// Redis operations with no memory fallback, for data that must be durable
+/// (users, sessions). Keys are used as given: callers own their prefixes,
+/// which must differ from [`super::KEY_PREFIX`].
+#[derive(Clone)]
+pub struct DurableStore {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for DurableStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DurableStore").field("available", &self.is_available()).finish()
+    }
+}
+
+impl DurableStore {
+    pub(super) fn new(inner: Arc<Inner>) -> DurableStore {
+        DurableStore { inner }
+    }
+
+    /// Whether an operation would be attempted now (breaker closed).
+    pub fn is_available(&self) -> bool {
+        // `Cache::durable` only hands out a store when a Redis is configured.
+        let Some(redis) = &self.inner.redis else {
+            return false;
+        };
+        if !redis.is_up() {
+            ensure_probe(&self.inner, redis, &mut redis.lock());
+            return false;
+        }
+        true
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, CacheError> {
+        let Some(redis) = self.inner.redis.as_ref().filter(|_| self.is_available()) else {
+            let status = self.inner.redis.as_ref().map_or(RedisStatus::Disabled, RedisTier::status);
+            return Err(CacheError::Unavailable(unavailable_reason(status)));
+        };
+        let result = redis.query(Request::Cmd(&cmd)).await;
+        match &result {
+            Err(err) if err.is_outage() => trip(&self.inner, redis, err),
+            _ => {}
+        }
+        result
+    }
+
+    /// `GET key`.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(key);
+        let value: Option<Vec<u8>> = self.run(cmd).await?;
+        Ok(value.map(Bytes::from))
+    }
+
+    /// `SET key value NX`: true if written, false if the key already existed.
+    pub async fn set_nx(&self, key: &str, value: &[u8]) -> Result<bool, CacheError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value).arg("NX");
+        let reply: Option<String> = self.run(cmd).await?;
+        Ok(reply.is_some())
+    }
+
+    /// `SET key value PX ttl`.
+    pub async fn set_ex(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), CacheError> {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value).arg("PX").arg(ms);
+        self.run(cmd).await
+    }
+
+    /// `DEL key`: true if something was deleted.
+    pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(key);
+        let removed: i64 = self.run(cmd).await?;
+        Ok(removed > 0)
+    }
+}

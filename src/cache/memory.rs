@@ -1,0 +1,33 @@
+//! The memory tier: a bounded moka cache whose entries each keep their own deadline, so a
+//! per-key TTL holds in memory as it does in Redis.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::future::Cache as MemoryCache;
+use moka::Expiry;
+
+/// The memory tier, holding at most `capacity` entries.
+pub(super) fn new_memory(capacity: u64) -> MemoryCache<String, Entry> {
+    MemoryCache::builder().max_capacity(capacity).expire_after(EntryExpiry).build()
+}
+
+/// A value in memory, with its own deadline so per-entry TTLs are honoured.
+#[derive(Clone)]
+pub(super) struct Entry {
+    pub(super) value: Bytes,
+    pub(super) expires_at: Option<Instant>,
+}
+
+/// Tells moka to evict each entry at its own deadline.
+pub(super) struct EntryExpiry;
+
+impl Expiry<String, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _: &String, entry: &Entry, now: Instant) -> Option<Duration> {
+        entry.expires_at.map(|at| at.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(&self, _: &String, entry: &Entry, now: Instant, _: Option<Duration>) -> Option<Duration> {
+        entry.expires_at.map(|at| at.saturating_duration_since(now))
+    }
+}
