@@ -122,3 +122,14 @@ impl App {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn run_inside_a_runtime_is_refused_with_a_clear_status() {
+        // What an embedder gets who writes `#[tokio::main] async fn main`.
+        assert_eq!(App::new().run_as_process(), Exit::BadUsage);
+    }
+}

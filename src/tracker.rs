@@ -1,4 +1,6 @@
-//! What each worker is doing right now, and how much it has done.
+//! What each worker is doing right now, and how much it has done: worker state, read by the
+//! HTTP guard (which registers each request), the drain, `MAX_REQUESTS`, the heartbeat (which
+//! tells the master once the worker has served) and the abort diagnostics.
 //!
 //! The tracker is shared between the worker's runtime (which registers requests) and the side
 //! thread that prints diagnostics when the master aborts a hung worker: that thread must be able
