@@ -27,15 +27,17 @@ use crate::config::Config;
 use crate::exit::Exit;
 use crate::services::Services;
 use crate::warmup::WarmupTask;
-use crate::{logging, master, worker};
+use crate::{http, logging, master, worker};
 
 type RouteFactory = Arc<dyn Fn(&Services) -> Router + Send + Sync>;
 
-/// A herdsman application: built-in routes plus the user's, run by the master/worker model.
+/// A herdsman application: the health routes plus the user's, run by the master/worker model.
 #[derive(Clone, Default)]
 pub struct App {
     routes: Option<RouteFactory>,
     warmups: Vec<WarmupTask>,
+    cache_api: bool,
+    auth_api: bool,
 }
 
 impl App {
@@ -54,6 +56,33 @@ impl App {
     pub fn warmup(mut self, task: WarmupTask) -> Self {
         self.warmups.push(task);
         self
+    }
+
+    /// Serves the cache over HTTP (`/cache/{key}`, see [`crate::http::cache_api`]). Off by
+    /// default: an app serves `/live`, `/ready`, `/health` and only the routes it asks for. The
+    /// cache itself is always there for the app's handlers (`services.cache`).
+    pub fn with_cache_api(mut self) -> Self {
+        self.cache_api = true;
+        self
+    }
+
+    /// Serves `/auth/register` and `/auth/login` (see [`crate::http::auth_api`]). Off by
+    /// default, like [`App::with_cache_api`].
+    pub fn with_auth_api(mut self) -> Self {
+        self.auth_api = true;
+        self
+    }
+
+    /// What a worker serves besides the health routes: the user's routes and the opted-in APIs.
+    fn worker_routes(&self, services: &Services) -> Router {
+        let mut router = self.routes.as_ref().map_or_else(Router::new, |factory| factory(services));
+        if self.cache_api {
+            router = router.merge(http::cache_routes(services));
+        }
+        if self.auth_api {
+            router = router.merge(http::auth_routes(services));
+        }
+        router
     }
 
     /// Runs as the process this was started as and returns its exit status (see
@@ -88,9 +117,8 @@ impl App {
         let command = cli.command.unwrap_or(Command::Serve);
         // A worker takes its configuration from its master, never from the environment.
         if let Command::Worker = command {
-            let routes = self.routes.clone();
-            let user_routes = move |services: &Services| routes.as_ref().map_or_else(Router::new, |f| f(services));
-            return worker::run(user_routes, self.warmups);
+            let warmups = self.warmups.clone();
+            return worker::run(|services: &Services| self.worker_routes(services), warmups);
         }
         let config = match Config::from_process(&cli.flags) {
             Ok(config) => config,
@@ -113,9 +141,11 @@ impl App {
             },
             Command::Serve | Command::Worker => {
                 logging::init(config.log_format, &config.log_level, "master");
-                if config.redis_tls_insecure && config.redis_url.as_deref().is_some_and(|u| u.starts_with("rediss://"))
-                {
+                let url = config.redis_url.as_deref().unwrap_or_default();
+                if url.starts_with("rediss://") && config.redis_tls_insecure {
                     tracing::warn!("REDIS_TLS_INSECURE=true: the Redis server's TLS certificate is not verified");
+                } else if url.starts_with("rediss://") && url.ends_with("#insecure") {
+                    tracing::warn!("REDIS_URL ends in #insecure: the Redis server's TLS certificate is not verified");
                 }
                 master::run(config)
             }
@@ -126,6 +156,37 @@ impl App {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn services() -> Services {
+        use crate::cache::{Cache, CacheConfig};
+        Services {
+            config: Arc::new(Config::default()),
+            warmup: Default::default(),
+            cache: Cache::new(CacheConfig::default()).expect("a memory cache"),
+            hasher: crate::hasher::Hasher::new(1, 4).expect("a hasher"),
+            started: std::time::Instant::now(),
+            tracker: crate::tracker::RequestTracker::new(None, || {}),
+        }
+    }
+
+    async fn status(router: Router, method: &str, path: &str) -> u16 {
+        use tower::ServiceExt;
+        let request = axum::http::Request::builder().method(method).uri(path).body(axum::body::Body::from("{}"));
+        let request = request.expect("a valid request");
+        router.oneshot(request).await.map_or(0, |response| response.status().as_u16())
+    }
+
+    #[tokio::test]
+    async fn an_embedded_app_serves_only_the_apis_it_asks_for() {
+        let services = services();
+        let plain = App::new().worker_routes(&services);
+        assert_eq!(status(plain.clone(), "PUT", "/cache/k").await, 404);
+        assert_eq!(status(plain, "POST", "/auth/login").await, 404);
+        let full = App::new().with_cache_api().with_auth_api().worker_routes(&services);
+        assert_eq!(status(full.clone(), "PUT", "/cache/k").await, 204);
+        // No REDIS_URL: the user store is absent, but the route is there.
+        assert_ne!(status(full, "POST", "/auth/login").await, 404);
+    }
 
     #[tokio::test]
     async fn run_inside_a_runtime_is_refused_with_a_clear_status() {

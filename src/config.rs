@@ -25,8 +25,9 @@ use serde::{Deserialize, Serialize};
 /// The highest `WEB_CONCURRENCY` accepted: a typo such as `100000` must not fork-bomb a container.
 pub const MAX_WORKERS: usize = 512;
 
-/// The resolved settings of a herdsman process, master and workers alike.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The resolved settings of a herdsman process, master and workers alike. Its `Debug` is
+/// `herdsman check`'s view: secrets redacted.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     /// Address to bind. `HERDSMAN_HOST`, default `::` (dual-stack: also accepts IPv4).
     pub host: IpAddr,
@@ -90,6 +91,13 @@ pub struct Config {
     pub cache_warm_keys: Vec<String>,
     /// Entries the in-memory cache holds at most. `HERDSMAN_CACHE_ENTRIES`, default 10000.
     pub cache_entries: u64,
+    /// Lifetime of a value stored over HTTP without `?ttl=`. `HERDSMAN_CACHE_DEFAULT_TTL`,
+    /// default 1 h: nothing a client stores lives for ever by accident.
+    #[serde(with = "secs")]
+    pub cache_default_ttl: Duration,
+    /// The longest `?ttl=` accepted (longer is 400). `HERDSMAN_CACHE_MAX_TTL`, default 1 day.
+    #[serde(with = "secs")]
+    pub cache_max_ttl: Duration,
 }
 
 /// How log lines are written to stderr.
@@ -212,6 +220,12 @@ settings! {
     cache_entries, "HERDSMAN_CACHE_ENTRIES", "cache-entries", "N",
         "Entries the in-memory cache holds at most [default: 10000]",
         default 10_000, parse |r: &Raw| r.integer(1u64, 100_000_000);
+    cache_default_ttl, "HERDSMAN_CACHE_DEFAULT_TTL", "cache-default-ttl", "SECONDS",
+        "Lifetime of a value stored over HTTP without ?ttl= [default: 3600]",
+        default Duration::from_secs(3600), parse Raw::seconds;
+    cache_max_ttl, "HERDSMAN_CACHE_MAX_TTL", "cache-max-ttl", "SECONDS",
+        "The longest ?ttl= accepted over HTTP; longer is 400 [default: 86400]",
+        default Duration::from_secs(86_400), parse Raw::seconds;
 }
 
 /// A raw value and where it came from, so a parse error can name its culprit.
@@ -364,6 +378,16 @@ impl Config {
     }
 }
 
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut map = f.debug_map();
+        for (name, value) in self.describe() {
+            map.entry(&name, &value);
+        }
+        map.finish()
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         // The defaults are what an empty environment resolves to; there is one source of truth.
@@ -479,6 +503,9 @@ mod tests {
         assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
         assert_eq!(redact_url("redis://:s3cr#et@host:6379"), "redis://***@host:6379");
         assert_eq!(redact_url("redis://u:a/b?c@host"), "redis://***@host");
+        assert_eq!(redact_url("redis://u:p%40ss%23w@host/0"), "redis://***@host/0");
+        let config = resolve_env(&[("REDIS_URL", "redis://:hunter2@host:6379")]).unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"), "{config:?}");
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub enum HashError {
     Spawn(#[source] std::io::Error),
 }
 
+/// bcrypt's key length: longer passwords are refused by [`Hasher::hash`], never truncated.
+pub const MAX_PASSWORD_BYTES: usize = 72;
+
 type Job = Box<dyn FnOnce() + Send>;
 
 /// A bounded pool of low-priority threads running bcrypt. Cheap to clone;
@@ -113,16 +116,29 @@ impl Hasher {
     }
 
     /// bcrypt-hashes `password`; refuses passwords over 72 bytes instead of truncating.
+    ///
+    /// bcrypt's key is 72 bytes; a password of exactly 72 bytes uses all of them (the crate's
+    /// `non_truncating_hash` counts a terminating NUL and would refuse it), so the check is ours.
     pub async fn hash(&self, password: &str, cost: u32) -> Result<String, HashError> {
+        if password.len() > MAX_PASSWORD_BYTES {
+            return Err(HashError::Bcrypt(bcrypt::BcryptError::Truncation(password.len())));
+        }
         let password = password.to_owned();
-        Ok(self.run(move || bcrypt::non_truncating_hash(password, cost)).await??)
+        Ok(self.run(move || bcrypt::hash(password, cost)).await??)
     }
 
-    /// Checks `password` against a bcrypt `hash`.
+    /// Checks `password` against a bcrypt `hash`. A password over 72 bytes never matches (no
+    /// hash was made from one), but costs the same bcrypt work, so timing does not tell.
     pub async fn verify(&self, password: &str, hash: &str) -> Result<bool, HashError> {
-        let password = password.to_owned();
+        let fits = password.len() <= MAX_PASSWORD_BYTES;
+        let password = password.as_bytes()[..password.len().min(MAX_PASSWORD_BYTES)].to_vec();
         let hash = hash.to_owned();
-        Ok(self.run(move || bcrypt::non_truncating_verify(password, &hash)).await??)
+        Ok(self.run(move || bcrypt::verify(password, &hash)).await?? && fits)
+    }
+
+    /// The cost a bcrypt hash was made with (`$2b$10$...` is 10), if it is one.
+    pub fn cost_of(hash: &str) -> Option<u32> {
+        hash.split('$').nth(2)?.parse().ok()
     }
 }
 
@@ -161,6 +177,23 @@ mod tests {
         let hash = hasher.hash("correct horse", 4).await.expect("hash");
         assert!(hasher.verify("correct horse", &hash).await.expect("verify"));
         assert!(!hasher.verify("wrong horse!", &hash).await.expect("verify"));
+    }
+
+    #[tokio::test]
+    async fn the_longest_password_hashes_and_verifies_and_nothing_is_truncated() {
+        let hasher = Hasher::new(1, 4).expect("hasher");
+        let longest = "p".repeat(MAX_PASSWORD_BYTES);
+        let hash = hasher.hash(&longest, 4).await.expect("72 bytes hash");
+        assert!(hasher.verify(&longest, &hash).await.expect("verify"));
+        // One byte more is refused to hash, and never matches: not silently cut to 72.
+        let longer = format!("{longest}x");
+        assert!(matches!(hasher.hash(&longer, 4).await, Err(HashError::Bcrypt(_))));
+        assert!(!hasher.verify(&longer, &hash).await.expect("verify"));
+        // The 71st and 72nd bytes count.
+        let mut other = longest.clone();
+        other.replace_range(71..72, "q");
+        assert!(!hasher.verify(&other, &hash).await.expect("verify"));
+        assert_eq!(Hasher::cost_of(&hash), Some(4));
     }
 
     #[tokio::test]

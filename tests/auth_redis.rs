@@ -223,3 +223,37 @@ async fn unknown_users_cost_as_much_as_known_ones() {
     let ratio = unknown / known;
     assert!((0.5..2.0).contains(&ratio), "unknown/known = {ratio:.2}");
 }
+
+#[tokio::test]
+async fn the_longest_password_registers_and_logs_in_and_wrong_ones_of_any_shape_are_401() {
+    let redis = TestRedis::start().await;
+    let (_cache, app) = setup(&redis).await;
+    let longest = "p".repeat(72);
+    let created = post(&app, "/auth/register", "longest", &longest).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.json);
+    assert_eq!(post(&app, "/auth/login", "longest", &longest).await.status, StatusCode::OK);
+    // Wrong credentials are 401 whatever their shape: short, too long, a name that cannot exist.
+    for (user, password) in [("longest", "short"), ("longest", &*"p".repeat(73)), ("no such/user", "password123")] {
+        let refused = post(&app, "/auth/login", user, password).await;
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{user:?}: {}", refused.json);
+    }
+}
+
+#[tokio::test]
+async fn a_bcrypt_cost_change_rehashes_at_the_next_login() {
+    let redis = TestRedis::start().await;
+    let (cache, app) = setup(&redis).await;
+    assert_eq!(post(&app, "/auth/register", "carol", "password123").await.status, StatusCode::CREATED);
+    let stored = || async {
+        let raw = cache.durable().expect("store").get("herdsman:user:carol").await.expect("get").expect("record");
+        let record: serde_json::Value = serde_json::from_slice(&raw).expect("JSON record");
+        record["password_hash"].as_str().expect("a hash").to_string()
+    };
+    assert!(stored().await.starts_with("$2b$04$"));
+    // The same store, served with a higher cost.
+    let app5 = auth_api::routes(cache.durable(), Hasher::new(1, 8).expect("hasher"), 5);
+    assert_eq!(post(&app5, "/auth/login", "carol", "password123").await.status, StatusCode::OK);
+    assert!(stored().await.starts_with("$2b$05$"), "rehashed at cost 5");
+    assert_eq!(post(&app5, "/auth/login", "carol", "password123").await.status, StatusCode::OK);
+    assert_eq!(post(&app, "/auth/login", "carol", "wrong-password").await.status, StatusCode::UNAUTHORIZED);
+}

@@ -306,7 +306,13 @@ async fn http_api_reports_the_redis_tier() {
     let redis = TestRedis::start().await;
     let cache = cache_for(&redis);
     cache.connect().await.expect("connect");
-    let app = herdsman::http::cache_api::routes(cache, 512, 1024);
+    let limits = herdsman::http::cache_api::Limits {
+        max_key_bytes: 512,
+        max_value_bytes: 1024,
+        default_ttl: Duration::from_secs(60),
+        max_ttl: Duration::from_secs(3600),
+    };
+    let app = herdsman::http::cache_api::routes(cache, limits);
     let put = Request::put("/cache/http-key?ttl=60").body(Body::from("over http")).expect("request");
     let response = app.clone().oneshot(put).await.expect("infallible");
     assert_eq!(response.status(), StatusCode::NO_CONTENT);

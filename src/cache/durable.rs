@@ -73,6 +73,14 @@ impl DurableStore {
         Ok(reply.is_some())
     }
 
+    /// `SET key value XX`: replaces an existing value; false if there was none.
+    pub async fn replace(&self, key: &str, value: &[u8]) -> Result<bool, CacheError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value).arg("XX");
+        let reply: Option<String> = self.run(cmd).await?;
+        Ok(reply.is_some())
+    }
+
     /// `SET key value PX ttl`.
     pub async fn set_ex(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), CacheError> {
         let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);

@@ -19,6 +19,17 @@ pub(super) struct Entry {
     pub(super) expires_at: Option<Instant>,
 }
 
+impl Entry {
+    pub(super) fn new(value: Bytes, ttl: Option<Duration>) -> Entry {
+        // A lifetime past the end of `Instant` is no expiry, not a panic.
+        Entry { value, expires_at: ttl.and_then(|ttl| Instant::now().checked_add(ttl)) }
+    }
+
+    pub(super) fn is_live(&self) -> bool {
+        self.expires_at.is_none_or(|at| Instant::now() < at)
+    }
+}
+
 /// Tells moka to evict each entry at its own deadline.
 pub(super) struct EntryExpiry;
 

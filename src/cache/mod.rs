@@ -249,16 +249,6 @@ impl Tier {
     }
 }
 
-impl Entry {
-    fn new(value: Bytes, ttl: Option<Duration>) -> Entry {
-        Entry { value, expires_at: ttl.map(|ttl| Instant::now() + ttl) }
-    }
-
-    fn is_live(&self) -> bool {
-        self.expires_at.is_none_or(|at| Instant::now() < at)
-    }
-}
-
 struct Inner {
     memory: MemoryCache<String, Entry>,
     redis: Option<RedisTier>,

@@ -45,8 +45,7 @@ pub const USER_PREFIX: &str = "herdsman:user:";
 pub const SESSION_PREFIX: &str = "herdsman:session:";
 /// How long a login token stays valid.
 pub const SESSION_TTL: Duration = Duration::from_secs(3600);
-/// bcrypt only looks at the first 72 bytes; longer passwords are refused.
-pub const MAX_PASSWORD_BYTES: usize = 72;
+pub use crate::hasher::MAX_PASSWORD_BYTES;
 pub const MIN_PASSWORD_BYTES: usize = 8;
 pub const MAX_USERNAME_CHARS: usize = 64;
 
@@ -64,13 +63,17 @@ impl fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    /// Username 1..=64 of `[A-Za-z0-9_.-]`, password 8..=72 bytes.
-    fn validate(&self) -> Result<(), ApiError> {
+    fn username_is_valid(&self) -> bool {
         let name = &self.username;
-        if name.is_empty()
-            || name.len() > MAX_USERNAME_CHARS
-            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        {
+        !name.is_empty()
+            && name.len() <= MAX_USERNAME_CHARS
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    }
+
+    /// The registration policy: username 1..=64 of `[A-Za-z0-9_.-]`, password 8..=72 bytes.
+    /// Never applied at login, where wrong credentials of any shape are just 401.
+    fn validate_new(&self) -> Result<(), ApiError> {
+        if !self.username_is_valid() {
             return Err(ApiError::bad_request(format!(
                 "username must be 1 to {MAX_USERNAME_CHARS} characters of A-Z, a-z, 0-9, '_', '.', '-'"
             )));
@@ -125,7 +128,14 @@ struct AuthState {
 impl AuthState {
     /// The store, if it would be tried right now; otherwise 503 at once.
     fn store(&self) -> Result<&DurableStore, ApiError> {
-        self.durable.as_ref().filter(|store| store.is_available()).ok_or_else(store_unavailable)
+        match &self.durable {
+            // Retrying can never help: say what is missing, without Retry-After.
+            None => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "user accounts need Redis, and this server has no REDIS_URL",
+            )),
+            Some(store) => Some(store).filter(|store| store.is_available()).ok_or_else(store_unavailable),
+        }
     }
 
     async fn dummy_hash(&self) -> Result<&str, HashError> {
@@ -157,7 +167,7 @@ async fn register(
     State(state): State<Arc<AuthState>>,
     JsonBody(credentials): JsonBody<Credentials>,
 ) -> Result<Response, ApiError> {
-    credentials.validate()?;
+    credentials.validate_new()?;
     state.store()?;
     // Hash first: the record is written whole, in one SET NX, or not at all.
     let password_hash = state.hasher.hash(&credentials.password, state.cost).await?;
@@ -184,9 +194,12 @@ async fn login(
     State(state): State<Arc<AuthState>>,
     JsonBody(credentials): JsonBody<Credentials>,
 ) -> Result<Response, ApiError> {
-    credentials.validate()?;
-    let key = format!("{USER_PREFIX}{}", credentials.username);
-    let record = state.store()?.get(&key).await?;
+    // No registration policy here: a name that cannot exist is an unknown user, a password
+    // that cannot match is a wrong one; both are 401 after the same bcrypt work.
+    let record = match credentials.username_is_valid() {
+        true => state.store()?.get(&format!("{USER_PREFIX}{}", credentials.username)).await?,
+        false => None,
+    };
     let record: Option<UserRecord> = match record {
         None => None,
         Some(raw) => match serde_json::from_slice(&raw) {
@@ -207,6 +220,9 @@ async fn login(
         debug!(username = %credentials.username, "login refused");
         return Err(invalid_credentials());
     }
+    if let Some(record) = record {
+        rehash_if_cost_changed(&state, record, &credentials.password).await;
+    }
     let token = new_token();
     state
         .store()?
@@ -215,6 +231,27 @@ async fn login(
         .inspect_err(|_| warn!("login succeeded but the session could not be stored"))?;
     info!(username = %credentials.username, "user logged in");
     Ok(Json(serde_json::json!({ "token": token })).into_response())
+}
+
+/// After a successful login: when `BCRYPT_COST` changed since the user's hash was made, the
+/// stored hash is remade at the new cost (the only moment the password is known). A failure
+/// is logged and the login still succeeds.
+async fn rehash_if_cost_changed(state: &AuthState, mut record: UserRecord, password: &str) {
+    if Hasher::cost_of(&record.password_hash) == Some(state.cost) {
+        return;
+    }
+    let result = async {
+        record.password_hash = state.hasher.hash(password, state.cost).await.map_err(|e| e.to_string())?;
+        let encoded = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
+        let key = format!("{USER_PREFIX}{}", record.username);
+        let store = state.store().map_err(|_| "user store unavailable".to_string())?;
+        store.replace(&key, &encoded).await.map_err(|e| e.to_string())
+    }
+    .await;
+    match result {
+        Ok(_) => info!(username = %record.username, cost = state.cost, "password rehashed at the new BCRYPT_COST"),
+        Err(e) => warn!(username = %record.username, error = %e, "cannot rehash at the new BCRYPT_COST"),
+    }
 }
 
 /// 32 random bytes from the thread-local CSPRNG, hex-encoded.
@@ -259,14 +296,14 @@ mod tests {
     const JSON: Option<&str> = Some("application/json");
 
     #[tokio::test]
-    async fn without_a_store_well_formed_requests_get_503() {
+    async fn without_redis_user_routes_say_redis_is_needed_and_not_to_retry() {
         let app = app();
         for uri in ["/auth/register", "/auth/login"] {
             let (status, retry_after, body) =
                 post(&app, uri, JSON, r#"{"username":"alice","password":"password123"}"#).await;
             assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
-            assert!(retry_after.is_some(), "{uri}");
-            assert_eq!(body["error"], "user store unavailable, retry later");
+            assert!(retry_after.is_none(), "{uri}: retrying cannot help");
+            assert_eq!(body["error"], "user accounts need Redis, and this server has no REDIS_URL");
         }
     }
 
@@ -291,7 +328,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn invalid_credentials_shape_is_400() {
+    async fn registration_policy_is_400_at_register_and_never_applied_at_login() {
         let app = app();
         let long_name = "a".repeat(65);
         let max_name = "a".repeat(64);
@@ -307,14 +344,20 @@ mod tests {
             ("alice", long_password.as_str(), "72"),
             ("alice", long_multibyte.as_str(), "72"),
         ];
-        for uri in ["/auth/register", "/auth/login"] {
-            for (username, password, needle) in cases {
-                let body = serde_json::json!({"username": username, "password": password});
-                let (status, _, json) = post(&app, uri, JSON, &body.to_string()).await;
-                assert_eq!(status, StatusCode::BAD_REQUEST, "{uri} {username:?}");
-                let message = json["error"].as_str().expect("error");
-                assert!(message.contains(needle), "{message}");
+        for (username, password, needle) in cases {
+            let body = serde_json::json!({"username": username, "password": password});
+            let (status, _, json) = post(&app, "/auth/register", JSON, &body.to_string()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{username:?}");
+            let message = json["error"].as_str().expect("error");
+            assert!(message.contains(needle), "{message}");
+            // Login applies no registration policy: a name that cannot exist is just unknown.
+            if needle == "username" {
+                let (status, _, json) = post(&app, "/auth/login", JSON, &body.to_string()).await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{username:?}");
+                assert_eq!(json["error"], "invalid credentials");
             }
+        }
+        for uri in ["/auth/register", "/auth/login"] {
             // At the limits: valid shape, so it reaches the (missing) store.
             let body = serde_json::json!({"username": max_name, "password": "p".repeat(72)});
             let (status, _, _) = post(&app, uri, JSON, &body.to_string()).await;

@@ -9,8 +9,9 @@
 //! Every answer carries `x-cache-tier: redis|memory`, saying which tier
 //! served it, so an operator (or a test) can see the circuit breaker at work
 //! without reading logs. Errors are JSON `{"error": "..."}`: a key longer than
-//! `max_key_bytes` or a bad `ttl` is a `400`, a body over `max_value_bytes`
-//! a `413`. Limits are checked before anything touches a tier.
+//! `max_key_bytes` or a `ttl` that is not a whole number of seconds up to the maximum
+//! is a `400`, a body over `max_value_bytes` a `413`. A value stored without `ttl`
+//! lives for the default TTL (`HERDSMAN_CACHE_DEFAULT_TTL`). Limits are checked before anything touches a tier.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,17 +31,30 @@ use crate::cache::{Cache, CacheError, Tier};
 /// Response header naming the tier that answered.
 pub const TIER_HEADER: &str = "x-cache-tier";
 
-struct ApiState {
-    cache: Cache,
-    max_key_bytes: usize,
+/// What a client may store through the routes.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longer keys are 400.
+    pub max_key_bytes: usize,
+    /// Larger values are 413 (this also caps the request body).
+    pub max_value_bytes: usize,
+    /// The lifetime of a value stored without `?ttl=`.
+    pub default_ttl: Duration,
+    /// A longer `?ttl=` is 400.
+    pub max_ttl: Duration,
 }
 
-/// The cache routes; `max_value_bytes` also caps the request body.
-pub fn routes(cache: Cache, max_key_bytes: usize, max_value_bytes: usize) -> Router {
-    let state = Arc::new(ApiState { cache, max_key_bytes });
+struct ApiState {
+    cache: Cache,
+    limits: Limits,
+}
+
+/// The cache routes.
+pub fn routes(cache: Cache, limits: Limits) -> Router {
+    let state = Arc::new(ApiState { cache, limits });
     Router::new()
         .route("/cache/{key}", get(get_value).put(put_value).delete(delete_value))
-        .layer(DefaultBodyLimit::max(max_value_bytes))
+        .layer(DefaultBodyLimit::max(limits.max_value_bytes))
         .with_state(state)
 }
 
@@ -67,19 +81,22 @@ fn cache_error(err: CacheError) -> Response {
 }
 
 fn check_key(state: &ApiState, key: &str) -> Result<(), ApiError> {
-    if key.len() > state.max_key_bytes {
-        return Err(ApiError::bad_request(format!("key is longer than {} bytes", state.max_key_bytes)));
+    if key.len() > state.limits.max_key_bytes {
+        return Err(ApiError::bad_request(format!("key is longer than {} bytes", state.limits.max_key_bytes)));
     }
     Ok(())
 }
 
-fn parse_ttl(params: Result<Query<PutParams>, QueryRejection>) -> Result<Option<Duration>, ApiError> {
-    let bad = || ApiError::bad_request("ttl must be a positive integer number of seconds");
+/// `?ttl=SECONDS`: a whole number from 1 to the maximum; absent means the default. Parsed as
+/// an integer and compared before any arithmetic, so no value can overflow a deadline.
+fn parse_ttl(params: Result<Query<PutParams>, QueryRejection>, limits: &Limits) -> Result<Duration, ApiError> {
+    let max = limits.max_ttl.as_secs().max(1);
+    let bad = || ApiError::bad_request(format!("ttl must be a whole number of seconds from 1 to {max}"));
     let Query(params) = params.map_err(|_| bad())?;
     match params.ttl.as_deref() {
-        None => Ok(None),
+        None => Ok(limits.default_ttl),
         Some(raw) => match raw.parse::<u64>() {
-            Ok(secs) if secs > 0 => Ok(Some(Duration::from_secs(secs))),
+            Ok(secs) if (1..=max).contains(&secs) => Ok(Duration::from_secs(secs)),
             _ => Err(bad()),
         },
     }
@@ -107,7 +124,7 @@ async fn put_value(
     if let Err(err) = check_key(&state, &key) {
         return err.into_response();
     }
-    let ttl = match parse_ttl(params) {
+    let ttl = match parse_ttl(params, &state.limits) {
         Ok(ttl) => ttl,
         Err(err) => return err.into_response(),
     };
@@ -116,7 +133,7 @@ async fn put_value(
         // 413 for an oversized body, 400 for one that could not be read.
         Err(rejection) => return error(rejection.status(), rejection.body_text()),
     };
-    match state.cache.set_with_tier(&key, value, ttl).await {
+    match state.cache.set_with_tier(&key, value, Some(ttl)).await {
         Ok(tier) => with_tier(StatusCode::NO_CONTENT.into_response(), tier),
         Err(err) => cache_error(err),
     }
@@ -143,7 +160,13 @@ mod tests {
 
     fn app() -> Router {
         let cache = Cache::new(CacheConfig::default()).expect("memory cache");
-        routes(cache, 16, 64)
+        let limits = Limits {
+            max_key_bytes: 16,
+            max_value_bytes: 64,
+            default_ttl: Duration::from_secs(5),
+            max_ttl: Duration::from_secs(60),
+        };
+        routes(cache, limits)
     }
 
     async fn send(app: &Router, method: Method, uri: &str, body: &'static [u8]) -> (StatusCode, Option<String>, Bytes) {
@@ -193,7 +216,7 @@ mod tests {
         let (status, _, _) = send(&app, Method::GET, "/cache/t", b"").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
 
-        for bad in ["0", "-1", "abc", "1.5", ""] {
+        for bad in ["0", "-1", "abc", "1.5", "", "61", "9300000000000000000", "99999999999999999999999"] {
             let uri = format!("/cache/t?ttl={bad}");
             let request = Request::put(uri.as_str()).body(Body::from("v")).expect("request");
             let response = app.clone().oneshot(request).await.expect("infallible");

@@ -24,14 +24,27 @@ pub use guard::Guard;
 /// Cache keys longer than this are refused with 400; Redis keys are cheap but not free.
 pub const MAX_CACHE_KEY_BYTES: usize = 512;
 
-/// The whole router of a worker: built-ins, then the user's routes.
-pub fn router(services: &Services, user_routes: Router) -> Router {
-    let router = Router::new()
-        .merge(health::routes(services.clone()))
-        .merge(cache_api::routes(services.cache.clone(), MAX_CACHE_KEY_BYTES, services.config.max_body_bytes))
-        .merge(auth_api::routes(services.cache.durable(), services.hasher.clone(), services.config.bcrypt_cost))
-        .merge(user_routes);
+/// The whole router of a worker: the health routes, then the app's (see [`crate::App`]).
+pub fn router(services: &Services, app_routes: Router) -> Router {
+    let router = Router::new().merge(health::routes(services.clone())).merge(app_routes);
     #[cfg(feature = "test-hooks")]
     let router = router.merge(test_hooks::routes());
     router
+}
+
+/// `/cache/{key}` over the worker's cache (opt-in: [`crate::App::with_cache_api`]).
+pub fn cache_routes(services: &Services) -> Router {
+    let config = &services.config;
+    let limits = cache_api::Limits {
+        max_key_bytes: MAX_CACHE_KEY_BYTES,
+        max_value_bytes: config.max_body_bytes,
+        default_ttl: config.cache_default_ttl,
+        max_ttl: config.cache_max_ttl,
+    };
+    cache_api::routes(services.cache.clone(), limits)
+}
+
+/// `/auth/register` and `/auth/login` (opt-in: [`crate::App::with_auth_api`]).
+pub fn auth_routes(services: &Services) -> Router {
+    auth_api::routes(services.cache.durable(), services.hasher.clone(), services.config.bcrypt_cost)
 }
