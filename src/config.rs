@@ -89,8 +89,9 @@ pub struct Config {
     pub bcrypt_cost: u32,
     /// Keys loaded from Redis into memory at boot. `CACHE_WARM_KEYS`, comma-separated.
     pub cache_warm_keys: Vec<String>,
-    /// Entries the in-memory cache holds at most. `HERDSMAN_CACHE_ENTRIES`, default 10000.
-    pub cache_entries: u64,
+    /// Bytes (keys and values) the in-memory cache holds at most per worker, and as much again
+    /// for writes waiting to be replayed to Redis. `HERDSMAN_CACHE_MAX_BYTES`, default 64 MiB.
+    pub cache_max_bytes: u64,
     /// Lifetime of a value stored over HTTP without `?ttl=`. `HERDSMAN_CACHE_DEFAULT_TTL`,
     /// default 1 h: nothing a client stores lives for ever by accident.
     #[serde(with = "secs")]
@@ -217,9 +218,9 @@ settings! {
     cache_warm_keys, "CACHE_WARM_KEYS", "cache-warm-keys", "KEYS",
         "Comma-separated keys loaded from Redis into memory at boot [default: none]",
         default Vec::new(), parse Raw::list;
-    cache_entries, "HERDSMAN_CACHE_ENTRIES", "cache-entries", "N",
-        "Entries the in-memory cache holds at most [default: 10000]",
-        default 10_000, parse |r: &Raw| r.integer(1u64, 100_000_000);
+    cache_max_bytes, "HERDSMAN_CACHE_MAX_BYTES", "cache-max-bytes", "BYTES",
+        "Bytes of keys and values the in-memory cache holds per worker [default: 67108864]",
+        default 64 << 20, parse |r: &Raw| r.integer(1u64 << 10, 1u64 << 40);
     cache_default_ttl, "HERDSMAN_CACHE_DEFAULT_TTL", "cache-default-ttl", "SECONDS",
         "Lifetime of a value stored over HTTP without ?ttl= [default: 3600]",
         default Duration::from_secs(3600), parse Raw::seconds;

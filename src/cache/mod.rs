@@ -103,7 +103,8 @@ pub struct CacheConfig {
     pub redis_url: Option<String>,
     /// Upper bound for any single Redis operation, pool checkout included.
     pub operation_timeout: Duration,
-    /// Most entries kept in memory.
+    /// Bytes (keys, values and a per-entry overhead) kept in memory at most; as much again for
+    /// writes waiting for replay.
     pub memory_capacity: u64,
     /// Most Redis connections per worker.
     pub pool_size: u32,
@@ -117,7 +118,7 @@ impl CacheConfig {
         CacheConfig {
             redis_url: config.redis_url.clone(),
             operation_timeout: config.redis_timeout,
-            memory_capacity: config.cache_entries,
+            memory_capacity: config.cache_max_bytes,
             tls_insecure: config.redis_tls_insecure,
             pool_size: redis_tier::POOL_SIZE,
         }
@@ -274,7 +275,10 @@ impl Cache {
         }
         let redis = match config.redis_url.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(url) => Some(RedisTier::new(url, config.tls_insecure, config.pool_size, config.operation_timeout)?),
+            Some(url) => Some(
+                RedisTier::new(url, config.tls_insecure, config.pool_size, config.operation_timeout)?
+                    .pending_budget(config.memory_capacity),
+            ),
         };
         let memory = memory::new_memory(config.memory_capacity);
         Ok(Cache { inner: Arc::new(Inner { memory, redis }) })
@@ -316,7 +320,7 @@ impl Cache {
                         let copy = self.inner.memory.get(key).await;
                         let same = copy.is_some_and(|c| c.value == value && c.expires_at.is_some() == ttl.is_some());
                         if !same {
-                            self.inner.memory.insert(key.to_string(), Entry::new(value.clone(), ttl)).await;
+                            memory::insert(&self.inner.memory, key.to_string(), Entry::new(value.clone(), ttl)).await;
                         }
                     }
                     return Ok((Some(value), Tier::Redis));
@@ -344,7 +348,7 @@ impl Cache {
         // Redis expiries have millisecond resolution and reject 0.
         let ttl = ttl.map(|ttl| ttl.max(Duration::from_millis(1)));
         let entry = Entry::new(value, ttl);
-        self.inner.memory.insert(key.to_string(), entry.clone()).await;
+        memory::insert(&self.inner.memory, key.to_string(), entry.clone()).await;
         self.write(key, Pending::Set(entry)).await
     }
 
@@ -430,7 +434,7 @@ impl Cache {
                 };
                 let pttl = redis::from_redis_value_ref::<i64>(pttl).unwrap_or(-1);
                 let Some(ttl) = redis_tier::lifetime_from_pttl(pttl) else { continue };
-                self.inner.memory.insert(key.clone(), Entry::new(Bytes::from(value), ttl)).await;
+                memory::insert(&self.inner.memory, key.clone(), Entry::new(Bytes::from(value), ttl)).await;
                 loaded += 1;
             }
         }
@@ -518,13 +522,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn memory_capacity_is_bounded() {
-        let cache = memory_only(50);
-        for i in 0..500 {
-            cache.set(&format!("k{i}"), Bytes::from_static(b"v"), None).await.expect("set");
+    async fn memory_is_bounded_in_bytes() {
+        let cache = memory_only(1 << 20);
+        let value = Bytes::from(vec![7u8; 100 << 10]);
+        for i in 0..100 {
+            cache.set(&format!("k{i}"), value.clone(), None).await.expect("set");
         }
         cache.inner.memory.run_pending_tasks().await;
-        assert!(cache.inner.memory.entry_count() <= 50);
+        // 100 values of 100 KiB into 1 MiB: about ten fit.
+        assert!(cache.inner.memory.weighted_size() <= 1 << 20, "{}", cache.inner.memory.weighted_size());
+        assert!((1..=10).contains(&cache.inner.memory.entry_count()), "{}", cache.inner.memory.entry_count());
     }
 
     #[test]
@@ -588,10 +595,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn outage_writes_are_bounded_in_bytes_too() {
+        let cache = Cache::new(CacheConfig {
+            redis_url: Some("redis://127.0.0.1:1".to_string()),
+            memory_capacity: 1 << 20,
+            ..CacheConfig::default()
+        })
+        .expect("cache");
+        let _ = cache.connect().await;
+        let value = Bytes::from(vec![1u8; 100 << 10]);
+        for i in 0..30 {
+            cache.set(&format!("big{i}"), value.clone(), None).await.expect("set");
+        }
+        let redis = cache.inner.redis.as_ref().expect("redis tier");
+        let shared = redis.lock();
+        assert!(shared.pending_bytes <= 1 << 20, "{}", shared.pending_bytes);
+        assert_eq!(shared.pending.len() as u64 + shared.pending_dropped, 30);
+        assert!(shared.pending_dropped >= 20, "{}", shared.pending_dropped);
+    }
+
+    #[tokio::test]
     async fn outage_writes_are_bounded_and_last_write_wins() {
         let cache = Cache::new(CacheConfig {
             redis_url: Some("redis://127.0.0.1:1".to_string()),
-            memory_capacity: 100,
+            memory_capacity: 16 << 20,
             ..CacheConfig::default()
         })
         .expect("cache");

@@ -53,12 +53,16 @@ pub(super) struct Shared {
     pub(super) pending: HashMap<String, Pending>,
     /// Outage writes not remembered because `pending` was full.
     pub(super) pending_dropped: u64,
+    /// Bytes held by `pending`, bounded by `RedisTier::pending_max_bytes`.
+    pub(super) pending_bytes: u64,
     /// Whether the background probe task is running.
     pub(super) probing: bool,
 }
 
 /// The Redis side: connection pool, breaker and pending writes.
 pub(super) struct RedisTier {
+    /// The budget of the writes waiting for replay, in bytes (weighed like the memory tier).
+    pending_max_bytes: u64,
     manager: RedisConnectionManager,
     tls: bool,
     pool_size: u32,
@@ -78,6 +82,12 @@ pub(super) enum Request<'a> {
 }
 
 impl RedisTier {
+    /// Bounds the writes held for replay during an outage to `bytes`.
+    pub(super) fn pending_budget(mut self, bytes: u64) -> RedisTier {
+        self.pending_max_bytes = bytes;
+        self
+    }
+
     /// Checks `url` and sets the tier up, breaker `Connecting`; connects nothing.
     pub(super) fn new(
         url: &str,
@@ -92,11 +102,13 @@ impl RedisTier {
             pool_size: pool_size.max(1),
             timeout,
             pool: Mutex::new(None),
+            pending_max_bytes: u64::MAX,
             up: AtomicBool::new(false),
             shared: Mutex::new(Shared {
                 breaker: Breaker::Connecting,
                 pending: HashMap::new(),
                 pending_dropped: 0,
+                pending_bytes: 0,
                 probing: false,
             }),
         })
@@ -182,8 +194,12 @@ impl RedisTier {
         if matches!(shared.breaker, Breaker::Up) {
             return false;
         }
-        if shared.pending.len() < MAX_PENDING_WRITES || shared.pending.contains_key(key) {
+        let replaced = shared.pending.get(key).map_or(0, |old| pending_weight(key, old));
+        let bytes = shared.pending_bytes - replaced + pending_weight(key, &op);
+        let fits = shared.pending.len() < MAX_PENDING_WRITES || replaced > 0;
+        if fits && bytes <= self.pending_max_bytes {
             shared.pending.insert(key.to_string(), op);
+            shared.pending_bytes = bytes;
         } else {
             shared.pending_dropped += 1;
         }
@@ -348,7 +364,11 @@ pub(super) async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheEr
             }
             let take = shared.pending.len().min(REPLAY_BATCH);
             let keys: Vec<String> = shared.pending.keys().take(take).cloned().collect();
-            keys.into_iter().filter_map(|key| shared.pending.remove(&key).map(|op| (key, op))).collect()
+            let batch: Vec<(String, Pending)> =
+                keys.into_iter().filter_map(|key| shared.pending.remove(&key).map(|op| (key, op))).collect();
+            let taken: u64 = batch.iter().map(|(key, op)| pending_weight(key, op)).sum();
+            shared.pending_bytes = shared.pending_bytes.saturating_sub(taken);
+            batch
         };
         let mut pipe = redis::pipe();
         // One refused command (e.g. OOM) must not fail the batch: replaying
@@ -371,7 +391,10 @@ pub(super) async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheEr
                 // Put back what was not superseded by a newer write meanwhile.
                 let mut shared = redis.lock();
                 for (key, op) in batch {
-                    shared.pending.entry(key).or_insert(op);
+                    if !shared.pending.contains_key(&key) {
+                        shared.pending_bytes += pending_weight(&key, &op);
+                        shared.pending.insert(key, op);
+                    }
                 }
                 return Err(err);
             }
@@ -400,4 +423,13 @@ pub(super) fn lifetime_from_pttl(pttl: i64) -> Option<Option<Duration>> {
         -2 => None,
         ms => Some(u64::try_from(ms).ok().map(Duration::from_millis)),
     }
+}
+
+/// A pending write's weight, as the memory tier weighs entries.
+fn pending_weight(key: &str, op: &Pending) -> u64 {
+    let value_len = match op {
+        Pending::Set(entry) => entry.value.len(),
+        Pending::Delete => 0,
+    };
+    u64::from(super::memory::weight(key, value_len))
 }
