@@ -172,13 +172,15 @@ def _seed_target(srv: Server, p: dict) -> dict:
     exit_status = srv.proc.poll()
     rec.join()
     poller.join(5)
-    # Failed: refused, reset, timed out (no answer within the client timeout), non-2xx, or
+    # Of the requests sent while the load ran (a load thread may send one more as it stops),
+    # failed: refused, reset, timed out (no answer within the client timeout), non-2xx, or
     # answered only after the load stopped.
-    failed = [s for s in rec.samples
+    sent = [s for s in rec.samples if s[0] < p["load_s"]]
+    failed = [s for s in sent
               if s[2] is None or not 200 <= s[2] < 300 or s[0] + s[1] / 1e3 > p["load_s"]]
     return {
         "first_200_s": first["first_200_ms"] / 1e3 if first else None,
-        "requests": len(rec.samples),
+        "requests": len(sent),
         "failed": len(failed),
         "failure_kinds": sorted({s[3] or (f"{s[2]} after the {p['load_s']:.0f} s"
                                           if 200 <= s[2] < 300 else str(s[2])) for s in failed}),
