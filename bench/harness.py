@@ -30,12 +30,11 @@ HELLO_DIR = BENCH / "hello"
 HELLO_TARGET = BENCH / "target-hello"
 OUT = BENCH / "out"
 LOGS = OUT / "logs"
-DEFAULT_HERDSMAN = Path(
-    os.environ.get("HERDSMAN_BIN")
-    or Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target") / "release" / "herdsman"
-)
+CARGO_TARGET = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+DEFAULT_HERDSMAN = Path(os.environ.get("HERDSMAN_BIN") or CARGO_TARGET / "release" / "herdsman")
+# examples/seed.rs, built next to the default herdsman binary by ensure_seed().
+SEED_EXAMPLE = CARGO_TARGET / "release" / "examples" / "seed"
 LOOPBACK = "127.0.0.1"
-
 
 
 class BenchError(Exception):
@@ -90,19 +89,37 @@ def ensure_venv() -> None:
     stamp.write_text(digest + "\n")
 
 
-def ensure_hello() -> Path:
-    env = dict(os.environ, CARGO_TARGET_DIR=str(HELLO_TARGET))
-    manifest = HELLO_DIR / "Cargo.toml"
-    log("building bench/hello (cargo build --release, own target dir)")
+def cargo_release_build(what: str, manifest_dir: Path, target_dir: Path, *args: str) -> None:
+    """`cargo build --release` of the crate in manifest_dir into target_dir; BenchError with
+    cargo's last words when it fails."""
+    env = dict(os.environ, CARGO_TARGET_DIR=str(target_dir))
+    log(f"building {what} (cargo build --release {' '.join(args)}, target dir {target_dir})")
     r = subprocess.run(
-        ["cargo", "build", "--release", "--quiet", "--manifest-path", str(manifest)],
+        ["cargo", "build", "--release", "--quiet", "--manifest-path",
+         str(manifest_dir / "Cargo.toml"), *args],
         env=env,
         capture_output=True,
         text=True,
     )
     if r.returncode != 0:
-        raise BenchError(f"building bench/hello failed:\n{r.stderr[-2000:]}")
+        raise BenchError(f"building {what} failed:\n{r.stderr[-2000:]}")
+
+
+def ensure_hello() -> Path:
+    cargo_release_build("bench/hello", HELLO_DIR, HELLO_TARGET)  # own target dir
     return HELLO_TARGET / "release" / "hello"
+
+
+def ensure_seed() -> Path:
+    """examples/seed.rs (an app whose warm-ups block) built next to the default herdsman
+    binary, and copied to bench/out like the binary under test. BenchError when it cannot be."""
+    cargo_release_build("examples/seed.rs", REPO, CARGO_TARGET, "--example", "seed")
+    if not SEED_EXAMPLE.is_file():
+        raise BenchError(f"cargo built the seed example but {SEED_EXAMPLE} is not there")
+    OUT.mkdir(parents=True, exist_ok=True)
+    snapshot = OUT / "seed-under-test"
+    shutil.copy2(SEED_EXAMPLE, snapshot)
+    return snapshot
 
 
 def require_tools() -> None:
@@ -472,12 +489,14 @@ class Ctx:
         return [n for n in names if n != "herdsman" or self.herdsman is not None]
 
 
-def start_target(ctx: Ctx, name: str, workers: int = 2, env: dict | None = None) -> Server:
+def start_target(ctx: Ctx, name: str, workers: int = 2, env: dict | None = None,
+                 binary: Path | None = None) -> Server:
+    """binary: what to start as herdsman, when not the binary under test (an example app)."""
     port = free_port()
     env = {"PORT": port, "WEB_CONCURRENCY": workers, **(env or {})}
     if name == "herdsman":
         env.setdefault("HERDSMAN_HOST", LOOPBACK)
-        return Server("herdsman", [str(ctx.herdsman)], env, port)
+        return Server("herdsman", [str(binary or ctx.herdsman)], env, port)
     if name == "peer":
         # Same knob as herdsman's Redis command timeout, under the peer's own name.
         if "HERDSMAN_REDIS_TIMEOUT" in env:
@@ -506,6 +525,17 @@ def redis_status(body) -> str | None:
 
 def redis_up(body) -> bool:
     return redis_status(body) == "up"
+
+
+# A master's log line for a worker it killed or lost to a signal, with the worker's pid:
+# herdsman's "WORKER TIMEOUT (pid:N)", "WORKER BOOT TIMEOUT (pid:N)", "Worker 3 (pid:N) was
+# killed by SIGKILL"; gunicorn's "WORKER TIMEOUT (pid:N)", "Worker (pid:N) was sent SIGKILL!".
+KILLED_WORKER = re.compile(r"WORKER (?:BOOT )?TIMEOUT \(pid:(\d+)\)|\(pid:(\d+)\) was (?:killed by|sent) SIG")
+
+
+def workers_killed(log_text: str) -> int:
+    """How many distinct workers a master's log says it timed out or lost to a signal."""
+    return len({a or b for a, b in KILLED_WORKER.findall(log_text)})
 
 
 def children(pid: int) -> frozenset[int]:

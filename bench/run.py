@@ -3,6 +3,7 @@
 vs a bare one-process axum hello-world (the ceiling).
 
     python3 bench/run.py --markdown BENCHMARKS.md   # everything, real durations: the report
+    python3 bench/run.py seed                       # the seed's blocking warm-ups (~3 min)
     python3 bench/run.py live cache                 # some measurements
     python3 bench/run.py chaos --chaos hang,redis   # some chaos scenarios (bench/chaos.py)
     python3 bench/run.py --smoke                    # everything, short and once (CI, ~5 min)
@@ -47,9 +48,11 @@ from harness import (
     BenchError,
     Ctx,
     HangingRedis,
+    LoadRecorder,
     RedisServer,
     Server,
     ensure_hello,
+    ensure_seed,
     ensure_venv,
     fmt,
     fmt_spread,
@@ -68,10 +71,11 @@ from harness import (
     spread,
     start_target,
     wait_workers_serving,
+    workers_killed,
     wrk,
 )
 
-MEASUREMENTS = ("boot", "live", "cache", "login", "memory", "image", "chaos")
+MEASUREMENTS = ("seed", "boot", "live", "cache", "login", "memory", "image", "chaos")
 
 
 
@@ -80,8 +84,11 @@ MEASUREMENTS = ("boot", "live", "cache", "login", "memory", "image", "chaos")
 # ---------------------------------------------------------------------------------------------
 
 
-def time_to_first_200(srv: Server, path: str, timeout: float = 60.0) -> dict:
-    """Poll with a raw socket every ~1 ms from the spawn: first TCP connect, first 200 on path."""
+def time_to_first_200(srv: Server, path: str, timeout: float = 60.0,
+                      attempt_timeout: float | None = None) -> dict:
+    """Poll with a raw socket every ~1 ms from the spawn: first TCP connect, first 200 on path.
+    attempt_timeout: give up on one request after this long and send another (a server that
+    accepts but does not answer), instead of waiting until the deadline."""
     t0 = srv.t_spawn
     deadline = t0 + timeout
     t_connect = None
@@ -89,7 +96,7 @@ def time_to_first_200(srv: Server, path: str, timeout: float = 60.0) -> dict:
     while time.perf_counter() < deadline:
         srv.check_alive()
         s = socket.socket()
-        s.settimeout(max(0.05, deadline - time.perf_counter()))
+        s.settimeout(min(attempt_timeout or timeout, max(0.05, deadline - time.perf_counter())))
         try:
             s.connect((LOOPBACK, srv.port))
         except (ConnectionRefusedError, socket.timeout):
@@ -114,6 +121,72 @@ def time_to_first_200(srv: Server, path: str, timeout: float = 60.0) -> dict:
             return {"connect_ms": t_connect * 1e3, "first_200_ms": t * 1e3, "health": info}
         time.sleep(0.001)
     raise BenchError(f"{srv.name}: no 200 on {path} within {timeout}s:\n{srv.log_tail()}")
+
+
+# The seed's failure (examples/seed.rs, bench/peer with PEER_BLOCKING_WARMUP=1): worker count,
+# GUNICORN_TIMEOUT, how long the server runs (workers killed are counted over all of it) and
+# how long the load runs (failed requests are counted over that).
+SEED = {"workers": 4, "timeout_s": 60, "window_s": 75.0, "load_s": 30.0}
+SEED_SMOKE = {"workers": 2, "timeout_s": 6, "window_s": 10.0, "load_s": 8.0}
+SEED_LOAD = {"connections": 4, "rate": 20.0, "timeout_s": 5.0}  # a light, paced load on /live
+
+
+def measure_seed(ctx: Ctx) -> dict:
+    """The seed's start-up: warm-ups written the blocking way (bcrypt cost 12 three times, a
+    synchronous Redis PING with no timeout, a 5 s sleep) against a Redis that accepts and never
+    answers. Per server, from the spawn: the first 200 on /live, the requests of a light paced
+    load that failed, and the workers the master killed."""
+    p = SEED_SMOKE if ctx.smoke else SEED
+    res: dict = {**p, "load": dict(SEED_LOAD), "targets": {}}
+    names = ctx.targets("herdsman", "peer")
+    seed = ensure_seed() if "herdsman" in names else None
+    if seed is not None:
+        res["seed_commit"] = _cmd(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
+    for name in names:
+        env = {"GUNICORN_TIMEOUT": p["timeout_s"]}
+        if name == "peer":
+            env["PEER_BLOCKING_WARMUP"] = 1
+        with HangingRedis() as redis:
+            env["REDIS_URL"] = redis.url
+            with start_target(ctx, name, p["workers"], env, binary=seed) as srv:
+                res["targets"][name] = _seed_target(srv, p)
+                srv.stop(grace=2)  # a worker stuck in a Redis read ignores SIGTERM
+    return res
+
+
+def _seed_target(srv: Server, p: dict) -> dict:
+    rec = LoadRecorder(srv.port, "/live", p["load_s"], SEED_LOAD["connections"],
+                       SEED_LOAD["rate"], SEED_LOAD["timeout_s"]).start()
+    first: dict = {}
+
+    def poll():
+        try:
+            first.update(time_to_first_200(srv, "/live", p["window_s"], attempt_timeout=1.0))
+        except BenchError:
+            pass  # no 200 within the window (or the master exited: said below)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    time.sleep(max(0.0, srv.t_spawn + p["window_s"] - time.perf_counter()))
+    killed = workers_killed(srv.log_path.read_text(errors="replace"))
+    exit_status = srv.proc.poll()
+    rec.join()
+    poller.join(5)
+    # Of the requests sent while the load ran (a load thread may send one more as it stops),
+    # failed: refused, reset, timed out (no answer within the client timeout), non-2xx, or
+    # answered only after the load stopped.
+    sent = [s for s in rec.samples if s[0] < p["load_s"]]
+    failed = [s for s in sent
+              if s[2] is None or not 200 <= s[2] < 300 or s[0] + s[1] / 1e3 > p["load_s"]]
+    return {
+        "first_200_s": first["first_200_ms"] / 1e3 if first else None,
+        "requests": len(sent),
+        "failed": len(failed),
+        "failure_kinds": sorted({s[3] or (f"{s[2]} after the {p['load_s']:.0f} s"
+                                          if 200 <= s[2] < 300 else str(s[2])) for s in failed}),
+        "workers_killed": killed,
+        "master_exit_status": exit_status,
+    }
 
 
 def measure_boot(ctx: Ctx) -> dict:
@@ -467,7 +540,7 @@ def measure_image(ctx: Ctx) -> dict:
             "peer_packages_and_app_mb": peer_packages_bytes() / 1e6}
 
 
-MEASURE = {"boot": measure_boot, "live": measure_live, "cache": measure_cache,
+MEASURE = {"seed": measure_seed, "boot": measure_boot, "live": measure_live, "cache": measure_cache,
            "login": measure_login, "memory": measure_memory, "image": measure_image,
            "chaos": chaos.measure_chaos}
 
@@ -496,9 +569,55 @@ def ratio_notes(ratios: dict) -> list[str]:
             if v is not None]
 
 
+def seed_table(r: dict) -> tuple[str, list[str], list[list[str]], list[str]]:
+    rows = []
+    for name, x in r["targets"].items():
+        first = x["first_200_s"]
+        first = (f"none in {r['window_s']:.0f} s" if first is None
+                 else fmt(first * 1e3, " ms") if first < 1 else fmt(first, " s"))
+        rows.append([name, first, f"{x['failed']} of {x['requests']}", str(x["workers_killed"]),
+                     ", ".join(x["failure_kinds"]) or "—"])
+    load = r["load"]
+    notes = [
+        "warm-ups written the blocking way: bcrypt cost 12 three times, a synchronous Redis "
+        "PING with no timeout, a 5 s sleep; herdsman: `examples/seed.rs` (three warm-up tasks"
+        f"{', built from commit ' + r['seed_commit'] if 'seed_commit' in r else ''}); "
+        "peer: `bench/peer` with PEER_BLOCKING_WARMUP=1 (in the lifespan start-up); REDIS_URL: "
+        "a port that accepts and never answers",
+        f"failed: of the requests of {load['connections']} keep-alive connections paced to "
+        f"{load['rate']:.0f} req/s on /live from the spawn for {r['load_s']:.0f} s: refused, "
+        f"reset, no answer within {load['timeout_s']:.0f} s, non-2xx, or answered after the "
+        f"{r['load_s']:.0f} s",
+        f"workers killed: distinct workers the master's log names as timed out (WORKER TIMEOUT, "
+        f"WORKER BOOT TIMEOUT) or killed by a signal within {r['window_s']:.0f} s of the spawn; "
+        "one run",
+    ]
+    notes += [f"{n}: the master exited with status {x['master_exit_status']} within the window"
+              for n, x in r["targets"].items() if x["master_exit_status"] is not None]
+    return (f"seed: warm-ups that block, Redis that never answers (WEB_CONCURRENCY={r['workers']}, "
+            f"GUNICORN_TIMEOUT={r['timeout_s']})",
+            ["server", "first 200 on /live", f"failed in the first {r['load_s']:.0f} s",
+             f"workers killed in {r['window_s']:.0f} s", "how requests failed"], rows, notes)
+
+
+SEED_INTRO = (
+    "The failure herdsman was written for, reproduced side by side: an app whose workers warm up "
+    "the blocking way (bcrypt at cost 12, a synchronous Redis connect with no timeout, a 5 s "
+    "cache load as a sleep) while Redis accepts connections and never answers. The friendly "
+    "case is a first 200 within milliseconds of the spawn, no failed request and no worker "
+    "killed: the warm-ups block only themselves. The unfriendly case is the seed's: no 200 in "
+    "the whole window and every request failed, the workers either killed by the master's "
+    "timeout (WORKER TIMEOUT) and replaced by workers that block again, or left blocked without "
+    "a word when the timeout does not catch them (gunicorn 27 starts a worker's timeout at its "
+    "first heartbeat, which a uvicorn worker sends only after its lifespan start-up)."
+)
+
+
 def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
     """(title, header, rows, notes) per measurement; shared by stdout and markdown."""
     out = []
+    if "seed" in results:
+        out.append(seed_table(results["seed"]))
     if "boot" in results:
         r = results["boot"]
         rows = []
@@ -697,6 +816,12 @@ def chaos_plots(result: dict, path: Path) -> list[str]:
     return lines
 
 
+def markdown_table(header: list[str], rows: list[list[str]], notes: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return [*lines, "", *[f"- {n}" for n in notes], ""]
+
+
 def write_markdown(path: Path, ctx: Ctx, meta: dict, results: dict) -> None:
     m = meta
     lines = [
@@ -706,6 +831,11 @@ def write_markdown(path: Path, ctx: Ctx, meta: dict, results: dict) -> None:
         f"{m['date']}. Every figure below was measured in that run; rerun the command to "
         "reproduce (results in `bench/out/results.json`).",
         "",
+    ]
+    sections = tables(results)
+    if "seed" in results:  # the headline: first, before the machine
+        lines += [f"## {sections[0][0]}", "", SEED_INTRO, "", *markdown_table(*sections.pop(0)[1:])]
+    lines += [
         "## Machine and versions",
         "",
         f"- CPU: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; kernel {m['kernel']}; {m['os']}",
@@ -742,13 +872,8 @@ def write_markdown(path: Path, ctx: Ctx, meta: dict, results: dict) -> None:
         lines += ["Skipped: " + "; ".join(ctx.skipped), ""]
     if ctx.failures:
         lines += ["**Failures in this run:** " + "; ".join(ctx.failures), ""]
-    for title, header, rows, notes in tables(results):
-        lines += [f"## {title}", "", "| " + " | ".join(header) + " |",
-                  "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-        lines.append("")
-        lines += [f"- {n}" for n in notes]
-        lines.append("")
+    for title, header, rows, notes in sections:
+        lines += [f"## {title}", "", *markdown_table(header, rows, notes)]
         if title.startswith("chaos"):
             lines += chaos_plots(results["chaos"], path)
     path.write_text("\n".join(lines))
@@ -757,12 +882,13 @@ def write_markdown(path: Path, ctx: Ctx, meta: dict, results: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-# May be None in a good run: ratios when herdsman was skipped; in the chaos suite, what a
-# scenario has no value for (p99 before when there is no event, p99/max during when every
-# load connection stalled through the event, recovery when not recovered).
+# May be None in a good run: ratios when herdsman was skipped; in the seed, the first 200 of a
+# server that never answered and the exit status of a master still running; in the chaos
+# suite, what a scenario has no value for (p99 before when there is no event, p99/max during
+# when every load connection stalled through the event, recovery when not recovered).
 OPTIONAL_FIGURES = {"ratios", "health", "redis_status_at_first_200", "p99_before_ms",
                     "recovery_ms", "recovery_each_ms", "p99_during_ms", "max_during_ms", "exit_status",
-                    "exit_after_ms"}
+                    "exit_after_ms", "first_200_s", "master_exit_status"}
 
 
 def missing_figures(obj, where="") -> list[str]:

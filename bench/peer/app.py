@@ -9,6 +9,11 @@ Written the way such services usually are, not slowed on purpose:
   while Redis is down a background task re-pings it, and requests never wait on it;
 - users in Redis, passwords hashed with the `bcrypt` package in the default thread pool.
 
+With PEER_BLOCKING_WARMUP=1 it makes the seed's mistake instead (`bench/run.py seed`, the same
+warm-ups as examples/seed.rs): the lifespan start-up hashes three bcrypt passwords at cost 12,
+PINGs Redis with the synchronous client and no socket timeout, and sleeps 5 s for a cache load,
+all on the event loop, before the worker serves.
+
 Same HTTP surface and environment variables as herdsman (see bench/README.md).
 """
 
@@ -23,6 +28,7 @@ import time
 from contextlib import asynccontextmanager
 
 import bcrypt
+import redis
 import redis.asyncio as aioredis
 from cachetools import TTLCache
 from fastapi import FastAPI, Request, Response
@@ -51,6 +57,7 @@ CACHE_ENTRIES = int(os.environ.get("CACHE_ENTRIES", "10000") or 10000)
 DEFAULT_TTL = 3600.0
 SESSION_TTL = 3600
 RECONNECT_EVERY = 1.0
+BLOCKING_WARMUP = _env_bool("PEER_BLOCKING_WARMUP")
 
 CACHE_PREFIX = "cache:"
 USER_PREFIX = "user:"
@@ -138,8 +145,20 @@ async def cache_warmup() -> None:
             state.memory[key] = value
 
 
+def blocking_warmup() -> None:
+    """The seed's warm-ups as its service wrote them: blocking calls, no timeout."""
+    for _ in range(3):
+        bcrypt.hashpw(b"seed-prewarm", bcrypt.gensalt(12))
+    if REDIS_URL:
+        # No socket timeout, as in redis-py before 8 (whose default is 5 s): waits for ever.
+        redis.Redis.from_url(REDIS_URL, socket_timeout=None, socket_connect_timeout=None).ping()
+    time.sleep(5)  # the cache load
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
+    if BLOCKING_WARMUP:
+        blocking_warmup()  # on the event loop, before the worker serves
     if REDIS_URL:
         state.redis = aioredis.Redis.from_url(
             REDIS_URL,
