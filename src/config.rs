@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
@@ -72,6 +73,9 @@ pub struct Config {
     /// Accept a `rediss://` server's certificate without verifying it (Heroku Redis presents a
     /// self-signed one). `REDIS_TLS_INSECURE`, default false.
     pub redis_tls_insecure: bool,
+    /// A PEM file of the CAs a `rediss://` server's certificate must chain to, instead of the
+    /// built-in web roots; checked at start (see [`read_ca_certificates`]). `REDIS_CA_CERT`.
+    pub redis_ca_cert: Option<PathBuf>,
     /// `/ready` waits for Redis. `REDIS_REQUIRED`, default false.
     pub redis_required: bool,
     /// Bound on one Redis command; past it the cache falls back to memory.
@@ -200,6 +204,9 @@ settings! {
     redis_tls_insecure, "REDIS_TLS_INSECURE", "redis-tls-insecure", "BOOL",
         "Accept a rediss:// server's certificate unverified, as Heroku Redis needs [default: false]",
         default false, parse Raw::boolean;
+    redis_ca_cert, "REDIS_CA_CERT", "redis-ca-cert", "PATH",
+        "PEM file of the CAs a rediss:// server's certificate must chain to [default: the web's roots]",
+        default None, parse Raw::ca_certificates;
     redis_required, "REDIS_REQUIRED", "redis-required", "BOOL",
         "/ready waits for Redis: true or false [default: false]",
         default false, parse Raw::boolean;
@@ -298,6 +305,16 @@ impl Raw<'_> {
             value: format!("{shown}://…"),
             expected: "a redis:// or rediss:// URL".into(),
         })
+    }
+
+    /// A path to a PEM file of CA certificates, read and parsed now so that a missing or broken
+    /// file stops the master before it binds rather than every worker's cache later.
+    fn ca_certificates(&self) -> Result<Option<PathBuf>, ConfigError> {
+        let path = PathBuf::from(self.value.trim());
+        match read_ca_certificates(&path) {
+            Ok(_) => Ok(Some(path)),
+            Err(why) => Err(self.error(format!("a readable PEM file of CA certificates ({why})"))),
+        }
     }
 
     fn list(&self) -> Result<Vec<String>, ConfigError> {
@@ -399,6 +416,25 @@ impl Default for Config {
 /// The CPUs this process may use; std reads the cgroup quota, so a 0.5-CPU container gets 1.
 fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_WORKERS)
+}
+
+/// Reads a PEM file of CA certificates and checks that each one is usable as a trust anchor,
+/// as the Redis client will use it; returns the file's bytes. The reason for a refusal is one
+/// line. Used by the setting's check at start and by the cache when it builds its connections.
+pub fn read_ca_certificates(path: &Path) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+    let mut anchors = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("not PEM: {e}"))?;
+        anchors.add(cert).map_err(|e| format!("not a usable certificate: {e}"))?;
+    }
+    if anchors.is_empty() {
+        return Err("no CERTIFICATE block in it".into());
+    }
+    Ok(pem)
 }
 
 /// Replaces the password (and user) of a URL with `***`, for logs and `herdsman check`.
