@@ -74,6 +74,7 @@ mod memory;
 mod redis_tier;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -110,6 +111,8 @@ pub struct CacheConfig {
     pub pool_size: u32,
     /// With `rediss://`, accept the server's certificate without verifying it.
     pub tls_insecure: bool,
+    /// With `rediss://`, trust exactly the CAs of this PEM file instead of the built-in web roots.
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl CacheConfig {
@@ -120,6 +123,7 @@ impl CacheConfig {
             operation_timeout: config.redis_timeout,
             memory_capacity: config.cache_max_bytes,
             tls_insecure: config.redis_tls_insecure,
+            ca_cert: config.redis_ca_cert.clone(),
             pool_size: redis_tier::POOL_SIZE,
         }
     }
@@ -140,6 +144,8 @@ impl fmt::Debug for CacheConfig {
             .field("operation_timeout", &self.operation_timeout)
             .field("memory_capacity", &self.memory_capacity)
             .field("pool_size", &self.pool_size)
+            .field("tls_insecure", &self.tls_insecure)
+            .field("ca_cert", &self.ca_cert)
             .finish()
     }
 }
@@ -275,10 +281,7 @@ impl Cache {
         }
         let redis = match config.redis_url.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(url) => Some(
-                RedisTier::new(url, config.tls_insecure, config.pool_size, config.operation_timeout)?
-                    .pending_budget(config.memory_capacity),
-            ),
+            Some(url) => Some(RedisTier::new(url, &config)?.pending_budget(config.memory_capacity)),
         };
         let memory = memory::new_memory(config.memory_capacity);
         Ok(Cache { inner: Arc::new(Inner { memory, redis }) })

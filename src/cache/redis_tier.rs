@@ -2,6 +2,7 @@
 //! replay of the writes made while it was open (see the parent module for the why).
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -12,8 +13,8 @@ use bb8_redis::RedisConnectionManager;
 use tracing::{debug, info, warn};
 
 use super::memory::Entry;
-use super::{CacheError, Inner, RedisStatus, KEY_PREFIX, MAX_PENDING_WRITES};
-use crate::config::redact_url;
+use super::{CacheConfig, CacheError, Inner, RedisStatus, KEY_PREFIX, MAX_PENDING_WRITES};
+use crate::config::{read_ca_certificates, redact_url};
 
 /// Replayed writes per pipelined round trip.
 pub(super) const REPLAY_BATCH: usize = 256;
@@ -88,19 +89,15 @@ impl RedisTier {
         self
     }
 
-    /// Checks `url` and sets the tier up, breaker `Connecting`; connects nothing.
-    pub(super) fn new(
-        url: &str,
-        tls_insecure: bool,
-        pool_size: u32,
-        timeout: Duration,
-    ) -> Result<RedisTier, CacheError> {
-        let (manager, tls) = parse_url(url, tls_insecure)?;
+    /// Checks `url` (and the CA file, if any) and sets the tier up, breaker `Connecting`;
+    /// connects nothing.
+    pub(super) fn new(url: &str, config: &CacheConfig) -> Result<RedisTier, CacheError> {
+        let (manager, tls) = parse_url(url, config.tls_insecure, config.ca_cert.as_deref())?;
         Ok(RedisTier {
             manager,
             tls,
-            pool_size: pool_size.max(1),
-            timeout,
+            pool_size: config.pool_size.max(1),
+            timeout: config.operation_timeout,
             pool: Mutex::new(None),
             pending_max_bytes: u64::MAX,
             up: AtomicBool::new(false),
@@ -217,7 +214,14 @@ pub(super) fn with_tls_choice(url: &str, insecure: bool) -> std::borrow::Cow<'_,
     }
 }
 
-pub(super) fn parse_url(url: &str, tls_insecure: bool) -> Result<(RedisConnectionManager, bool), CacheError> {
+/// With `ca_cert`, a `rediss://` connection trusts exactly the CAs in that PEM file (the
+/// built-in web roots are not consulted) and still checks the server's name against its
+/// certificate; `tls_insecure` overrides both. A `redis://` URL ignores both.
+pub(super) fn parse_url(
+    url: &str,
+    tls_insecure: bool,
+    ca_cert: Option<&Path>,
+) -> Result<(RedisConnectionManager, bool), CacheError> {
     let tls = if url.starts_with("rediss://") {
         true
     } else if url.starts_with("redis://") {
@@ -228,6 +232,20 @@ pub(super) fn parse_url(url: &str, tls_insecure: bool) -> Result<(RedisConnectio
     };
     let info = redis::IntoConnectionInfo::into_connection_info(with_tls_choice(url, tls && tls_insecure).as_ref())
         .map_err(|err| CacheError::InvalidUrl(format!("cannot parse {}: {err}", redact_url(url))))?;
+    let info = match ca_cert {
+        Some(path) if tls => {
+            // Read again in each worker: the master checked it at start, but only the path
+            // travels to the workers.
+            let unusable = |why: &dyn std::fmt::Display| {
+                CacheError::InvalidConfig(format!("REDIS_CA_CERT {}: {why}", path.display()))
+            };
+            let pem = read_ca_certificates(path).map_err(|why| unusable(&why))?;
+            let roots = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
+            let client = redis::Client::build_with_tls(info, roots).map_err(|err| unusable(&err))?;
+            client.get_connection_info().clone()
+        }
+        _ => info,
+    };
     let manager = RedisConnectionManager::new(info)
         .map_err(|err| CacheError::InvalidUrl(format!("{}: {err}", redact_url(url))))?;
     Ok((manager, tls))
