@@ -65,6 +65,8 @@ pub(super) struct RedisTier {
     /// The budget of the writes waiting for replay, in bytes (weighed like the memory tier).
     pending_max_bytes: u64,
     manager: RedisConnectionManager,
+    /// Why the pool's last connection attempt failed, for the checkout that times out waiting.
+    connect_error: LastConnectError,
     tls: bool,
     pool_size: u32,
     timeout: Duration,
@@ -74,6 +76,29 @@ pub(super) struct RedisTier {
     /// Lock-free mirror of `Breaker::Up` for the hot path.
     up: AtomicBool,
     shared: Mutex<Shared>,
+}
+
+/// The pool's error sink: keeps the last error met opening a connection, and when.
+#[derive(Clone, Debug, Default)]
+struct LastConnectError(Arc<Mutex<Option<(Instant, redis::RedisError)>>>);
+
+impl LastConnectError {
+    /// The last connection error, if it happened at or after `started`.
+    fn since(&self, started: Instant) -> Option<redis::RedisError> {
+        let last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        last.as_ref().filter(|(at, _)| *at >= started).map(|(_, err)| err.clone())
+    }
+}
+
+impl bb8::ErrorSink<redis::RedisError> for LastConnectError {
+    fn sink(&self, err: redis::RedisError) {
+        debug!(error = %err, "redis connection attempt failed");
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), err));
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<redis::RedisError>> {
+        Box::new(self.clone())
+    }
 }
 
 /// A request sent to Redis as one round trip.
@@ -95,6 +120,7 @@ impl RedisTier {
         let (manager, tls) = parse_url(url, config.tls_insecure, config.ca_cert.as_deref())?;
         Ok(RedisTier {
             manager,
+            connect_error: LastConnectError::default(),
             tls,
             pool_size: config.pool_size.max(1),
             timeout: config.operation_timeout,
@@ -136,6 +162,7 @@ impl RedisTier {
                 .test_on_check_out(false)
                 .idle_timeout(Some(POOL_IDLE_TIMEOUT))
                 .max_lifetime(Some(POOL_MAX_LIFETIME))
+                .error_sink(Box::new(self.connect_error.clone()))
                 .build_unchecked(self.manager.clone())
         })
         .clone()
@@ -149,6 +176,7 @@ impl RedisTier {
 
     /// One round trip, pool checkout included, bounded by the operation timeout.
     pub(super) async fn query<T: redis::FromRedisValue>(&self, request: Request<'_>) -> Result<T, CacheError> {
+        let started = Instant::now();
         let work = async {
             // The pool's connections are multiplexed: many requests can share one in flight.
             // So a connection is held only long enough to clone its handle, and goes back to
@@ -159,7 +187,7 @@ impl RedisTier {
                 let pool = self.pool();
                 let pooled = pool.get().await.map_err(|err| match err {
                     bb8::RunError::User(err) => CacheError::Redis(err),
-                    bb8::RunError::TimedOut => CacheError::Timeout(self.timeout),
+                    bb8::RunError::TimedOut => self.timed_out(started),
                 })?;
                 (*pooled).clone()
             };
@@ -169,7 +197,17 @@ impl RedisTier {
             };
             result.map_err(CacheError::Redis)
         };
-        tokio::time::timeout(self.timeout, work).await.map_err(|_| CacheError::Timeout(self.timeout))?
+        tokio::time::timeout(self.timeout, work).await.map_err(|_| self.timed_out(started))?
+    }
+
+    /// The error for an operation begun at `started` that ran out of time: the pool's failure
+    /// to connect meanwhile if there was one (bb8's checkout only ever says "timed out", and
+    /// `/health` should say "connection refused" or "invalid peer certificate"), else a timeout.
+    fn timed_out(&self, started: Instant) -> CacheError {
+        match self.connect_error.since(started) {
+            Some(err) => CacheError::Redis(err),
+            None => CacheError::Timeout(self.timeout),
+        }
     }
 
     pub(super) fn is_up(&self) -> bool {
