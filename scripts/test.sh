@@ -4,9 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages: redis-server (to build a local Redis image when `redis:7` cannot be pulled).
+# Debian packages: redis-server (to build a local Redis image when `redis:7` cannot be pulled,
+# and run on the host with --tls-port by tests/redis_tls.rs: Debian's is built with TLS), and
+# openssl, which makes that test's certificates.
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v openssl >/dev/null || need+=(openssl)
 command -v redis-cli >/dev/null || need+=(redis-tools)
 # The container image tests copy the host's CA bundle into the image.
 [ -f /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
