@@ -1,6 +1,5 @@
 //! The HTTP promises of a worker, on the real binary: health endpoints, slow headers, large
 //! bodies, slow handlers, panicking handlers.
-#![cfg(feature = "test-hooks")]
 
 mod support;
 

@@ -1,5 +1,4 @@
 //! The master's promises, proven on the real binary with real signals and sockets.
-#![cfg(feature = "test-hooks")]
 
 mod support;
 
