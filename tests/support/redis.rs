@@ -5,6 +5,9 @@
 //! Include it from a test file with
 //! `#[path = "support/redis.rs"] mod redis_support;`.
 //!
+//! Without a Docker engine, [`TestRedis::start`] returns `None` and the test returns at once:
+//! skipped with a line on stderr, or a failure when `CI` is set (tests/support/docker_engine.rs).
+//!
 //! The image comes from `HERDSMAN_REDIS_IMAGE` (`name:tag`, default `redis:7`).
 //! When it is missing locally, `scripts/build-redis-image.sh` builds a stand-in
 //! from the host's Debian `redis-server` (for machines with no registry access).
@@ -22,6 +25,9 @@ use std::time::{Duration, Instant};
 use testcontainers::core::{IntoContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+
+#[path = "docker_engine.rs"]
+mod docker_engine;
 
 /// A running (or deliberately stopped/paused) Redis container.
 pub struct TestRedis {
@@ -58,8 +64,12 @@ fn free_port() -> u16 {
 }
 
 impl TestRedis {
-    /// Starts Redis and waits for `Ready to accept connections`.
-    pub async fn start() -> TestRedis {
+    /// Starts Redis and waits for `Ready to accept connections`. `None` when the test is to be
+    /// skipped for want of a Docker engine (outside CI; under CI that panics).
+    pub async fn start() -> Option<TestRedis> {
+        if !docker_engine::available() {
+            return None;
+        }
         ensure_image();
         let (name, tag) = image_name();
         let port = free_port();
@@ -72,7 +82,7 @@ impl TestRedis {
             .expect("start redis container");
         let redis = TestRedis { container, url: format!("redis://127.0.0.1:{port}"), port };
         redis.wait_ready(Duration::from_secs(10)).await;
-        redis
+        Some(redis)
     }
 
     pub fn id(&self) -> &str {
