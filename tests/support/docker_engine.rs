@@ -1,5 +1,6 @@
 //! Whether a test that needs a Docker engine (Redis through testcontainers, the image in
-//! tests/docker.rs) may run: one policy for all of them, the same as scripts/test.sh's.
+//! tests/docker.rs) may run: one policy for all of them, the same as scripts/test.sh's, and
+//! [`skip`] for tests that lack something else (tests/redis_tls.rs: a TLS redis-server, openssl).
 //!
 //! With an engine, the test runs. Without one it is skipped, with a `SKIPPED` line written
 //! straight to stderr (libtest does not capture it), unless `CI` is set: CI must run every test,
@@ -35,7 +36,13 @@ pub fn available() -> bool {
     let Some(why) = missing_engine() else { return true };
     // libtest names each test's thread after the test.
     let test = std::thread::current().name().unwrap_or("a test").to_string();
-    assert!(!in_ci(), "{test} needs a Docker engine and CI is set: {why}");
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: needs a Docker engine (a failure when CI is set): {why}");
+    skip(&test, "a Docker engine", why);
     false
+}
+
+/// The policy for any test that lacks what it `needs` (for the reason `why`): under CI, panics;
+/// elsewhere writes `SKIPPED <test>: …` to stderr, and the caller returns at once.
+pub fn skip(test: &str, needs: &str, why: &str) {
+    assert!(!in_ci(), "{test} needs {needs} and CI is set: {why}");
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: needs {needs} (a failure when CI is set): {why}");
 }
