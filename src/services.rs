@@ -28,6 +28,13 @@ pub struct Services {
 }
 
 impl Services {
+    /// Services put together as a worker puts them, for harnesses outside the crate (the fuzz
+    /// targets), which cannot name the crate-private tracker field.
+    #[doc(hidden)]
+    pub fn assemble(config: Arc<Config>, cache: Cache, hasher: Hasher, tracker: RequestTracker) -> Services {
+        Services { config, warmup: WarmupStatus::default(), cache, hasher, started: Instant::now(), tracker }
+    }
+
     /// Whether this worker is shutting down and should get no new traffic.
     pub fn draining(&self) -> bool {
         self.tracker.is_draining()
