@@ -28,22 +28,21 @@ pub fn check_redaction(scheme: &str, user: &str, password: &str, rest: &str) -> 
     if redacted.contains(password) {
         return Err(format!("redact_url({url:?}) = {redacted:?} shows the password"));
     }
-    // Messages add their own words: compare with the same URL around a password of the same
-    // length made of one letter, so that a password such as "expected" is not called a leak.
-    let dummy = "x".repeat(password.len());
-    let dummy_url = format!("{scheme}://{user}:{dummy}@{rest}");
-    let leaks = |output: &str, dummy_output: &str| output.contains(password) && !dummy_output.contains(password);
-
-    let env = |url: &str| vec![("REDIS_URL".to_string(), url.to_string())];
-    let config_line = |url: &str| match Config::resolve(&Flags::default(), env(url)) {
-        Ok(config) => config.describe().into_iter().map(|(var, value)| format!("{var}={value}\n")).collect(),
-        Err(err) => err.to_string(),
+    // The configuration shows the URL in one place: the value of an error, or `check`'s listing.
+    let shown = match Config::resolve(&Flags::default(), vec![("REDIS_URL".to_string(), url.clone())]) {
+        Ok(config) => config.describe().into_iter().find(|(var, _)| *var == "REDIS_URL").map(|(_, value)| value),
+        Err(err) => Some(err.value),
     };
-    let (line, dummy_line) = (config_line(&url), config_line(&dummy_url));
-    if leaks(&line, &dummy_line) {
-        return Err(format!("REDIS_URL={url:?} is shown as {line:?}"));
+    if shown.as_deref().is_some_and(|shown| shown.contains(password)) {
+        return Err(format!("REDIS_URL={url:?} is shown as {shown:?}"));
     }
 
+    // The cache's messages add words of their own (and redis-rs's): compare with the same URL
+    // around a password of the same length made of one letter, and with the messages' own words,
+    // so that a password such as "ss:/" (in "rediss://") is not called a leak.
+    let dummy = "x".repeat(password.len());
+    let dummy_url = format!("{scheme}://{user}:{dummy}@{rest}");
+    const OWN_WORDS: &str = "invalid REDIS_URL: cannot parse ; scheme is not supported, use redis:// or rediss://";
     let cache_text = |url: &str| {
         let config = CacheConfig { redis_url: Some(url.to_string()), ..CacheConfig::default() };
         let debug = format!("{config:?}");
@@ -53,7 +52,7 @@ pub fn check_redaction(scheme: &str, user: &str, password: &str, rest: &str) -> 
         }
     };
     let (text, dummy_text) = (cache_text(&url), cache_text(&dummy_url));
-    if leaks(&text, &dummy_text) {
+    if text.contains(password) && !dummy_text.contains(password) && !OWN_WORDS.contains(password) {
         return Err(format!("the cache shows {url:?} as {text:?}"));
     }
     Ok(())
