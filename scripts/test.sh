@@ -55,6 +55,13 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --all-features -- -D warnings
 cargo test --all-features --no-fail-fast
 
+# The fuzz targets (fuzz/), 15 s each: cargo fuzz needs the nightly toolchain.
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    scripts/fuzz.sh 15
+else
+    echo "no nightly toolchain: fuzz targets skipped (scripts/fuzz.sh runs them with cargo +nightly fuzz)"
+fi
+
 # The benchmark harness in its smoke mode (short durations, one run of each measurement and
 # chaos scenario), so that it cannot rot. Its figures are printed, not judged: a shared machine
 # is too noisy for that; it fails when a measurement cannot be made. The chaos scenarios need
