@@ -55,11 +55,18 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --all-features -- -D warnings
 cargo test --all-features --no-fail-fast
 
-# The fuzz targets (fuzz/), 15 s each: cargo fuzz needs the nightly toolchain.
-if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
-    scripts/fuzz.sh 15
+# The fuzz targets (fuzz/), HERDSMAN_FUZZ_SECONDS each, with the nightly toolchain. Off unless
+# asked: a cold build of the sanitizer-instrumented targets took 25 minutes on this 2-core
+# machine, more than the suite's budget allows; the property tests above (tests/properties.rs)
+# check the same oracles on every run.
+if [ -n "${HERDSMAN_FUZZ_SECONDS:-}" ]; then
+    if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+        scripts/fuzz.sh "$HERDSMAN_FUZZ_SECONDS"
+    else
+        echo "no nightly toolchain: fuzz targets skipped (scripts/fuzz.sh runs them with cargo +nightly fuzz)"
+    fi
 else
-    echo "no nightly toolchain: fuzz targets skipped (scripts/fuzz.sh runs them with cargo +nightly fuzz)"
+    echo "fuzz targets not run (set HERDSMAN_FUZZ_SECONDS=15 to run each for 15 s)"
 fi
 
 # The benchmark harness in its smoke mode (short durations, one run of each measurement and
