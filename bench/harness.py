@@ -717,7 +717,8 @@ def parse_wrk(out: str) -> dict:
 def wrk(port: int, path: str, connections: int, threads: int, duration: float,
         script: Path | None = None) -> dict:
     threads = max(1, min(threads, connections))
-    argv = ["wrk", "--latency", f"-t{threads}", f"-c{connections}", f"-d{duration}s",
+    argv = ["wrk", "--latency", f"-t{threads}", f"-c{connections}",
+            f"-d{duration:g}s",  # wrk takes whole seconds: --duration 4 is 4.0 here
             "--timeout", "5s"]
     if script:
         argv += ["-s", str(script)]
