@@ -35,18 +35,14 @@ import signal
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 from harness import (
     OUT,
-    VPY,
     BenchError,
     LoadRecorder,
     Ctx,
     RedisServer,
     Server,
-    fmt,
-    fmt_spread,
     http_request,
     log,
     pct,
@@ -62,7 +58,6 @@ RATE = 400.0
 CONNECTIONS = 8
 SETTLE_S = 2.0  # "during the event" lasts until this long after the last event
 HANG_TIMEOUT_S = 3  # GUNICORN_TIMEOUT in the hang scenario, both servers
-PLOTS = OUT / "plots"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +390,7 @@ SCENARIOS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# The measurement: every scenario, both servers, several runs; plots of the first run
+# The measurement: every scenario, both servers, several runs; the first run's timelines
 # ---------------------------------------------------------------------------------------------
 
 
@@ -418,16 +413,18 @@ def measure_chaos(ctx: Ctx) -> dict:
                 if not any(tl["target"] == target for tl in timelines[name]):
                     timelines[name].append(timeline)
     out: dict = {"runs": runs, "rate": RATE, "connections": CONNECTIONS, "scenarios": {}}
-    PLOTS.mkdir(parents=True, exist_ok=True)
     for name in names:
         if not timelines[name]:
             continue  # failed on every server: ctx.failures says why
         title, _ = SCENARIOS[name]
-        png = PLOTS / f"chaos-{name}.png"
-        plot_timelines(timelines[name], f"{title}: GET at {RATE:.0f} req/s, 2 workers", png)
+        # What the plot needs (every request of the first run, the events, new workers): the
+        # report draws it (bench/chaos_report.py).
+        data = OUT / f"chaos-{name}.json"
+        data.write_text(json.dumps({"title": f"{title}: GET at {RATE:.0f} req/s, 2 workers",
+                                    "timelines": timelines[name]}))
         out["scenarios"][name] = {
             "title": title,
-            "plot": str(png),
+            "timeline": str(data),
             "targets": {t: aggregate(results) for t, results in trials[name].items() if results},
         }
     return out
@@ -442,112 +439,3 @@ def aggregate(results: list[dict]) -> dict:
     agg["recovered_runs"] = sum(1 for r in results if r["recovery_ms"] is not None)
     agg["runs"] = results
     return agg
-
-
-def plot_timelines(timelines: list[dict], title: str, path: Path) -> None:
-    """Latency over time, one panel per server: answered requests as dots, failures as red
-    crosses at the time they were sent, events as dashed lines, new workers as dotted ones."""
-    data = OUT / (path.stem + ".json")
-    data.write_text(json.dumps({"title": title, "timelines": timelines}))
-    script = r"""
-import json, sys
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-d = json.load(open(sys.argv[1]))
-tls = d["timelines"]
-fig, axes = plt.subplots(len(tls), 1, figsize=(12, 3.2 * len(tls)), sharex=True, squeeze=False)
-for ax, tl in zip(axes[:, 0], tls):
-    ok = [s for s in tl["samples"] if s[2] is not None and s[2] < 500 and s[2] != 404]
-    miss = [s for s in tl["samples"] if s[2] == 404]
-    bad = [s for s in tl["samples"] if s[2] is None or s[2] >= 500]
-    ax.scatter([s[0] for s in ok], [s[1] for s in ok], s=3, alpha=0.5, label=f"ok ({len(ok)})")
-    if miss:
-        ax.scatter([s[0] for s in miss], [s[1] for s in miss], s=12, marker="s", color="orange",
-                   label=f"404 on an existing key ({len(miss)})")
-    if bad:
-        ax.scatter([s[0] for s in bad], [max(s[1], 0.01) for s in bad], s=30, marker="x",
-                   color="red", label=f"failed ({len(bad)})")
-    for i, t in enumerate(tl["new_workers"]):
-        ax.axvline(t, color="green", linestyle=":", linewidth=1,
-                   label="new worker" if i == 0 else None)
-    for t, label in tl["events"]:
-        ax.axvline(t, color="black", linestyle="--", linewidth=1)
-        ax.annotate(label, (t, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
-                    textcoords="offset points", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel(f"{tl['target']}: latency (ms)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-axes[-1, 0].set_xlabel("time since the load started (s)")
-fig.suptitle(d["title"])
-fig.tight_layout()
-fig.savefig(sys.argv[2], dpi=100)
-"""
-    r = subprocess.run([str(VPY), "-c", script, str(data), str(path)], capture_output=True,
-                       text=True, timeout=120)
-    if r.returncode != 0:
-        raise BenchError(f"plot failed: {r.stderr[-1000:]}")
-
-
-def table(result: dict) -> tuple[str, list[str], list[list[str]], list[str]]:
-    """(title, header, rows, notes) for run.py's report."""
-    rows = []
-    for name, sc in result["scenarios"].items():
-        for target, x in sc["targets"].items():
-            runs = x["runs"]
-            rows.append([name, target, fmt_spread(x["failed"], "", 0),
-                         fmt_spread(x["misses"], "", 0),
-                         fmt_spread(x["p99_before_ms"], " ms", 1),
-                         fmt_spread(x["p99_during_ms"], " ms", 1),
-                         fmt_spread(x["max_during_ms"], " ms", 1),
-                         recovery_cell(x, len(runs)), scenario_note(name, runs)])
-    notes = [
-        f"load: {result['connections']} keep-alive connections paced to {result['rate']:.0f} "
-        f"req/s in total; median of {result['runs']} run(s) (min–max)",
-        "failed: no HTTP answer or a 5xx (sigterm: only requests in flight at the signal and "
-        "the slow ones); misses: 404 for a key that exists",
-        "p99/max during: answered requests in flight between the first event and 2 s after the "
-        "last (the whole run for max-requests); recovery: until a replacement worker has "
-        "answered /health and "
-        "no request has failed or been slow (> 5x p99 before, ≥ 20 ms) since (kill9, hang), "
-        "until every worker is new and has answered (hup), until every worker reports Redis up "
-        "(redis: the slower of the two returns), until the master exited (sigterm); /health is "
-        "polled every 50 ms, the workers every 20 ms",
-    ]
-    return ("chaos: failures, latency and recovery under steady load (WEB_CONCURRENCY=2)",
-            ["scenario", "server", "failed", "misses", "p99 before", "p99 during", "max during",
-             "recovery",
-             "notes"], rows, notes)
-
-
-def recovery_cell(x: dict, runs: int) -> str:
-    if not x["runs"][0]["events"]:
-        return "—"  # nothing to recover from (max-requests)
-    if x["recovered_runs"] == 0:
-        return "not within the run"
-    cell = fmt_spread(x["recovery_ms"], " ms", 0)
-    if x["recovered_runs"] < runs:
-        cell += f" ({runs - x['recovered_runs']} run(s) did not recover)"
-    return cell
-
-
-def scenario_note(name: str, runs: list[dict]) -> str:
-    if name == "sigterm":
-        return "; ".join(f"slow {r['slow_completed']}/{r['slow_total']} completed, exit "
-                         f"{r['exit_status']}, {r['failed_after_signal']} refused after the signal"
-                         for r in runs[:1]) + (" (run 1)" if len(runs) > 1 else "")
-    if name == "max-requests":
-        return "workers recycled per run: " + ", ".join(str(r["recycled"]) for r in runs)
-    if name == "redis":
-        return "back → all workers up (ms): " + "; ".join(
-            ", ".join(fmt(v, "", 0) for v in r["recovery_each_ms"]) for r in runs)
-    return "new workers per run: " + ", ".join(str(r["new_workers"]) for r in runs) + stalls(runs)
-
-
-def stalls(runs: list[dict]) -> str:
-    stalled = [str(i + 1) for i, r in enumerate(runs) if r.get("answered_during") == 0]
-    if not stalled:
-        return ""
-    return (f"; run {', '.join(stalled)}: no request answered during the event (every load "
-            f"connection was stuck on the hung worker), left out of p99/max during")

@@ -1,7 +1,8 @@
 """Shared pieces of the benchmark harness: how to start each server and Redis, a raw-socket
 HTTP client with exact timing, process trees, wrk and redis-benchmark, number formatting.
 
-bench/run.py (the measurements and the report) and bench/chaos.py (the chaos suite) build on
+bench/measure.py (the measurements), bench/chaos.py (the chaos suite), bench/report.py and
+bench/chaos_report.py (the tables, the markdown, the plots) and bench/run.py (the entry) build on
 this module; it needs only the standard library.
 """
 
@@ -25,6 +26,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 VENV = BENCH / ".venv"
 VPY = VENV / "bin" / "python"
+VPY_PROGRAMS = BENCH / "vpy"  # programs that need the venv: [VPY, VPY_PROGRAMS / name, ...]
 PEER_DIR = BENCH / "peer"
 HELLO_DIR = BENCH / "hello"
 HELLO_TARGET = BENCH / "target-hello"
@@ -715,7 +717,8 @@ def parse_wrk(out: str) -> dict:
 def wrk(port: int, path: str, connections: int, threads: int, duration: float,
         script: Path | None = None) -> dict:
     threads = max(1, min(threads, connections))
-    argv = ["wrk", "--latency", f"-t{threads}", f"-c{connections}", f"-d{duration}s",
+    argv = ["wrk", "--latency", f"-t{threads}", f"-c{connections}",
+            f"-d{duration:g}s",  # wrk takes whole seconds: --duration 4 is 4.0 here
             "--timeout", "5s"]
     if script:
         argv += ["-s", str(script)]

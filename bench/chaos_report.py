@@ -1,0 +1,111 @@
+"""Rendering of the chaos suite's results (bench/chaos.py's measure_chaos): the latency-over-time
+plots, the table, the markdown around the plots. Imports the measurement side's constants,
+never the other way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from harness import BENCH, OUT, VPY, VPY_PROGRAMS, BenchError, fmt, fmt_spread
+
+PLOTS = OUT / "plots"
+
+
+def plot_timelines(data: Path, path: Path) -> None:
+    """Draw the timelines measure_chaos wrote to `data` into the PNG `path`
+    (bench/vpy/plot_timeline.py, with the venv's matplotlib)."""
+    r = subprocess.run([str(VPY), str(VPY_PROGRAMS / "plot_timeline.py"), str(data), str(path)],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise BenchError(f"plot failed: {r.stderr[-1000:]}")
+
+
+def plot(result: dict) -> None:
+    """One plot per scenario in bench/out/plots; its path in the scenario's "plot"."""
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    for name, sc in result["scenarios"].items():
+        png = PLOTS / f"chaos-{name}.png"
+        plot_timelines(Path(sc["timeline"]), png)
+        sc["plot"] = str(png)
+
+
+def markdown_plots(result: dict, path: Path) -> list[str]:
+    """Copy the chaos plots to bench/plots (committed with the report); markdown that shows them."""
+    plots = BENCH / "plots"
+    plots.mkdir(exist_ok=True)
+    lines = []
+    for name, sc in result["scenarios"].items():
+        if "plot" not in sc:
+            continue  # drawing it failed: the run's failures say so
+        png = plots / Path(sc["plot"]).name
+        shutil.copy2(sc["plot"], png)
+        rel = os.path.relpath(png, path.resolve().parent)
+        lines += [f"### {name}: {sc['title']}", "", f"![{name}]({rel})", ""]
+    return lines
+
+
+def table(result: dict) -> tuple[str, list[str], list[list[str]], list[str]]:
+    """(title, header, rows, notes) for report.py's tables."""
+    rows = []
+    for name, sc in result["scenarios"].items():
+        for target, x in sc["targets"].items():
+            runs = x["runs"]
+            rows.append([name, target, fmt_spread(x["failed"], "", 0),
+                         fmt_spread(x["misses"], "", 0),
+                         fmt_spread(x["p99_before_ms"], " ms", 1),
+                         fmt_spread(x["p99_during_ms"], " ms", 1),
+                         fmt_spread(x["max_during_ms"], " ms", 1),
+                         recovery_cell(x, len(runs)), scenario_note(name, runs)])
+    notes = [
+        f"load: {result['connections']} keep-alive connections paced to {result['rate']:.0f} "
+        f"req/s in total; median of {result['runs']} run(s) (min–max)",
+        "failed: no HTTP answer or a 5xx (sigterm: only requests in flight at the signal and "
+        "the slow ones); misses: 404 for a key that exists",
+        "p99/max during: answered requests in flight between the first event and 2 s after the "
+        "last (the whole run for max-requests); recovery: until a replacement worker has "
+        "answered /health and "
+        "no request has failed or been slow (> 5x p99 before, ≥ 20 ms) since (kill9, hang), "
+        "until every worker is new and has answered (hup), until every worker reports Redis up "
+        "(redis: the slower of the two returns), until the master exited (sigterm); /health is "
+        "polled every 50 ms, the workers every 20 ms",
+    ]
+    return ("chaos: failures, latency and recovery under steady load (WEB_CONCURRENCY=2)",
+            ["scenario", "server", "failed", "misses", "p99 before", "p99 during", "max during",
+             "recovery",
+             "notes"], rows, notes)
+
+
+def recovery_cell(x: dict, runs: int) -> str:
+    if not x["runs"][0]["events"]:
+        return "—"  # nothing to recover from (max-requests)
+    if x["recovered_runs"] == 0:
+        return "not within the run"
+    cell = fmt_spread(x["recovery_ms"], " ms", 0)
+    if x["recovered_runs"] < runs:
+        cell += f" ({runs - x['recovered_runs']} run(s) did not recover)"
+    return cell
+
+
+def scenario_note(name: str, runs: list[dict]) -> str:
+    if name == "sigterm":
+        return "; ".join(f"slow {r['slow_completed']}/{r['slow_total']} completed, exit "
+                         f"{r['exit_status']}, {r['failed_after_signal']} refused after the signal"
+                         for r in runs[:1]) + (" (run 1)" if len(runs) > 1 else "")
+    if name == "max-requests":
+        return "workers recycled per run: " + ", ".join(str(r["recycled"]) for r in runs)
+    if name == "redis":
+        return "back → all workers up (ms): " + "; ".join(
+            ", ".join(fmt(v, "", 0) for v in r["recovery_each_ms"]) for r in runs)
+    return "new workers per run: " + ", ".join(str(r["new_workers"]) for r in runs) + stalls(runs)
+
+
+def stalls(runs: list[dict]) -> str:
+    stalled = [str(i + 1) for i, r in enumerate(runs) if r.get("answered_during") == 0]
+    if not stalled:
+        return ""
+    return (f"; run {', '.join(stalled)}: no request answered during the event (every load "
+            f"connection was stuck on the hung worker), left out of p99/max during")
