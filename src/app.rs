@@ -159,14 +159,12 @@ mod tests {
 
     fn services() -> Services {
         use crate::cache::{Cache, CacheConfig};
-        Services {
-            config: Arc::new(Config::default()),
-            warmup: Default::default(),
-            cache: Cache::new(CacheConfig::default()).expect("a memory cache"),
-            hasher: crate::hasher::Hasher::new(1, 4).expect("a hasher"),
-            started: std::time::Instant::now(),
-            tracker: crate::tracker::RequestTracker::new(None, || {}),
-        }
+        Services::assemble(
+            Arc::new(Config::default()),
+            Cache::new(CacheConfig::default()).expect("a memory cache"),
+            crate::hasher::Hasher::new(1, 4).expect("a hasher"),
+            crate::tracker::RequestTracker::new(None, || {}),
+        )
     }
 
     async fn status(router: Router, method: &str, path: &str) -> u16 {

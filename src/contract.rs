@@ -89,24 +89,17 @@ pub unsafe fn take_inherited() -> Result<Inherited, ContractError> {
         }
     })?;
     let control = take_fd(CONTROL_FD, "the write end of a pipe", |fd| {
-        let kind = fstat(&fd).map_err(|e| e.to_string())?;
         let flags = OFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GETFL).map_err(|e| e.to_string())?);
-        match (
-            SFlag::from_bits_truncate(kind.st_mode) & SFlag::S_IFMT == SFlag::S_IFIFO,
-            flags.contains(OFlag::O_WRONLY),
-        ) {
-            (true, true) => Ok(fd),
-            _ => Err("another kind of file".into()),
+        match file_type(&fd)? == SFlag::S_IFIFO && flags.contains(OFlag::O_WRONLY) {
+            true => Ok(fd),
+            false => Err("another kind of file".into()),
         }
     })?;
     let slots = match slot {
         None => None,
-        Some(index) => match take_fd(SLOTS_FD, "the balancing table", |fd| {
-            let kind = fstat(&fd).map_err(|e| e.to_string())?;
-            match SFlag::from_bits_truncate(kind.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG {
-                true => Ok(fd),
-                false => Err("not a memory file".into()),
-            }
+        Some(index) => match take_fd(SLOTS_FD, "the balancing table", |fd| match file_type(&fd)? == SFlag::S_IFREG {
+            true => Ok(fd),
+            false => Err("not a memory file".into()),
         }) {
             Ok(fd) => Some((fd, index)),
             Err(e) => {
@@ -116,6 +109,12 @@ pub unsafe fn take_inherited() -> Result<Inherited, ContractError> {
         },
     };
     Ok(Inherited { config, listener: listener.into(), control, slots })
+}
+
+/// The kind of file `fd` is (`S_IFIFO`, `S_IFREG`, …).
+fn file_type(fd: &OwnedFd) -> Result<SFlag, String> {
+    let stat = fstat(fd).map_err(|e| e.to_string())?;
+    Ok(SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT)
 }
 
 /// Owns `fd`, sets close-on-exec on it and checks it with `check`.

@@ -28,8 +28,8 @@ pub struct Services {
 }
 
 impl Services {
-    /// Services put together as a worker puts them, for harnesses outside the crate (the fuzz
-    /// targets), which cannot name the crate-private tracker field.
+    /// A worker's services, with no warm-up task yet; the worker builds its own with this, and
+    /// so do harnesses outside the crate (the fuzz targets), which cannot name the tracker.
     #[doc(hidden)]
     pub fn assemble(config: Arc<Config>, cache: Cache, hasher: Hasher, tracker: RequestTracker) -> Services {
         Services { config, warmup: WarmupStatus::default(), cache, hasher, started: Instant::now(), tracker }

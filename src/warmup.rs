@@ -212,17 +212,13 @@ pub fn builtin(config: &crate::config::Config) -> Vec<WarmupTask> {
         services.hasher.hash("herdsman-prewarm", cost).await?;
         let took = started.elapsed();
         if took > SLOW_HASH {
-            if cfg!(debug_assertions) {
-                tracing::warn!(
-                    "one bcrypt hash at cost {cost} takes {} ms; this is a debug build, in which bcrypt is about ten times slower: measure with a release build",
-                    took.as_millis()
-                );
-            } else {
-                tracing::warn!(
-                    "one bcrypt hash at cost {cost} takes {} ms on this CPU; logins will be slow: lower BCRYPT_COST",
-                    took.as_millis()
-                );
-            }
+            let advice = match cfg!(debug_assertions) {
+                true => {
+                    "; this is a debug build, in which bcrypt is about ten times slower: measure with a release build"
+                }
+                false => " on this CPU; logins will be slow: lower BCRYPT_COST",
+            };
+            tracing::warn!("one bcrypt hash at cost {cost} takes {} ms{advice}", took.as_millis());
         }
         Ok::<(), crate::hasher::HashError>(())
     })];

@@ -21,7 +21,7 @@
 use std::net::TcpListener as StdTcpListener;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -134,15 +134,12 @@ async fn serve(
             tokio::spawn(async move { tell(&control, Message::Recycle).await });
         })
     };
-    let warmup = WarmupStatus::default();
-    spawn_abort_diagnostics(tracker.clone(), warmup.clone());
-
     // The master validated the URL before it bound the port, so this does not fail in practice.
     let cache = Cache::new(CacheConfig::from_config(&config)).map_err(std::io::Error::other)?;
     let threads = hasher_threads(config.workers);
     let hasher = Hasher::new(threads, HASH_QUEUE_PER_THREAD * threads).map_err(std::io::Error::other)?;
-    let services =
-        Services { config: config.clone(), warmup, cache, hasher, started: Instant::now(), tracker: tracker.clone() };
+    let services = Services::assemble(config.clone(), cache, hasher, tracker.clone());
+    spawn_abort_diagnostics(tracker.clone(), services.warmup.clone());
     let router = http::router(&services, (app.routes)(&services));
     let guard = http::Guard::new(router, tracker.clone(), config.request_timeout, config.max_body_bytes);
 

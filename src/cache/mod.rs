@@ -281,7 +281,7 @@ impl Cache {
         }
         let redis = match config.redis_url.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(url) => Some(RedisTier::new(url, &config)?.pending_budget(config.memory_capacity)),
+            Some(url) => Some(RedisTier::new(url, &config)?),
         };
         let memory = memory::new_memory(config.memory_capacity);
         Ok(Cache { inner: Arc::new(Inner { memory, redis }) })

@@ -108,12 +108,6 @@ pub(super) enum Request<'a> {
 }
 
 impl RedisTier {
-    /// Bounds the writes held for replay during an outage to `bytes`.
-    pub(super) fn pending_budget(mut self, bytes: u64) -> RedisTier {
-        self.pending_max_bytes = bytes;
-        self
-    }
-
     /// Checks `url` (and the CA file, if any) and sets the tier up, breaker `Connecting`;
     /// connects nothing.
     pub(super) fn new(url: &str, config: &CacheConfig) -> Result<RedisTier, CacheError> {
@@ -125,7 +119,8 @@ impl RedisTier {
             pool_size: config.pool_size.max(1),
             timeout: config.operation_timeout,
             pool: Mutex::new(None),
-            pending_max_bytes: u64::MAX,
+            // The writes held for replay get the memory tier's byte budget again.
+            pending_max_bytes: config.memory_capacity,
             up: AtomicBool::new(false),
             shared: Mutex::new(Shared {
                 breaker: Breaker::Connecting,
