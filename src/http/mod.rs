@@ -11,6 +11,8 @@ pub mod cache_api;
 pub mod error;
 pub mod guard;
 pub mod health;
+pub mod queue_time;
+pub mod request_id;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
 
