@@ -58,10 +58,17 @@ pub struct Config {
     /// (Heroku's router gives up at 30 s anyway).
     #[serde(with = "secs")]
     pub request_timeout: Duration,
-    /// A client must send its request headers within this time. `HERDSMAN_HEADER_TIMEOUT`,
-    /// default 10 s: a slow-loris connection must not hold a worker's connection slot forever.
+    /// A client must send a request's headers within this time of its first byte (of the accept,
+    /// for a connection's first request). `HERDSMAN_HEADER_TIMEOUT`, default 10 s: a slow-loris
+    /// connection must not hold a worker's connection slot for long.
     #[serde(with = "secs")]
     pub header_timeout: Duration,
+    /// An idle keep-alive connection is closed after this long without a request.
+    /// `HERDSMAN_KEEPALIVE_TIMEOUT`, default 95 s: above the 90 s Heroku's router keeps idle
+    /// connections to a dyno (and the 60 s of an AWS ALB), so the router always closes first
+    /// and never sends a request into a socket herdsman is closing.
+    #[serde(with = "secs")]
+    pub keepalive_timeout: Duration,
     /// Request bodies above this size are answered 413. `HERDSMAN_MAX_BODY_BYTES`, default 1 MiB.
     pub max_body_bytes: usize,
     /// `text` or `json`. `LOG_FORMAT`, default `text`.
@@ -189,6 +196,9 @@ settings! {
     header_timeout, "HERDSMAN_HEADER_TIMEOUT", "header-timeout", "SECONDS",
         "Seconds a client may take to send its request headers [default: 10]",
         default Duration::from_secs(10), parse Raw::seconds;
+    keepalive_timeout, "HERDSMAN_KEEPALIVE_TIMEOUT", "keepalive-timeout", "SECONDS",
+        "Seconds an idle keep-alive connection stays open between requests [default: 95]",
+        default Duration::from_secs(95), parse Raw::seconds;
     max_body_bytes, "HERDSMAN_MAX_BODY_BYTES", "max-body-bytes", "BYTES",
         "Largest request body [default: 1048576]",
         default 1 << 20, parse |r: &Raw| r.integer(1usize, 1 << 30);
