@@ -23,6 +23,8 @@ use std::time::Duration;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
+use crate::platform::{self, Detected, Fit, Host};
+
 /// The highest `WEB_CONCURRENCY` accepted: a typo such as `100000` must not fork-bomb a container.
 pub const MAX_WORKERS: usize = 512;
 
@@ -151,13 +153,23 @@ macro_rules! settings {
         /// `(variable, Config field)` for every setting, in table order.
         const VARIABLES: &[(&str, &str)] = &[$(($var, stringify!($field))),*];
 
-        fn resolve_table(flags: &Flags, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
-            Ok(Config {
-                $( $field: match pick(&flags.$field, $flag, env.get(&$var.to_ascii_lowercase()), $var) {
-                    Some(raw) => ($parse)(&raw)?,
-                    None => $default,
+        fn resolve_table(
+            flags: &Flags,
+            env: &HashMap<String, String>,
+            fits: &HashMap<&'static str, Fit>,
+        ) -> Result<(Config, Vec<(&'static str, Source)>), ConfigError> {
+            let mut sources = Vec::with_capacity(VARIABLES.len());
+            let config = Config {
+                $( $field: {
+                    let (raw, source) = pick(&flags.$field, $flag, env.get(&$var.to_ascii_lowercase()), $var, fits);
+                    sources.push(($var, source));
+                    match raw {
+                        Some(raw) => ($parse)(&raw)?,
+                        None => $default,
+                    }
                 }, )*
-            })
+            };
+            Ok((config, sources))
         }
     };
 }
@@ -340,12 +352,62 @@ impl Raw<'_> {
     }
 }
 
-/// Picks the flag over the variable, keeping the name of whichever was used.
-fn pick<'a>(flag: &'a Option<String>, flag_name: &str, env: Option<&'a String>, var: &str) -> Option<Raw<'a>> {
-    match (flag, env) {
-        (Some(value), _) => Some(Raw { source_name: format!("--{flag_name}"), value }),
-        (None, Some(value)) => Some(Raw { source_name: var.to_string(), value }),
-        (None, None) => None,
+/// Picks the flag over the variable over the platform's fit, keeping the name of whichever was
+/// used; `None` means the default.
+fn pick<'a>(
+    flag: &'a Option<String>,
+    flag_name: &str,
+    env: Option<&'a String>,
+    var: &str,
+    fits: &'a HashMap<&'static str, Fit>,
+) -> (Option<Raw<'a>>, Source) {
+    match (flag, env, fits.get(var)) {
+        (Some(value), _, _) => (Some(Raw { source_name: format!("--{flag_name}"), value }), Source::Flag),
+        (None, Some(value), _) => (Some(Raw { source_name: var.to_string(), value }), Source::Environment),
+        (None, None, Some(fit)) => (
+            Some(Raw { source_name: format!("{var} (fitted to the platform)"), value: &fit.value }),
+            Source::Platform(fit.why.clone()),
+        ),
+        (None, None, None) => (None, Source::Default),
+    }
+}
+
+/// Where a setting's value came from, as `herdsman check` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    /// Fitted to the detected platform; the reason.
+    Platform(String),
+    Environment,
+    Flag,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => f.write_str("default"),
+            Source::Platform(why) => write!(f, "platform: {why}"),
+            Source::Environment => f.write_str("environment"),
+            Source::Flag => f.write_str("flag"),
+        }
+    }
+}
+
+/// A resolved configuration with what explains it: the platform, each value's source, and what
+/// to warn about once at start.
+#[derive(Debug, Clone)]
+pub struct Resolution {
+    pub config: Config,
+    pub platform: Option<Detected>,
+    /// `(VARIABLE, source)` in table order, as [`Config::describe`] lists the values.
+    pub sources: Vec<(&'static str, Source)>,
+    pub warnings: Vec<String>,
+}
+
+impl Resolution {
+    /// The source of one variable's value.
+    pub fn source(&self, var: &str) -> Option<&Source> {
+        self.sources.iter().find(|(name, _)| *name == var).map(|(_, source)| source)
     }
 }
 
@@ -353,6 +415,17 @@ impl Config {
     /// Resolves the configuration from flags and an environment given as name/value pairs.
     /// Tests pass their own pairs; [`Config::from_process`] passes the real environment.
     pub fn resolve<I>(flags: &Flags, env: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        Config::resolve_on(flags, env, Host::this_process).map(|resolution| resolution.config)
+    }
+
+    /// Resolves the configuration on `host`, with the platform the environment shows and the
+    /// source of every value. Flags win over variables, variables over the platform's fitted
+    /// defaults (see [`crate::platform`]), those over herdsman's own defaults.
+    /// `host` is asked only when a platform is detected.
+    pub fn resolve_on<I>(flags: &Flags, env: I, host: impl FnOnce() -> Host) -> Result<Resolution, ConfigError>
     where
         I: IntoIterator<Item = (String, String)>,
     {
@@ -364,15 +437,25 @@ impl Config {
                 value: e.to_string(),
                 expected: "variables holding UTF-8 text".into(),
             })?;
-        resolve_table(flags, &env)
+        let platform = platform::detect(&env);
+        let fits = platform.as_ref().map(|p| p.fits(&host())).unwrap_or_default();
+        let (config, sources) = resolve_table(flags, &env, &fits)?;
+        let mut resolution = Resolution { config, platform, sources, warnings: Vec::new() };
+        if let Some(platform) = &resolution.platform {
+            let explicit = matches!(resolution.source("GRACEFUL_TIMEOUT"), Some(Source::Environment | Source::Flag));
+            resolution.warnings = platform.warnings(resolution.config.graceful_timeout, explicit);
+        }
+        Ok(resolution)
     }
 
-    /// Resolves the configuration from the given flags and this process's environment.
-    pub fn from_process(flags: &Flags) -> Result<Config, ConfigError> {
+    /// Resolves the configuration from the given flags and this process's environment, on this
+    /// machine.
+    pub fn from_process(flags: &Flags) -> Result<Resolution, ConfigError> {
         // Variables that are not UTF-8 are none of ours; skip them rather than fail.
-        Config::resolve(
+        Config::resolve_on(
             flags,
             std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+            Host::this_process,
         )
     }
 

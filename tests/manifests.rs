@@ -55,6 +55,16 @@ fn grace() -> f64 {
     herdsman::Config::default().graceful_timeout.as_secs_f64()
 }
 
+/// The drain time herdsman resolves to on a platform: the variables the platform sets, plus the
+/// manifest's own environment, with the defaults fitted to that platform (no cgroup limits).
+fn grace_on(env: &[(String, String)]) -> f64 {
+    let host = || herdsman::platform::Host { visible_cpus: 1, limits: herdsman::platform::Limits::default() };
+    let resolution = herdsman::Config::resolve_on(&herdsman::config::Flags::default(), env.to_vec(), host)
+        .unwrap_or_else(|e| panic!("{env:?} does not resolve: {e}"));
+    assert!(resolution.platform.is_some(), "{env:?} names no platform");
+    resolution.config.graceful_timeout.as_secs_f64()
+}
+
 /// Asserts `value` is a map whose keys are all in `known`; `what` names it in the failure.
 #[track_caller]
 fn known_keys<'a>(value: &'a Value, what: &str, known: &[&str]) -> &'a serde_json::Map<String, Value> {
@@ -513,8 +523,19 @@ fn fly_checks_a_health_route_on_the_image_port_and_waits_longer_than_herdsman_dr
     let signal = str_at(&fly, "/kill_signal", "fly.toml");
     assert!(["SIGTERM", "SIGINT"].contains(&signal), "kill_signal {signal} must be one herdsman drains on");
     let kill_timeout = duration_secs(&fly["kill_timeout"]);
-    assert!(kill_timeout > grace(), "kill_timeout {kill_timeout} must exceed GRACEFUL_TIMEOUT {}", grace());
     assert!(kill_timeout <= FLY_MAX_KILL_TIMEOUT, "Fly accepts at most 300 s");
+    // herdsman cannot read kill_timeout at run time: on Fly it fits its drain to the 5 s default,
+    // so a raised kill_timeout is used only if [env] raises GRACEFUL_TIMEOUT with it.
+    let mut env = vec![("FLY_APP_NAME".to_string(), "herdsman".to_string())];
+    if let Some(vars) = fly.get("env").and_then(Value::as_object) {
+        env.extend(vars.iter().map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string))));
+    }
+    let grace = grace_on(&env);
+    assert!(kill_timeout > grace, "kill_timeout {kill_timeout} must exceed GRACEFUL_TIMEOUT {grace} on Fly");
+    assert!(
+        kill_timeout - grace <= 10.0,
+        "kill_timeout {kill_timeout} is raised but herdsman drains only {grace} s: set GRACEFUL_TIMEOUT in [env]"
+    );
 
     // Fly sets no PORT: the image's ENV PORT is what herdsman binds, so they must agree.
     let image = image();
