@@ -639,6 +639,37 @@ mod tests {
     }
 
     #[test]
+    fn an_explicit_setting_beats_the_platforms_fit_which_beats_the_default() {
+        use crate::platform::{Host, Limits};
+        let small_dyno = || Host { visible_cpus: 8, limits: Limits { cpus: None, memory_bytes: Some(512 << 20) } };
+        let fitted = Config::resolve_on(&Flags::default(), env(&[("K_SERVICE", "api")]), small_dyno).unwrap();
+        assert_eq!(fitted.config.graceful_timeout, Duration::from_secs(8));
+        assert_eq!(fitted.config.workers, 2);
+        assert!(matches!(fitted.source("GRACEFUL_TIMEOUT"), Some(Source::Platform(_))));
+        assert!(matches!(fitted.source("WEB_CONCURRENCY"), Some(Source::Platform(_))));
+        assert_eq!(fitted.source("PORT"), Some(&Source::Default));
+
+        let pairs = env(&[("K_SERVICE", "api"), ("GRACEFUL_TIMEOUT", "9"), ("WEB_CONCURRENCY", "6")]);
+        let explicit = Config::resolve_on(&Flags::default(), pairs.clone(), small_dyno).unwrap();
+        assert_eq!(explicit.config.graceful_timeout, Duration::from_secs(9));
+        assert_eq!(explicit.config.workers, 6);
+        assert_eq!(explicit.source("GRACEFUL_TIMEOUT"), Some(&Source::Environment));
+        assert_eq!(explicit.warnings.len(), 0, "9 s is below Cloud Run's 10 s: {:?}", explicit.warnings);
+
+        let flags = Flags { graceful_timeout: Some("12".into()), ..Flags::default() };
+        let flagged = Config::resolve_on(&flags, pairs, small_dyno).unwrap();
+        assert_eq!(flagged.config.graceful_timeout, Duration::from_secs(12));
+        assert_eq!(flagged.source("GRACEFUL_TIMEOUT"), Some(&Source::Flag));
+        assert_eq!(flagged.warnings.len(), 1, "{:?}", flagged.warnings);
+    }
+
+    #[test]
+    fn without_a_platform_the_host_is_never_read() {
+        let resolution = Config::resolve_on(&Flags::default(), env(&[]), || panic!("read the host")).unwrap();
+        assert!(resolution.platform.is_none() && resolution.warnings.is_empty());
+    }
+
+    #[test]
     fn config_survives_the_trip_to_a_worker() {
         let c = resolve_env(&[("GUNICORN_TIMEOUT", "0.5"), ("CACHE_WARM_KEYS", "a, b,,c")]).unwrap();
         assert_eq!(c.cache_warm_keys, vec!["a", "b", "c"]);
