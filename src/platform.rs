@@ -347,25 +347,33 @@ mod tests {
     #[test]
     fn cgroup_limits_are_read_from_v2_then_v1() {
         let root = std::env::temp_dir().join(format!("herdsman-cgroup-{}", std::process::id()));
-        let v2 = root.join("v2");
-        std::fs::create_dir_all(&v2).unwrap();
-        std::fs::write(v2.join("cpu.max"), "150000 100000\n").unwrap();
-        std::fs::write(v2.join("memory.max"), "536870912\n").unwrap();
-        assert_eq!(Limits::read(&v2), Limits { cpus: Some(1.5), memory_bytes: Some(512 << 20) });
-        std::fs::write(v2.join("cpu.max"), "max 100000\n").unwrap();
-        std::fs::write(v2.join("memory.max"), "max\n").unwrap();
-        assert_eq!(Limits::read(&v2), Limits::default());
+        let cgroup = |dir: &str, files: &[(&str, &str)]| {
+            let dir = root.join(dir);
+            for (file, content) in files {
+                let path = dir.join(file);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(path, content).unwrap();
+            }
+            Limits::read(&dir)
+        };
+        let v2 = cgroup("v2", &[("cpu.max", "150000 100000\n"), ("memory.max", "536870912\n")]);
+        assert_eq!(v2, Limits { cpus: Some(1.5), memory_bytes: Some(512 << 20) });
+        assert_eq!(cgroup("v2", &[("cpu.max", "max 100000\n"), ("memory.max", "max\n")]), Limits::default());
 
-        let v1 = root.join("v1");
-        std::fs::create_dir_all(v1.join("cpu")).unwrap();
-        std::fs::create_dir_all(v1.join("memory")).unwrap();
-        std::fs::write(v1.join("cpu/cpu.cfs_quota_us"), "200000\n").unwrap();
-        std::fs::write(v1.join("cpu/cpu.cfs_period_us"), "100000\n").unwrap();
-        std::fs::write(v1.join("memory/memory.limit_in_bytes"), "1073741824\n").unwrap();
-        assert_eq!(Limits::read(&v1), Limits { cpus: Some(2.0), memory_bytes: Some(1 << 30) });
-        std::fs::write(v1.join("cpu/cpu.cfs_quota_us"), "-1\n").unwrap();
-        std::fs::write(v1.join("memory/memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
-        assert_eq!(Limits::read(&v1), Limits::default());
+        let v1 = cgroup(
+            "v1",
+            &[
+                ("cpu/cpu.cfs_quota_us", "200000\n"),
+                ("cpu/cpu.cfs_period_us", "100000\n"),
+                ("memory/memory.limit_in_bytes", "1073741824\n"),
+            ],
+        );
+        assert_eq!(v1, Limits { cpus: Some(2.0), memory_bytes: Some(1 << 30) });
+        let unlimited_v1 = cgroup(
+            "v1",
+            &[("cpu/cpu.cfs_quota_us", "-1\n"), ("memory/memory.limit_in_bytes", "9223372036854771712\n")],
+        );
+        assert_eq!(unlimited_v1, Limits::default());
         assert_eq!(Limits::read(&root.join("absent")), Limits::default());
         let _ = std::fs::remove_dir_all(&root);
     }

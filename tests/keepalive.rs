@@ -38,6 +38,24 @@ fn read_live_response(stream: &mut TcpStream) -> Option<String> {
     Some(String::from_utf8_lossy(&response).into_owned())
 }
 
+/// A connection that has had one `/live` answered and is now idle.
+fn kept_alive(server: &Herdsman) -> TcpStream {
+    let mut stream = connect(server);
+    stream.write_all(LIVE).unwrap();
+    let first = read_live_response(&mut stream).expect("first answer");
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    stream
+}
+
+/// Waits until the server closes the connection and asserts it took from `at_least` to
+/// `less_than`; `what` names the timer expected to close it.
+#[track_caller]
+fn assert_closed_after(stream: &mut TcpStream, at_least: Duration, less_than: Duration, what: &str) {
+    let waited = time_until_closed(stream);
+    assert!(waited >= at_least, "closed after {waited:?}, before the {what}");
+    assert!(waited < less_than, "closed only after {waited:?}: not by the {what}");
+}
+
 /// Waits until the server closes the connection; how long that took.
 fn time_until_closed(stream: &mut TcpStream) -> Duration {
     let started = Instant::now();
@@ -54,10 +72,7 @@ fn time_until_closed(stream: &mut TcpStream) -> Duration {
 #[test]
 fn an_idle_connection_outlives_the_header_timeout_and_closes_at_the_keepalive_timeout() {
     let server = start(HEADER);
-    let mut stream = connect(&server);
-    stream.write_all(LIVE).unwrap();
-    let first = read_live_response(&mut stream).expect("first answer");
-    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let mut stream = kept_alive(&server);
 
     // Idle twice the header timeout: the old behaviour closed the connection here.
     std::thread::sleep(Duration::from_secs(2));
@@ -65,17 +80,13 @@ fn an_idle_connection_outlives_the_header_timeout_and_closes_at_the_keepalive_ti
     let second = read_live_response(&mut stream).expect("the idle connection was closed before the keep-alive timeout");
     assert!(second.starts_with("HTTP/1.1 200"), "{second}");
 
-    let idle = time_until_closed(&mut stream);
-    assert!(idle >= Duration::from_millis(3500), "closed after {idle:?} idle, before the 4 s keep-alive");
-    assert!(idle < Duration::from_secs(8), "still open after {idle:?} idle");
+    assert_closed_after(&mut stream, Duration::from_millis(3500), Duration::from_secs(8), "4 s keep-alive timeout");
 }
 
 #[test]
 fn a_request_begun_just_before_the_keepalive_ends_gets_the_header_timeout_to_finish() {
     let server = start(HEADER);
-    let mut stream = connect(&server);
-    stream.write_all(LIVE).unwrap();
-    read_live_response(&mut stream).expect("first answer");
+    let mut stream = kept_alive(&server);
 
     // Idle 3.5 s of 4, then a head sent in two parts, finished 4.2 s after the response: past the
     // keep-alive deadline, but within the header timeout of its first byte.
@@ -90,16 +101,12 @@ fn a_request_begun_just_before_the_keepalive_ends_gets_the_header_timeout_to_fin
 #[test]
 fn a_slow_head_on_a_kept_alive_connection_is_cut_at_the_header_timeout() {
     let server = start(HEADER);
-    let mut stream = connect(&server);
-    stream.write_all(LIVE).unwrap();
-    read_live_response(&mut stream).expect("first answer");
+    let mut stream = kept_alive(&server);
 
     // The second request's head never ends: the header timeout (1 s), not the keep-alive (4 s),
     // closes the connection.
     stream.write_all(b"GET /live HTTP/1.1\r\nHost: slow\r\n").unwrap();
-    let waited = time_until_closed(&mut stream);
-    assert!(waited >= Duration::from_millis(800), "cut before the header timeout: {waited:?}");
-    assert!(waited < Duration::from_millis(3500), "cut after {waited:?}: the keep-alive timer, not the header timer");
+    assert_closed_after(&mut stream, Duration::from_millis(800), Duration::from_millis(3500), "1 s header timeout");
 }
 
 #[test]
@@ -108,17 +115,13 @@ fn a_connection_that_sends_nothing_is_closed_at_the_header_timeout() {
     // keep-alive one, so silent connections hold no slot for long.
     let server = start(HEADER);
     let mut stream = connect(&server);
-    let waited = time_until_closed(&mut stream);
-    assert!(waited >= Duration::from_millis(800), "closed before the header timeout: {waited:?}");
-    assert!(waited < Duration::from_millis(3500), "closed after {waited:?}");
+    assert_closed_after(&mut stream, Duration::from_millis(800), Duration::from_millis(3500), "1 s header timeout");
 }
 
 #[test]
 fn idle_connections_still_close_promptly_when_the_worker_drains() {
     let mut server = start(&[("WEB_CONCURRENCY", "1"), ("HERDSMAN_KEEPALIVE_TIMEOUT", "60")]);
-    let mut stream = connect(&server);
-    stream.write_all(LIVE).unwrap();
-    read_live_response(&mut stream).expect("first answer");
+    let mut stream = kept_alive(&server);
 
     server.signal(Signal::SIGTERM);
     let waited = time_until_closed(&mut stream);
