@@ -1,4 +1,4 @@
-# herdsman container image: one static binary on `scratch`, about 8 MB.
+# herdsman container image: one static binary on `scratch`, under 6 MB (BENCHMARKS.md).
 #
 #   docker build -t herdsman .                     # anywhere with registry access
 #   docker run -p 8080:8080 herdsman               # PORT=8080 unless the platform sets it
@@ -8,12 +8,12 @@
 #   base               FROM scratch: /etc/passwd, /etc/group, /etc/nsswitch.conf and all the
 #                      image metadata (USER 10001, EXPOSE, ENV PORT, STOPSIGNAL, HEALTHCHECK,
 #                      ENTRYPOINT). Both final stages inherit it, so they cannot drift apart.
-#   runtime-from-host  base + a binary and CA bundle that were built on the host
-#                      (`--build-arg HOST_ROOTFS=dir`, a directory inside the build context laid
-#                      out like the image root: dir/herdsman, dir/etc/ssl/certs/ca-certificates.crt).
+#   runtime-from-host  base + a binary that was built on the host (`--build-arg HOST_ROOTFS=dir`,
+#                      a directory inside the build context laid out like the image root:
+#                      dir/herdsman).
 #                      tests/docker.rs and bench/image-size.sh use it on machines that cannot pull.
 #   build              rust:1-bookworm: a statically linked herdsman (+crt-static, glibc; TLS is
-#                      rustls, no OpenSSL) and the Debian CA bundle.
+#                      rustls, no OpenSSL).
 #   runtime            base + what `build` produced. The last stage: what `docker build .` gives.
 #
 # Why the host stage comes before `build`: the legacy builder (Docker 20.10 without buildx,
@@ -28,6 +28,10 @@
 #
 # No `RUN --mount` cache mounts: the legacy builder cannot parse them. Dependencies get their own
 # layer instead (Cargo.toml + Cargo.lock with placeholder sources).
+#
+# No CA bundle: nothing in herdsman reads one. The Redis client's roots for `rediss://` are
+# compiled in (redis's `tls-rustls-webpki-roots` feature, which replaces the native-certs
+# loading), and REDIS_CA_CERT names a file the user adds. It was 0.2 MB of the image.
 #
 # Host names resolve in this image: a static glibc cannot load NSS modules, but glibc >= 2.34
 # (bookworm: 2.36) has `files` and `dns` built in. tests/docker.rs proves it by reaching Redis by
@@ -62,7 +66,6 @@ RUN target="$(rustc -vV | sed -n 's/^host: //p')" \
  && touch src/main.rs src/lib.rs \
  && cargo build --release --locked --bin herdsman --target "$target" \
  && install -D -m 0755 "target/$target/release/herdsman" /out/herdsman \
- && install -D -m 0644 /etc/ssl/certs/ca-certificates.crt /out/etc/ssl/certs/ca-certificates.crt \
  && if readelf -d /out/herdsman | grep -q NEEDED; then echo "herdsman is not static" >&2; exit 1; fi \
  && /out/herdsman --version
 

@@ -30,8 +30,6 @@ need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v openssl >/dev/null || need+=(openssl)
 command -v redis-cli >/dev/null || need+=(redis-tools)
-# The container image tests copy the host's CA bundle into the image.
-[ -f /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 if ((${#need[@]})); then
     echo "installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -120,19 +120,20 @@ impl App {
             let warmups = self.warmups.clone();
             return worker::run(|services: &Services| self.worker_routes(services), warmups);
         }
-        let config = match Config::from_process(&cli.flags) {
-            Ok(config) => config,
+        let resolution = match Config::from_process(&cli.flags) {
+            Ok(resolution) => resolution,
             Err(e) => {
                 eprintln!("herdsman: {e}");
                 return Exit::BadUsage;
             }
         };
+        let config = &resolution.config;
         match command {
             Command::Check => {
-                print!("{}", cli::check(&config));
+                print!("{}", cli::check(&resolution));
                 Exit::Clean
             }
-            Command::Healthcheck => match cli::healthcheck(&config) {
+            Command::Healthcheck => match cli::healthcheck(config) {
                 Ok(()) => Exit::Clean,
                 Err(why) => {
                     eprintln!("herdsman: healthcheck failed: {why}");
@@ -141,13 +142,20 @@ impl App {
             },
             Command::Serve | Command::Worker => {
                 logging::init(config.log_format, &config.log_level, "master");
+                if let Some(platform) = &resolution.platform {
+                    tracing::info!("Platform: {platform}");
+                }
+                // Once, here: workers take the resolved configuration and never resolve again.
+                for warning in &resolution.warnings {
+                    tracing::warn!("{warning}");
+                }
                 let url = config.redis_url.as_deref().unwrap_or_default();
                 if url.starts_with("rediss://") && config.redis_tls_insecure {
                     tracing::warn!("REDIS_TLS_INSECURE=true: the Redis server's TLS certificate is not verified");
                 } else if url.starts_with("rediss://") && url.ends_with("#insecure") {
                     tracing::warn!("REDIS_URL ends in #insecure: the Redis server's TLS certificate is not verified");
                 }
-                master::run(config)
+                master::run(resolution.config)
             }
         }
     }

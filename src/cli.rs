@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, Flags};
+use crate::config::{Config, Flags, Resolution};
 
 /// A prefork runtime for web services on PaaS: binds $PORT at once, supervises WEB_CONCURRENCY
 /// workers, warms up in the background, and falls back to memory when Redis is away.
@@ -73,11 +73,17 @@ where
     })
 }
 
-/// `herdsman check`: the resolved settings, one per line.
-pub fn check(config: &Config) -> String {
-    let mut out = String::new();
-    for (name, value) in config.describe() {
-        out.push_str(&format!("{name} = {value}\n"));
+/// `herdsman check`: the platform, then the resolved settings one per line, each with where its
+/// value came from, then the warnings the master would log at start.
+pub fn check(resolution: &Resolution) -> String {
+    let platform = resolution.platform.as_ref().map_or_else(|| "none detected".to_string(), |p| p.to_string());
+    let mut out = format!("Platform: {platform}\n");
+    for (name, value) in resolution.config.describe() {
+        let source = resolution.source(name).map_or_else(String::new, |source| format!("  ({source})"));
+        out.push_str(&format!("{name} = {value}{source}\n"));
+    }
+    for warning in &resolution.warnings {
+        out.push_str(&format!("warning: {warning}\n"));
     }
     out
 }

@@ -23,6 +23,8 @@ use std::time::Duration;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
+use crate::platform::{self, Detected, Fit, Host};
+
 /// The highest `WEB_CONCURRENCY` accepted: a typo such as `100000` must not fork-bomb a container.
 pub const MAX_WORKERS: usize = 512;
 
@@ -58,10 +60,17 @@ pub struct Config {
     /// (Heroku's router gives up at 30 s anyway).
     #[serde(with = "secs")]
     pub request_timeout: Duration,
-    /// A client must send its request headers within this time. `HERDSMAN_HEADER_TIMEOUT`,
-    /// default 10 s: a slow-loris connection must not hold a worker's connection slot forever.
+    /// A client must send a request's headers within this time of its first byte (of the accept,
+    /// for a connection's first request). `HERDSMAN_HEADER_TIMEOUT`, default 10 s: a slow-loris
+    /// connection must not hold a worker's connection slot for long.
     #[serde(with = "secs")]
     pub header_timeout: Duration,
+    /// An idle keep-alive connection is closed after this long without a request.
+    /// `HERDSMAN_KEEPALIVE_TIMEOUT`, default 95 s: above the 90 s Heroku's router keeps idle
+    /// connections to a dyno (and the 60 s of an AWS ALB), so the router always closes first
+    /// and never sends a request into a socket herdsman is closing.
+    #[serde(with = "secs")]
+    pub keepalive_timeout: Duration,
     /// Request bodies above this size are answered 413. `HERDSMAN_MAX_BODY_BYTES`, default 1 MiB.
     pub max_body_bytes: usize,
     /// `text` or `json`. `LOG_FORMAT`, default `text`.
@@ -144,13 +153,23 @@ macro_rules! settings {
         /// `(variable, Config field)` for every setting, in table order.
         const VARIABLES: &[(&str, &str)] = &[$(($var, stringify!($field))),*];
 
-        fn resolve_table(flags: &Flags, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
-            Ok(Config {
-                $( $field: match pick(&flags.$field, $flag, env.get(&$var.to_ascii_lowercase()), $var) {
-                    Some(raw) => ($parse)(&raw)?,
-                    None => $default,
+        fn resolve_table(
+            flags: &Flags,
+            env: &HashMap<String, String>,
+            fits: &HashMap<&'static str, Fit>,
+        ) -> Result<(Config, Vec<(&'static str, Source)>), ConfigError> {
+            let mut sources = Vec::with_capacity(VARIABLES.len());
+            let config = Config {
+                $( $field: {
+                    let (raw, source) = pick(&flags.$field, $flag, env.get(&$var.to_ascii_lowercase()), $var, fits);
+                    sources.push(($var, source));
+                    match raw {
+                        Some(raw) => ($parse)(&raw)?,
+                        None => $default,
+                    }
                 }, )*
-            })
+            };
+            Ok((config, sources))
         }
     };
 }
@@ -189,6 +208,9 @@ settings! {
     header_timeout, "HERDSMAN_HEADER_TIMEOUT", "header-timeout", "SECONDS",
         "Seconds a client may take to send its request headers [default: 10]",
         default Duration::from_secs(10), parse Raw::seconds;
+    keepalive_timeout, "HERDSMAN_KEEPALIVE_TIMEOUT", "keepalive-timeout", "SECONDS",
+        "Seconds an idle keep-alive connection stays open between requests [default: 95]",
+        default Duration::from_secs(95), parse Raw::seconds;
     max_body_bytes, "HERDSMAN_MAX_BODY_BYTES", "max-body-bytes", "BYTES",
         "Largest request body [default: 1048576]",
         default 1 << 20, parse |r: &Raw| r.integer(1usize, 1 << 30);
@@ -322,12 +344,62 @@ impl Raw<'_> {
     }
 }
 
-/// Picks the flag over the variable, keeping the name of whichever was used.
-fn pick<'a>(flag: &'a Option<String>, flag_name: &str, env: Option<&'a String>, var: &str) -> Option<Raw<'a>> {
-    match (flag, env) {
-        (Some(value), _) => Some(Raw { source_name: format!("--{flag_name}"), value }),
-        (None, Some(value)) => Some(Raw { source_name: var.to_string(), value }),
-        (None, None) => None,
+/// Picks the flag over the variable over the platform's fit, keeping the name of whichever was
+/// used; `None` means the default.
+fn pick<'a>(
+    flag: &'a Option<String>,
+    flag_name: &str,
+    env: Option<&'a String>,
+    var: &str,
+    fits: &'a HashMap<&'static str, Fit>,
+) -> (Option<Raw<'a>>, Source) {
+    match (flag, env, fits.get(var)) {
+        (Some(value), _, _) => (Some(Raw { source_name: format!("--{flag_name}"), value }), Source::Flag),
+        (None, Some(value), _) => (Some(Raw { source_name: var.to_string(), value }), Source::Environment),
+        (None, None, Some(fit)) => (
+            Some(Raw { source_name: format!("{var} (fitted to the platform)"), value: &fit.value }),
+            Source::Platform(fit.why.clone()),
+        ),
+        (None, None, None) => (None, Source::Default),
+    }
+}
+
+/// Where a setting's value came from, as `herdsman check` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    /// Fitted to the detected platform; the reason.
+    Platform(String),
+    Environment,
+    Flag,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => f.write_str("default"),
+            Source::Platform(why) => write!(f, "platform: {why}"),
+            Source::Environment => f.write_str("environment"),
+            Source::Flag => f.write_str("flag"),
+        }
+    }
+}
+
+/// A resolved configuration with what explains it: the platform, each value's source, and what
+/// to warn about once at start.
+#[derive(Debug, Clone)]
+pub struct Resolution {
+    pub config: Config,
+    pub platform: Option<Detected>,
+    /// `(VARIABLE, source)` in table order, as [`Config::describe`] lists the values.
+    pub sources: Vec<(&'static str, Source)>,
+    pub warnings: Vec<String>,
+}
+
+impl Resolution {
+    /// The source of one variable's value.
+    pub fn source(&self, var: &str) -> Option<&Source> {
+        self.sources.iter().find(|(name, _)| *name == var).map(|(_, source)| source)
     }
 }
 
@@ -335,6 +407,17 @@ impl Config {
     /// Resolves the configuration from flags and an environment given as name/value pairs.
     /// Tests pass their own pairs; [`Config::from_process`] passes the real environment.
     pub fn resolve<I>(flags: &Flags, env: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        Config::resolve_on(flags, env, Host::this_process).map(|resolution| resolution.config)
+    }
+
+    /// Resolves the configuration on `host`, with the platform the environment shows and the
+    /// source of every value. Flags win over variables, variables over the platform's fitted
+    /// defaults (see [`crate::platform`]), those over herdsman's own defaults.
+    /// `host` is asked only when a platform is detected.
+    pub fn resolve_on<I>(flags: &Flags, env: I, host: impl FnOnce() -> Host) -> Result<Resolution, ConfigError>
     where
         I: IntoIterator<Item = (String, String)>,
     {
@@ -346,13 +429,20 @@ impl Config {
                 value: e.to_string(),
                 expected: "variables holding UTF-8 text".into(),
             })?;
-        let config = resolve_table(flags, &env)?;
+        let platform = platform::detect(&env);
+        let fits = platform.as_ref().map(|p| p.fits(&host())).unwrap_or_default();
+        let (config, sources) = resolve_table(flags, &env, &fits)?;
         config.validate()?;
-        Ok(config)
+        let mut resolution = Resolution { config, platform, sources, warnings: Vec::new() };
+        if let Some(platform) = &resolution.platform {
+            let explicit = matches!(resolution.source("GRACEFUL_TIMEOUT"), Some(Source::Environment | Source::Flag));
+            resolution.warnings = platform.warnings(resolution.config.graceful_timeout, explicit);
+        }
+        Ok(resolution)
     }
 
     /// The checks that concern the settings together rather than one value: run once, by
-    /// [`Config::resolve`], so the master refuses a configuration before it binds and the
+    /// [`Config::resolve_on`], so the master refuses a configuration before it binds and the
     /// workers, which receive the resolved `Config`, never meet an invalid one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(url) = &self.redis_url {
@@ -379,12 +469,14 @@ impl Config {
         Ok(())
     }
 
-    /// Resolves the configuration from the given flags and this process's environment.
-    pub fn from_process(flags: &Flags) -> Result<Config, ConfigError> {
+    /// Resolves the configuration from the given flags and this process's environment, on this
+    /// machine.
+    pub fn from_process(flags: &Flags) -> Result<Resolution, ConfigError> {
         // Variables that are not UTF-8 are none of ours; skip them rather than fail.
-        Config::resolve(
+        Config::resolve_on(
             flags,
             std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+            Host::this_process,
         )
     }
 
@@ -587,6 +679,37 @@ mod tests {
         assert_eq!(redact_url("redis://u:p%40ss%23w@host/0"), "redis://***@host/0");
         let config = resolve_env(&[("REDIS_URL", "redis://:hunter2@host:6379")]).unwrap();
         assert!(!format!("{config:?}").contains("hunter2"), "{config:?}");
+    }
+
+    #[test]
+    fn an_explicit_setting_beats_the_platforms_fit_which_beats_the_default() {
+        use crate::platform::{Host, Limits};
+        let small_dyno = || Host { visible_cpus: 8, limits: Limits { cpus: None, memory_bytes: Some(512 << 20) } };
+        let fitted = Config::resolve_on(&Flags::default(), env(&[("K_SERVICE", "api")]), small_dyno).unwrap();
+        assert_eq!(fitted.config.graceful_timeout, Duration::from_secs(8));
+        assert_eq!(fitted.config.workers, 2);
+        assert!(matches!(fitted.source("GRACEFUL_TIMEOUT"), Some(Source::Platform(_))));
+        assert!(matches!(fitted.source("WEB_CONCURRENCY"), Some(Source::Platform(_))));
+        assert_eq!(fitted.source("PORT"), Some(&Source::Default));
+
+        let pairs = env(&[("K_SERVICE", "api"), ("GRACEFUL_TIMEOUT", "9"), ("WEB_CONCURRENCY", "6")]);
+        let explicit = Config::resolve_on(&Flags::default(), pairs.clone(), small_dyno).unwrap();
+        assert_eq!(explicit.config.graceful_timeout, Duration::from_secs(9));
+        assert_eq!(explicit.config.workers, 6);
+        assert_eq!(explicit.source("GRACEFUL_TIMEOUT"), Some(&Source::Environment));
+        assert_eq!(explicit.warnings.len(), 0, "9 s is below Cloud Run's 10 s: {:?}", explicit.warnings);
+
+        let flags = Flags { graceful_timeout: Some("12".into()), ..Flags::default() };
+        let flagged = Config::resolve_on(&flags, pairs, small_dyno).unwrap();
+        assert_eq!(flagged.config.graceful_timeout, Duration::from_secs(12));
+        assert_eq!(flagged.source("GRACEFUL_TIMEOUT"), Some(&Source::Flag));
+        assert_eq!(flagged.warnings.len(), 1, "{:?}", flagged.warnings);
+    }
+
+    #[test]
+    fn without_a_platform_the_host_is_never_read() {
+        let resolution = Config::resolve_on(&Flags::default(), env(&[]), || panic!("read the host")).unwrap();
+        assert!(resolution.platform.is_none() && resolution.warnings.is_empty());
     }
 
     #[test]

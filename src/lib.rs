@@ -24,6 +24,8 @@
 //!                   tracker  cache  hasher  warmup_status
 //!                                  \  |  /
 //!                   config, exit, backoff, logging
+//!                     |
+//!                  platform
 //! ```
 //!
 //! - [`app`]: [`App`], what a user embeds (their routes and warm-up tasks) and the entry point.
@@ -46,7 +48,10 @@
 //! - [`cache`]: Redis through a bb8 pool, a bounded in-memory cache when Redis is away, and the
 //!   circuit breaker that switches between them; durable operations for users.
 //! - [`hasher`]: bcrypt on a dedicated low-priority thread pool.
-//! - [`config`]: every setting, from flags over environment over defaults, validated.
+//! - [`config`]: every setting, from flags over environment over the platform's fitted defaults
+//!   over herdsman's defaults, validated, with the source of each value.
+//! - [`platform`]: the platform told from its variables (Heroku, Render, Railway, Fly, Cloud Run,
+//!   Kubernetes) and the defaults fitted to it (grace period, workers from cgroup limits).
 //! - [`exit`]: the process's exit statuses. [`backoff`]: the back-off behind every retry.
 //!   [`logging`]: one line per event on stderr, text or JSON, with pid and role.
 
@@ -64,6 +69,7 @@ pub mod http;
 pub mod listener;
 pub mod logging;
 pub mod master;
+pub mod platform;
 pub mod services;
 pub mod signals;
 pub mod tracker;

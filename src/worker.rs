@@ -39,6 +39,7 @@ use crate::control::Message;
 use crate::exit::Exit;
 use crate::hasher::Hasher;
 use crate::http;
+use crate::http::connection_deadline::{ConnectionDeadline, SilenceLimits};
 use crate::logging;
 use crate::services::Services;
 use crate::tracker::RequestTracker;
@@ -144,7 +145,10 @@ async fn serve(
     let guard = http::Guard::new(router, tracker.clone(), config.request_timeout, config.max_body_bytes);
 
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(config.header_timeout);
+    // hyper's header timer would also count idle keep-alive time; the connection's own deadline
+    // keeps the two apart (see `http::connection_deadline`).
+    http.timer(TokioTimer::new()).header_read_timeout(None);
+    let silence = SilenceLimits { header: config.header_timeout, keep_alive: config.keepalive_timeout };
     let graceful = GracefulShutdown::new();
 
     spawn_stop_signals(stop_tx.clone())?;
@@ -169,7 +173,8 @@ async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let connection = http.serve_connection(TokioIo::new(stream), guard.clone());
+                    let (stream, service) = ConnectionDeadline::wrap(silence, stream, guard.clone());
+                    let connection = http.serve_connection(TokioIo::new(stream), service);
                     let connection = graceful.watch(connection);
                     let counted = slot.as_ref().map(|slot| slot.open_connection());
                     tokio::spawn(async move {

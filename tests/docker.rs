@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The issue's target for the image.
-const MAX_IMAGE_BYTES: u64 = 10 * 1000 * 1000;
+/// The issue's target for the image (issue 13: at most 6 MB).
+const MAX_IMAGE_BYTES: u64 = 6 * 1000 * 1000;
 /// The tag the test image gets; rebuilt by every run, the previous image removed.
 const TEST_IMAGE: &str = "herdsman-test:docker-rs";
 
@@ -147,8 +147,8 @@ fn static_binary() -> PathBuf {
     target_dir.join(target).join("release/herdsman")
 }
 
-/// Builds the test image once per test binary: stages the binary and the host's CA bundle in
-/// deploy/docker/host/<unique>/ (inside the build context, gitignored), builds
+/// Builds the test image once per test binary: stages the binary (the image has nothing else of
+/// its own: no CA bundle) in deploy/docker/host/<unique>/ (inside the build context, gitignored), builds
 /// `--target runtime-from-host`, removes the staging directory and the previous test image.
 fn image() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
@@ -156,11 +156,8 @@ fn image() -> &'static str {
         let binary = static_binary();
         let stage_rel = format!("deploy/docker/host/{}", unique("stage"));
         let stage = TempDir(repo().join(&stage_rel));
-        std::fs::create_dir_all(stage.0.join("etc/ssl/certs")).expect("create the staging dir");
+        std::fs::create_dir_all(&stage.0).expect("create the staging dir");
         std::fs::copy(&binary, stage.0.join("herdsman")).expect("stage the binary");
-        let bundle = Path::new("/etc/ssl/certs/ca-certificates.crt");
-        assert!(bundle.is_file(), "{} is missing: apt-get install ca-certificates", bundle.display());
-        std::fs::copy(bundle, stage.0.join("etc/ssl/certs/ca-certificates.crt")).expect("stage the CA bundle");
 
         let previous = docker(&["image", "inspect", "-f", "{{.Id}}", TEST_IMAGE]);
         let started = Instant::now();

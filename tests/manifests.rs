@@ -6,7 +6,8 @@
 //! `herdsman::Config::default()`, never copied).
 //!
 //! The key lists come from each platform's reference (Railway config as code, Render Blueprint
-//! spec, fly.toml reference, Heroku app.json / heroku.yml, Compose specification, Kubernetes API).
+//! spec, fly.toml reference, Heroku app.json / heroku.yml, Compose specification, Kubernetes API,
+//! Cloud Run's YAML reference for Knative Services).
 //! No platform schema is vendored: Railway's and Render's published JSON schemas could not be
 //! fetched from here in a current, licensed form, and Kubernetes' OpenAPI is too large. A key the
 //! platforms add later is one line in a list below.
@@ -53,6 +54,16 @@ fn json_file(path: &str) -> Value {
 /// herdsman's default drain time: what every platform's SIGKILL delay must exceed.
 fn grace() -> f64 {
     herdsman::Config::default().graceful_timeout.as_secs_f64()
+}
+
+/// The drain time herdsman resolves to on a platform: the variables the platform sets, plus the
+/// manifest's own environment, with the defaults fitted to that platform (no cgroup limits).
+fn grace_on(env: &[(String, String)]) -> f64 {
+    let host = || herdsman::platform::Host { visible_cpus: 1, limits: herdsman::platform::Limits::default() };
+    let resolution = herdsman::Config::resolve_on(&herdsman::config::Flags::default(), env.to_vec(), host)
+        .unwrap_or_else(|e| panic!("{env:?} does not resolve: {e}"));
+    assert!(resolution.platform.is_some(), "{env:?} names no platform");
+    resolution.config.graceful_timeout.as_secs_f64()
 }
 
 /// Asserts `value` is a map whose keys are all in `known`; `what` names it in the failure.
@@ -513,8 +524,19 @@ fn fly_checks_a_health_route_on_the_image_port_and_waits_longer_than_herdsman_dr
     let signal = str_at(&fly, "/kill_signal", "fly.toml");
     assert!(["SIGTERM", "SIGINT"].contains(&signal), "kill_signal {signal} must be one herdsman drains on");
     let kill_timeout = duration_secs(&fly["kill_timeout"]);
-    assert!(kill_timeout > grace(), "kill_timeout {kill_timeout} must exceed GRACEFUL_TIMEOUT {}", grace());
     assert!(kill_timeout <= FLY_MAX_KILL_TIMEOUT, "Fly accepts at most 300 s");
+    // herdsman cannot read kill_timeout at run time: on Fly it fits its drain to the 5 s default,
+    // so a raised kill_timeout is used only if [env] raises GRACEFUL_TIMEOUT with it.
+    let mut env = vec![("FLY_APP_NAME".to_string(), "herdsman".to_string())];
+    if let Some(vars) = fly.get("env").and_then(Value::as_object) {
+        env.extend(vars.iter().map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string))));
+    }
+    let grace = grace_on(&env);
+    assert!(kill_timeout > grace, "kill_timeout {kill_timeout} must exceed GRACEFUL_TIMEOUT {grace} on Fly");
+    assert!(
+        kill_timeout - grace <= 10.0,
+        "kill_timeout {kill_timeout} is raised but herdsman drains only {grace} s: set GRACEFUL_TIMEOUT in [env]"
+    );
 
     // Fly sets no PORT: the image's ENV PORT is what herdsman binds, so they must agree.
     let image = image();
@@ -799,6 +821,102 @@ fn kubernetes_probes_hit_routes_that_exist_and_grace_covers_prestop_plus_drain()
 }
 
 // ---------------------------------------------------------------------------------------------
+// Cloud Run
+// ---------------------------------------------------------------------------------------------
+
+/// Cloud Run sends SIGKILL 10 s after SIGTERM; it cannot be changed (container runtime contract).
+const CLOUD_RUN_KILL_AFTER: f64 = 10.0;
+/// Cloud Run's request timeout is 1 to 3600 s.
+const CLOUD_RUN_MAX_TIMEOUT: f64 = 3600.0;
+
+const CLOUD_RUN_TEMPLATE_SPEC_KEYS: &[&str] = &[
+    "containerConcurrency",
+    "timeoutSeconds",
+    "serviceAccountName",
+    "containers",
+    "volumes",
+    "nodeSelector",
+    "runtimeClassName",
+];
+const CLOUD_RUN_CONTAINER_KEYS: &[&str] = &[
+    "name",
+    "image",
+    "command",
+    "args",
+    "env",
+    "ports",
+    "resources",
+    "volumeMounts",
+    "workingDir",
+    "startupProbe",
+    "livenessProbe",
+    "readinessProbe",
+    "dependsOn",
+];
+const CLOUD_RUN_PROBE_KEYS: &[&str] = &[
+    "httpGet",
+    "tcpSocket",
+    "grpc",
+    "initialDelaySeconds",
+    "periodSeconds",
+    "timeoutSeconds",
+    "failureThreshold",
+    "successThreshold",
+];
+
+#[test]
+fn cloud_run_probes_live_and_ready_on_port_8080_and_herdsman_drains_before_the_sigkill() {
+    let service = yaml_file("deploy/cloudrun/service.yaml");
+    known_keys(&service, "Cloud Run Service", &["apiVersion", "kind", "metadata", "spec"]);
+    assert_eq!(service["apiVersion"], "serving.knative.dev/v1");
+    assert_eq!(service["kind"], "Service");
+    known_keys(&service["metadata"], "Service metadata", &["name", "namespace", "labels", "annotations"]);
+    known_keys(&service["spec"], "Service spec", &["template", "traffic"]);
+    let template = &service["spec"]["template"];
+    known_keys(template, "template", &["metadata", "spec"]);
+    let spec = known_keys(&template["spec"], "template spec", CLOUD_RUN_TEMPLATE_SPEC_KEYS);
+    let timeout = num_at(&template["spec"], "/timeoutSeconds", "template spec");
+    assert!((1.0..=CLOUD_RUN_MAX_TIMEOUT).contains(&timeout), "timeoutSeconds {timeout}");
+    let request_timeout = herdsman::Config::default().request_timeout.as_secs_f64();
+    assert!(timeout > request_timeout, "herdsman's 503 at {request_timeout} s must come before Cloud Run's 504");
+    assert!(spec["containerConcurrency"].as_u64().is_some_and(|c| (1..=1000).contains(&c)), "containerConcurrency");
+
+    let containers = spec["containers"].as_array().expect("containers");
+    assert_eq!(containers.len(), 1, "one ingress container");
+    let container = &containers[0];
+    known_keys(container, "container", CLOUD_RUN_CONTAINER_KEYS);
+    let ports = container["ports"].as_array().expect("ports");
+    assert_eq!(ports.len(), 1);
+    known_keys(&ports[0], "container port", &["name", "containerPort"]);
+    assert_eq!(ports[0]["name"], "http1", "herdsman speaks HTTP/1");
+    let image = image();
+    assert_eq!(num_at(&ports[0], "/containerPort", "port"), f64::from(image.port), "containerPort is the image's PORT");
+    // Cloud Run sets PORT from containerPort and refuses a deployment that sets it.
+    let env = container["env"].as_array().map(Vec::as_slice).unwrap_or_default();
+    assert!(env.iter().all(|e| e["name"] != "PORT"), "PORT is reserved on Cloud Run");
+
+    for (probe, route) in [("startupProbe", "/live"), ("livenessProbe", "/live"), ("readinessProbe", "/ready")] {
+        let p = &container[probe];
+        known_keys(p, probe, CLOUD_RUN_PROBE_KEYS);
+        known_keys(&p["httpGet"], &format!("{probe}.httpGet"), &["path", "port", "httpHeaders"]);
+        assert_eq!(str_at(p, "/httpGet/path", probe), route, "{probe} checks {route}");
+        assert_eq!(num_at(p, "/httpGet/port", probe), f64::from(image.port), "{probe} targets PORT");
+        let period = num_at(p, "/periodSeconds", probe);
+        assert!(num_at(p, "/timeoutSeconds", probe) <= period, "{probe} timeout within its period");
+    }
+    if container.get("readinessProbe").is_some() {
+        let stage = service.pointer("/metadata/annotations/run.googleapis.com~1launch-stage").and_then(Value::as_str);
+        assert_eq!(stage, Some("BETA"), "readiness probes are a Preview feature: they need launch-stage BETA");
+    }
+
+    // On Cloud Run herdsman fits its drain below the fixed 10 s; the manifest must not undo it.
+    let mut vars = vec![("K_SERVICE".to_string(), "herdsman".to_string())];
+    vars.extend(env.iter().filter_map(|e| Some((e["name"].as_str()?.to_string(), e["value"].as_str()?.to_string()))));
+    let grace = grace_on(&vars);
+    assert!(grace < CLOUD_RUN_KILL_AFTER, "GRACEFUL_TIMEOUT {grace} must be below Cloud Run's 10 s");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Every health path any manifest names answers 200 on the real binary.
 // ---------------------------------------------------------------------------------------------
 
@@ -815,6 +933,11 @@ fn all_health_paths() -> BTreeSet<String> {
     }
     let deployment = yaml_file("deploy/kubernetes/deployment.yaml");
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        paths.insert(str_at(&container[probe], "/httpGet/path", probe).to_string());
+    }
+    let cloud_run = yaml_file("deploy/cloudrun/service.yaml");
+    let container = &cloud_run["spec"]["template"]["spec"]["containers"][0];
     for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
         paths.insert(str_at(&container[probe], "/httpGet/path", probe).to_string());
     }

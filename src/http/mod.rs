@@ -3,11 +3,12 @@
 //!
 //! Every request passes through the [`Guard`] first: request tracking for diagnostics and
 //! `MAX_REQUESTS`, the body limit (413), the request timeout (503) and panics (500); see
-//! [`guard`]. Headers that arrive too slowly are cut off by hyper itself
-//! (`header_read_timeout`), see [`crate::worker`].
+//! [`guard`]. A connection that stays silent too long — a request head arriving too slowly, or
+//! idle past the keep-alive timeout — is closed by [`connection_deadline`].
 
 pub mod auth_api;
 pub mod cache_api;
+pub mod connection_deadline;
 pub mod error;
 pub mod guard;
 pub mod health;
