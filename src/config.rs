@@ -103,6 +103,12 @@ pub struct Config {
     /// The longest `?ttl=` accepted (longer is 400). `HERDSMAN_CACHE_MAX_TTL`, default 1 day.
     #[serde(with = "secs")]
     pub cache_max_ttl: Duration,
+    /// The port of the master's Prometheus `/metrics`; none means no metrics port.
+    /// `HERDSMAN_METRICS_PORT`, default unset.
+    pub metrics_port: Option<u16>,
+    /// A bearer token that opens `/metrics` on the main port too; none keeps that route hidden
+    /// (404). `HERDSMAN_METRICS_TOKEN`, default unset; at least 16 characters.
+    pub metrics_token: Option<String>,
 }
 
 /// How log lines are written to stderr.
@@ -234,6 +240,12 @@ settings! {
     cache_max_ttl, "HERDSMAN_CACHE_MAX_TTL", "cache-max-ttl", "SECONDS",
         "The longest ?ttl= accepted over HTTP; longer is 400 [default: 86400]",
         default Duration::from_secs(86_400), parse Raw::seconds;
+    metrics_port, "HERDSMAN_METRICS_PORT", "metrics-port", "PORT",
+        "Port of the master's Prometheus /metrics, 0 = any free one; unset means none [default: unset]",
+        default None, parse |r: &Raw| r.integer(0u16, 65535).map(Some);
+    metrics_token, "HERDSMAN_METRICS_TOKEN", "metrics-token", "TOKEN",
+        "Bearer token that opens /metrics on the main port, 16+ characters [default: unset, hidden]",
+        default None, parse Raw::token;
 }
 
 /// A raw value and where it came from, so a parse error can name its culprit.
@@ -317,6 +329,19 @@ impl Raw<'_> {
         }
     }
 
+    /// A secret of at least 16 visible ASCII characters; an error never shows it.
+    fn token(&self) -> Result<Option<String>, ConfigError> {
+        let token = self.value.trim();
+        match token.len() >= 16 && token.bytes().all(|b| b.is_ascii_graphic()) {
+            true => Ok(Some(token.to_string())),
+            false => Err(ConfigError {
+                source_name: self.source_name.clone(),
+                value: "***".into(),
+                expected: "at least 16 visible ASCII characters (no spaces)".into(),
+            }),
+        }
+    }
+
     fn list(&self) -> Result<Vec<String>, ConfigError> {
         Ok(self.value.split(',').map(str::trim).filter(|k| !k.is_empty()).map(String::from).collect())
     }
@@ -384,6 +409,7 @@ impl Config {
                 let shown = match fields.get(field) {
                     None | Some(serde_json::Value::Null) => "(unset)".to_string(),
                     Some(serde_json::Value::String(s)) if var == "REDIS_URL" => redact_url(s),
+                    Some(serde_json::Value::String(_)) if var == "HERDSMAN_METRICS_TOKEN" => "***".to_string(),
                     Some(serde_json::Value::String(s)) => s.clone(),
                     Some(serde_json::Value::Array(items)) => {
                         items.iter().filter_map(|i| i.as_str()).collect::<Vec<_>>().join(",")

@@ -23,7 +23,7 @@
 //!                              |  /   |    \
 //!                   tracker  cache  hasher  warmup_status
 //!                                  \  |  /
-//!                   config, exit, backoff, logging
+//!                   metrics, config, exit, backoff, logging
 //! ```
 //!
 //! - [`app`]: [`App`], what a user embeds (their routes and warm-up tasks) and the entry point.
@@ -43,6 +43,8 @@
 //! - [`services`]: [`Services`], what routes and warm-up tasks may use.
 //! - [`warmup_status`]: the warm-up states that `/ready`, `/health` and diagnostics read.
 //! - [`tracker`]: the requests a worker is serving, for diagnostics, draining, `MAX_REQUESTS`.
+//! - [`metrics`]: Prometheus metrics: counts in a table in shared memory that every worker
+//!   writes and the master folds and serves; what survives a worker's SIGKILL and why.
 //! - [`cache`]: Redis through a bb8 pool, a bounded in-memory cache when Redis is away, and the
 //!   circuit breaker that switches between them; durable operations for users.
 //! - [`hasher`]: bcrypt on a dedicated low-priority thread pool.
@@ -64,6 +66,7 @@ pub mod http;
 pub mod listener;
 pub mod logging;
 pub mod master;
+pub mod metrics;
 pub mod services;
 pub mod signals;
 pub mod tracker;

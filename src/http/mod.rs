@@ -11,6 +11,7 @@ pub mod cache_api;
 pub mod error;
 pub mod guard;
 pub mod health;
+pub mod metrics_route;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
 
@@ -29,7 +30,8 @@ pub fn router(services: &Services, app_routes: Router) -> Router {
     let router = Router::new().merge(health::routes(services.clone())).merge(app_routes);
     #[cfg(feature = "test-hooks")]
     let router = router.merge(test_hooks::routes());
-    router
+    // Last, so that it wraps every route: it names the route template each request matched.
+    router.route_layer(crate::metrics::RouteLabelLayer)
 }
 
 /// `/cache/{key}` over the worker's cache (opt-in: [`crate::App::with_cache_api`]).

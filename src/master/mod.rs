@@ -42,6 +42,7 @@ use crate::contract::move_above_contract_fds;
 use crate::control::Message;
 use crate::exit::Exit;
 use crate::listener;
+use crate::metrics::{self, MetricsTable, RestartReason};
 use crate::signals::{Intent, Signals};
 
 /// How often the master looks at its workers.
@@ -105,8 +106,11 @@ struct WorkerState {
     ready_at: Option<Instant>,
     last_heartbeat: Instant,
     stage: Stage,
-    /// Marked for replacement (SIGHUP or `MAX_REQUESTS`): drained once a successor is ready.
-    replace: bool,
+    /// Marked for replacement (SIGHUP or `MAX_REQUESTS`), and why: drained once a successor
+    /// is ready.
+    replace: Option<RestartReason>,
+    /// Why it was told to drain, for the restart count; none when the master is stopping.
+    retired_for: Option<RestartReason>,
     /// Its entry in the connection-balancing table, if it got one.
     slot: Option<usize>,
     /// It answered a request (it said so with [`Message::Served`]).
@@ -138,6 +142,8 @@ pub struct Master {
     listener: Option<OwnedFd>,
     /// The connection-balancing table and its memfd at a high fd number, if the kernel has memfd.
     slots: Option<(SlotTable, OwnedFd)>,
+    /// The metrics table and its memfd at a high fd number, if the kernel has memfd.
+    metrics: Option<(Arc<MetricsTable>, OwnedFd)>,
     workers: BTreeMap<Pid, WorkerState>,
     target: usize,
     phase: Phase,
@@ -218,6 +224,16 @@ impl Master {
                 None
             }
         };
+        let metrics = match MetricsTable::create().and_then(|table| {
+            let fd = move_above_contract_fds(table.fd().try_clone()?)?;
+            Ok((Arc::new(table), fd))
+        }) {
+            Ok(metrics) => Some(metrics),
+            Err(e) => {
+                tracing::warn!("workers will not be counted in the metrics: {e}");
+                None
+            }
+        };
         let config_json = serde_json::to_string(&config).map_err(std::io::Error::other)?;
         let (messages_tx, messages_rx) = mpsc::unbounded_channel();
         let (phase_tx, _) = watch::channel(Phase::Starting);
@@ -229,6 +245,7 @@ impl Master {
             worker_program: std::env::current_exe()?,
             listener: Some(listener),
             slots,
+            metrics,
             workers: BTreeMap::new(),
             phase: Phase::Starting,
             phase_tx,
@@ -258,6 +275,10 @@ impl Master {
     /// Runs the master until it stops; returns the process exit status. `intents` is what it
     /// is asked to do (the signals, in the binary); a closed channel just asks nothing more.
     pub async fn run(mut self, mut intents: mpsc::Receiver<NamedIntent>) -> Exit {
+        if let Err(e) = self.serve_metrics() {
+            tracing::error!("cannot serve metrics on port {}: {e}", self.config.metrics_port.unwrap_or_default());
+            return Exit::Failure;
+        }
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -271,6 +292,14 @@ impl Master {
                 return exit;
             }
         }
+    }
+
+    /// Starts the `/metrics` server when `HERDSMAN_METRICS_PORT` is set.
+    fn serve_metrics(&self) -> std::io::Result<()> {
+        let (Some(port), Some((table, _))) = (self.config.metrics_port, &self.metrics) else { return Ok(()) };
+        let listener = metrics::server::bind(std::net::SocketAddr::new(self.config.host, port))?;
+        tracing::info!("Serving metrics at: http://{}/metrics", listener.local_addr()?);
+        metrics::server::spawn(listener, table.clone())
     }
 
     fn set_phase(&mut self, phase: Phase) {
@@ -295,7 +324,7 @@ impl Master {
             (Intent::RollingRestart, _) => {
                 let mut marked = 0;
                 for worker in self.workers.values_mut().filter(|w| w.in_service()) {
-                    worker.replace = true;
+                    worker.replace = Some(RestartReason::Reload);
                     marked += 1;
                 }
                 tracing::info!("rolling restart: replacing {marked} workers one at a time");
@@ -356,12 +385,12 @@ impl Master {
                 }
             }
             Message::Recycle => {
-                if worker.in_service() && !worker.replace {
+                if worker.in_service() && worker.replace.is_none() {
                     tracing::info!(
                         "Worker {} (pid:{pid}) reached MAX_REQUESTS; starting its replacement",
                         worker.serial
                     );
-                    worker.replace = true;
+                    worker.replace = Some(RestartReason::MaxRequests);
                 }
             }
         }

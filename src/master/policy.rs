@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::{send, Master, Phase, Stage, ABORT_GRACE, BOOT_STAGGER, STABLE_AFTER};
 use crate::exit::Exit;
+use crate::metrics::RestartReason;
 
 impl Master {
     /// Brings the workers closer to what they should be. Returns the exit status when the
@@ -36,7 +37,18 @@ impl Master {
         self.enforce_deadlines(now);
         self.retire_surplus(now);
         self.spawn_missing(now);
+        self.publish_metrics(now);
         None
+    }
+
+    /// What the master alone knows, for every reader of the metrics table.
+    fn publish_metrics(&self, now: Instant) {
+        let Some((table, _)) = &self.metrics else { return };
+        let serving = self.workers.values().filter(|w| w.in_service() && w.ready_at.is_some());
+        let (count, oldest) = serving.fold((0, std::time::Duration::ZERO), |(count, oldest), w| {
+            (count + 1, oldest.max(now.saturating_duration_since(w.last_heartbeat)))
+        });
+        table.publish_workers(count, oldest.as_millis() as u64);
     }
 
     fn enforce_deadlines(&mut self, now: Instant) {
@@ -86,9 +98,9 @@ impl Master {
     /// after SIGTTOU.
     fn retire_surplus(&mut self, now: Instant) {
         let fresh_ready =
-            self.workers.values().filter(|w| w.in_service() && !w.replace && w.ready_at.is_some()).count();
+            self.workers.values().filter(|w| w.in_service() && w.replace.is_none() && w.ready_at.is_some()).count();
         let marked: Vec<Pid> =
-            self.workers.iter().filter(|(_, w)| w.in_service() && w.replace).map(|(pid, _)| *pid).collect();
+            self.workers.iter().filter(|(_, w)| w.in_service() && w.replace.is_some()).map(|(pid, _)| *pid).collect();
         let mut surplus = (fresh_ready + marked.len()).saturating_sub(self.target);
         // Oldest marked first: pids are not ordered by age, serials are.
         let mut marked = marked;
@@ -100,7 +112,7 @@ impl Master {
             let mut fresh: Vec<(u64, Pid)> = self
                 .workers
                 .iter()
-                .filter(|(_, w)| w.in_service() && !w.replace)
+                .filter(|(_, w)| w.in_service() && w.replace.is_none())
                 .map(|(pid, w)| (w.serial, *pid))
                 .collect();
             fresh.sort_by_key(|(serial, _)| std::cmp::Reverse(*serial));
@@ -109,6 +121,7 @@ impl Master {
         for pid in to_retire {
             if let Some(worker) = self.workers.get_mut(&pid) {
                 tracing::info!("Worker {} (pid:{pid}) retiring: draining", worker.serial);
+                worker.retired_for = Some(worker.replace.unwrap_or(RestartReason::Scale));
                 worker.stage = Stage::Draining { deadline: now + self.config.graceful_timeout + ABORT_GRACE };
                 send(pid, Signal::SIGTERM);
             }
@@ -118,7 +131,7 @@ impl Master {
     /// Starts one missing worker, if none is booting (or the booting one is taking a while)
     /// and the back-off allows it.
     fn spawn_missing(&mut self, now: Instant) {
-        let fresh = self.workers.values().filter(|w| w.in_service() && !w.replace).count();
+        let fresh = self.workers.values().filter(|w| w.in_service() && w.replace.is_none()).count();
         if fresh >= self.target || now < self.next_spawn_at {
             return;
         }
