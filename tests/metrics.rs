@@ -227,3 +227,25 @@ fn garbage_on_the_metrics_port_does_not_hurt_the_master() {
     assert_eq!(server.workers(), workers, "the workers never noticed");
     assert_eq!(get(server.port, "/live"), 200);
 }
+
+#[test]
+fn cache_operations_and_warm_ups_are_counted_under_route_templates() {
+    let (server, port) = start_with_metrics(&[("WEB_CONCURRENCY", "1")]);
+    server.wait_for_log("warm-up bcrypt_prewarm done", SECS(10));
+    let put = "PUT /cache/k1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nv";
+    assert_eq!(http(server.port, put).0, 204);
+    assert_eq!(get(server.port, "/cache/k1"), 200);
+    assert_eq!(get(server.port, "/cache/k2"), 404);
+    let samples = scrape(port);
+    let ops = |op: &str, result: &str| {
+        samples[&format!("herdsman_cache_operations_total{{op=\"{op},result=\"{result},tier=\"memory}}")]
+    };
+    assert_eq!(ops("write", "ok"), 1.0);
+    assert_eq!(ops("get", "hit"), 1.0);
+    assert_eq!(ops("get", "miss"), 1.0);
+    assert_eq!(requests(&samples, "GET", "/cache/{key}", "2xx"), 1.0, "the template, not the key");
+    assert_eq!(requests(&samples, "GET", "/cache/{key}", "4xx"), 1.0);
+    assert_eq!(samples["herdsman_warmup_attempts_total{outcome=\"ok}"], 1.0);
+    assert_eq!(samples["herdsman_bcrypt_queue_depth"], 0.0);
+    assert_eq!(samples["herdsman_redis_breaker_open_workers"], 0.0);
+}

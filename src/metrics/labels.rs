@@ -88,7 +88,8 @@ pub enum Event {
     CacheGetMemoryMiss,
     CacheWriteRedis,
     CacheWriteMemory,
-    CacheError,
+    /// Redis answered, but refused the command (out of memory, a wrong type).
+    CacheRedisRefused,
     BreakerOpened,
     BreakerClosed,
     BcryptRefused,
@@ -122,7 +123,7 @@ impl Event {
         Event::CacheGetMemoryMiss,
         Event::CacheWriteRedis,
         Event::CacheWriteMemory,
-        Event::CacheError,
+        Event::CacheRedisRefused,
         Event::BreakerOpened,
         Event::BreakerClosed,
         Event::BcryptRefused,
@@ -152,7 +153,9 @@ impl Event {
             Event::CacheWriteMemory => {
                 (CACHE_OPS, CACHE_OPS_HELP, &[("op", "write"), ("tier", "memory"), ("result", "ok")])
             }
-            Event::CacheError => (CACHE_OPS, CACHE_OPS_HELP, &[("op", "any"), ("tier", "none"), ("result", "error")]),
+            Event::CacheRedisRefused => {
+                (CACHE_OPS, CACHE_OPS_HELP, &[("op", "any"), ("tier", "redis"), ("result", "refused")])
+            }
             Event::BreakerOpened => (BREAKER, BREAKER_HELP, &[("to", "open")]),
             Event::BreakerClosed => (BREAKER, BREAKER_HELP, &[("to", "closed")]),
             Event::BcryptRefused => {
