@@ -109,6 +109,9 @@ pub struct Config {
     /// A bearer token that opens `/metrics` on the main port too; none keeps that route hidden
     /// (404). `HERDSMAN_METRICS_TOKEN`, default unset; at least 16 characters.
     pub metrics_token: Option<String>,
+    /// Where the master's control socket is (`herdsman status`, `reload`, `scale`); none means
+    /// the abstract socket `@herdsman-PORT`. `HERDSMAN_CONTROL_SOCKET`, default unset.
+    pub control_socket: Option<PathBuf>,
 }
 
 /// How log lines are written to stderr.
@@ -246,6 +249,9 @@ settings! {
     metrics_token, "HERDSMAN_METRICS_TOKEN", "metrics-token", "TOKEN",
         "Bearer token that opens /metrics on the main port, 16+ characters [default: unset, hidden]",
         default None, parse Raw::token;
+    control_socket, "HERDSMAN_CONTROL_SOCKET", "socket", "PATH",
+        "Path of the master's control socket [default: the abstract socket @herdsman-PORT]",
+        default None, parse Raw::socket_path;
 }
 
 /// A raw value and where it came from, so a parse error can name its culprit.
@@ -339,6 +345,15 @@ impl Raw<'_> {
                 value: "***".into(),
                 expected: "at least 16 visible ASCII characters (no spaces)".into(),
             }),
+        }
+    }
+
+    /// A Unix socket path: not empty, and short enough for `sun_path` (107 bytes).
+    fn socket_path(&self) -> Result<Option<PathBuf>, ConfigError> {
+        let path = self.value.trim();
+        match !path.is_empty() && path.len() <= 107 && !path.contains('\0') {
+            true => Ok(Some(PathBuf::from(path))),
+            false => Err(self.error("a file path of at most 107 bytes")),
         }
     }
 

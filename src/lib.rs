@@ -35,7 +35,10 @@
 //! - [`balance`]: the shared table that spreads connections evenly over the workers.
 //! - [`signals`]: the one table mapping signals to the master's intents.
 //! - [`listener`]: binding the shared socket.
-//! - [`cli`]: the command line (`serve`, `check`, `healthcheck`) and its one-line errors.
+//! - [`cli`]: the command line (`serve`, `check`, `healthcheck`, `status`, `reload`, `scale`)
+//!   and its one-line errors.
+//! - [`operator`]: the master's control socket: its protocol, its address and the client that
+//!   `herdsman status`, `reload` and `scale` use.
 //! - [`http`]: the router, the built-in routes (health, cache, auth), the guard around every
 //!   request and the one error type of every route.
 //! - [`warmup`]: start-up tasks on threads of their own, timeouts enforced from outside,
@@ -67,6 +70,7 @@ pub mod listener;
 pub mod logging;
 pub mod master;
 pub mod metrics;
+pub mod operator;
 pub mod services;
 pub mod signals;
 pub mod tracker;

@@ -18,6 +18,7 @@
 //! The master is often PID 1 in a container: it reaps every child, not only its workers
 //! (children of workers re-parented to it are reaped quietly).
 
+mod operator;
 mod policy;
 mod reap;
 mod spawn;
@@ -160,6 +161,10 @@ pub struct Master {
     next_spawn_at: Instant,
     messages_tx: mpsc::UnboundedSender<(Pid, Message)>,
     messages_rx: mpsc::UnboundedReceiver<(Pid, Message)>,
+    /// The port bound (the one picked, with `PORT=0`): it names the control socket.
+    port: u16,
+    operator_tx: mpsc::Sender<operator::OperatorCall>,
+    operator_rx: mpsc::Receiver<operator::OperatorCall>,
 }
 
 /// Binds the socket and runs the master, driven by signals, until it stops.
@@ -236,6 +241,7 @@ impl Master {
         };
         let config_json = serde_json::to_string(&config).map_err(std::io::Error::other)?;
         let (messages_tx, messages_rx) = mpsc::unbounded_channel();
+        let (operator_tx, operator_rx) = mpsc::channel(16);
         let (phase_tx, _) = watch::channel(Phase::Starting);
         let now = Instant::now();
         Ok(Master {
@@ -257,6 +263,9 @@ impl Master {
             next_spawn_at: now,
             messages_tx,
             messages_rx,
+            port: local.port(),
+            operator_tx,
+            operator_rx,
         })
     }
 
@@ -279,12 +288,17 @@ impl Master {
             tracing::error!("cannot serve metrics on port {}: {e}", self.config.metrics_port.unwrap_or_default());
             return Exit::Failure;
         }
+        self.serve_operator();
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 Some((intent, name)) = intents.recv() => self.on_intent(intent, name),
                 Some((pid, message)) = self.messages_rx.recv() => self.on_message(pid, message),
+                Some((request, answer)) = self.operator_rx.recv() => {
+                    let reply = self.on_operator(request);
+                    let _ = answer.send(reply);
+                }
                 _ = ticker.tick() => {}
             }
             self.reap();

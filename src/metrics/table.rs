@@ -176,6 +176,14 @@ impl MetricsTable {
         generation.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Requests answered and in flight in `slot` (for `herdsman status`).
+    pub fn slot_counts(&self, slot: usize) -> (u64, i64) {
+        let Some(block) = self.block(slot) else { return (0, 0) };
+        let served =
+            block.routes().map(|r| r.requests.iter().flatten().map(|c| c.load(Ordering::Relaxed)).sum::<u64>());
+        (served.sum(), block.in_flight.load(Ordering::Relaxed))
+    }
+
     pub fn count_restart(&self, reason: RestartReason) {
         self.layout().header.restarts[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
