@@ -51,8 +51,13 @@ const TICK: Duration = Duration::from_millis(100);
 /// A new worker is started only when no other is booting, or this long after the last one:
 /// workers never boot all in the same instant.
 const BOOT_STAGGER: Duration = Duration::from_millis(200);
-/// How long an aborted worker gets to print its diagnostics before SIGKILL.
-const ABORT_GRACE: Duration = Duration::from_secs(2);
+/// How long an aborted worker gets to print its diagnostics before SIGKILL. Its side thread
+/// needs milliseconds; the bound is what a hung worker may add to `GUNICORN_TIMEOUT` before it
+/// is gone: detection (one [`TICK`]) + this + the tick that sends SIGKILL stays within 0.5 s.
+const ABORT_GRACE: Duration = Duration::from_millis(250);
+/// What a draining worker gets past `GRACEFUL_TIMEOUT` before SIGKILL: its own drain deadline
+/// is the same, and it needs a moment to exit after it.
+const DRAIN_MARGIN: Duration = Duration::from_secs(2);
 /// A worker that served this long resets the failure back-off.
 const STABLE_AFTER: Duration = Duration::from_secs(5);
 /// The wait after the second failure in a row; it doubles with each further one.

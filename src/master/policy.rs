@@ -7,7 +7,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::time::Instant;
 
-use super::{send, Master, Phase, Stage, ABORT_GRACE, BOOT_STAGGER, STABLE_AFTER};
+use super::{send, Master, Phase, Stage, ABORT_GRACE, BOOT_STAGGER, DRAIN_MARGIN, STABLE_AFTER};
 use crate::exit::Exit;
 use crate::metrics::RestartReason;
 
@@ -79,9 +79,24 @@ impl Master {
                         } else {
                             tracing::error!("WORKER TIMEOUT (pid:{pid}): silent for {:.1}s", silent_for.as_secs_f64());
                         }
-                        worker.stage = Stage::Aborting { deadline: now + ABORT_GRACE };
                         worker.aborted = true;
-                        send(pid, Signal::SIGABRT);
+                        // The replacement starts on this same step (spawn_missing): the worker
+                        // is out of service from now on.
+                        match process_state(pid) {
+                            Some(state @ ('T' | 't' | 'D')) => {
+                                tracing::error!(
+                                    "Worker {} (pid:{pid}) is {} (state {state}): it cannot run its diagnostics; sending SIGKILL",
+                                    worker.serial,
+                                    if state == 'D' { "in uninterruptible sleep" } else { "stopped" }
+                                );
+                                worker.stage = Stage::Killed;
+                                send(pid, Signal::SIGKILL);
+                            }
+                            _ => {
+                                worker.stage = Stage::Aborting { deadline: now + ABORT_GRACE };
+                                send(pid, Signal::SIGABRT);
+                            }
+                        }
                     }
                 }
                 Stage::Draining { deadline } | Stage::Aborting { deadline } if now >= deadline => {
@@ -122,7 +137,7 @@ impl Master {
             if let Some(worker) = self.workers.get_mut(&pid) {
                 tracing::info!("Worker {} (pid:{pid}) retiring: draining", worker.serial);
                 worker.retired_for = Some(worker.replace.unwrap_or(RestartReason::Scale));
-                worker.stage = Stage::Draining { deadline: now + self.config.graceful_timeout + ABORT_GRACE };
+                worker.stage = Stage::Draining { deadline: now + self.config.graceful_timeout + DRAIN_MARGIN };
                 send(pid, Signal::SIGTERM);
             }
         }
@@ -150,4 +165,12 @@ impl Master {
             }
         }
     }
+}
+
+/// The state letter of `/proc/<pid>/stat` (`R`, `S`, `D`, `T`, `t`, `Z`…), if it can be read.
+/// The command name before it is in parentheses and may hold anything, so the letter is the
+/// first field after the last `)`.
+fn process_state(pid: Pid) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().next()?.chars().next()
 }
