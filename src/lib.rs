@@ -33,6 +33,7 @@
 //! - [`contract`]: what crosses the `exec` from master to worker (fds, variables, subcommand).
 //! - [`control`]: the worker → master pipe that carries readiness and heartbeats.
 //! - [`balance`]: the shared table that spreads connections evenly over the workers.
+//! - [`shared_memory`]: the memfd mappings the master shares with its workers (balance, metrics).
 //! - [`signals`]: the one table mapping signals to the master's intents.
 //! - [`listener`]: binding the shared socket.
 //! - [`cli`]: the command line (`serve`, `check`, `healthcheck`, `status`, `reload`, `scale`)
@@ -72,6 +73,7 @@ pub mod master;
 pub mod metrics;
 pub mod operator;
 pub mod services;
+pub mod shared_memory;
 pub mod signals;
 pub mod tracker;
 pub mod warmup;

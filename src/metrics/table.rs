@@ -12,14 +12,12 @@
 //! dies, even by SIGKILL, loses no count: the master folds what it left.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, OwnedFd};
-use std::ptr::NonNull;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
-
-use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
 use super::labels::{Event, Level, RestartReason, CLASSES, METHODS};
 use crate::balance::SLOT_COUNT;
+use crate::shared_memory::SharedMemory;
 
 /// Route templates one block can tell apart, including the two fixed ones below. A route seen
 /// once the table is full is counted under [`OTHER_ROUTE`]: no request can create a series.
@@ -90,52 +88,31 @@ struct Layout {
 
 /// The table, mapped into this process.
 pub struct MetricsTable {
-    layout: NonNull<Layout>,
-    fd: OwnedFd,
+    memory: SharedMemory,
 }
-
-// SAFETY: the table is only read and written through atomics, from any thread or process.
-unsafe impl Send for MetricsTable {}
-unsafe impl Sync for MetricsTable {}
 
 impl MetricsTable {
     /// Creates a zeroed table (the master, once). Pages are allocated only when written.
     pub fn create() -> std::io::Result<MetricsTable> {
-        let fd = nix::sys::memfd::memfd_create(c"herdsman-metrics", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
-        nix::unistd::ftruncate(&fd, std::mem::size_of::<Layout>() as i64)?;
-        Self::map(fd)
+        Ok(MetricsTable { memory: SharedMemory::create(c"herdsman-metrics", std::mem::size_of::<Layout>())? })
     }
 
     /// Maps the table a worker inherited from its master.
     pub fn from_inherited(fd: OwnedFd) -> std::io::Result<MetricsTable> {
-        let size = nix::sys::stat::fstat(&fd)?.st_size;
-        if usize::try_from(size).ok() != Some(std::mem::size_of::<Layout>()) {
-            return Err(std::io::Error::other(format!(
-                "the metrics table has {size} bytes, not {}",
-                std::mem::size_of::<Layout>()
-            )));
-        }
-        Self::map(fd)
-    }
-
-    fn map(fd: OwnedFd) -> std::io::Result<MetricsTable> {
-        let len = std::num::NonZeroUsize::new(std::mem::size_of::<Layout>()).ok_or(std::io::ErrorKind::InvalidInput)?;
-        // SAFETY: a fresh shared mapping of a memfd of exactly `len` bytes; every access goes
-        // through atomics, for which any bit pattern (all zero on a fresh file) is valid.
-        let ptr = unsafe {
-            mmap(None, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd.as_fd(), 0)?
-        };
-        Ok(MetricsTable { layout: ptr.cast(), fd })
+        let memory = SharedMemory::from_inherited(fd, std::mem::size_of::<Layout>(), "the metrics table")?;
+        Ok(MetricsTable { memory })
     }
 
     /// The memfd, for the master to hand to workers.
     pub fn fd(&self) -> &OwnedFd {
-        &self.fd
+        self.memory.fd()
     }
 
     fn layout(&self) -> &Layout {
-        // SAFETY: the mapping holds one `Layout` and lives as long as `self`.
-        unsafe { self.layout.as_ref() }
+        // SAFETY: the mapping holds one `Layout` (page-aligned, as `Layout` needs), lives as
+        // long as `self`, and every access goes through atomics, for which any bit pattern (all
+        // zero on a fresh memfd) is valid.
+        unsafe { self.memory.start().cast::<Layout>().as_ref() }
     }
 
     pub(crate) fn block(&self, slot: usize) -> Option<&Block> {
@@ -229,13 +206,6 @@ impl MetricsTable {
             snapshot.add(block);
         }
         snapshot
-    }
-}
-
-impl Drop for MetricsTable {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `map`; no reference into it outlives self.
-        let _ = unsafe { munmap(self.layout.cast(), std::mem::size_of::<Layout>()) };
     }
 }
 
