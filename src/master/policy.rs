@@ -15,6 +15,7 @@ impl Master {
     /// Brings the workers closer to what they should be. Returns the exit status when the
     /// master is done.
     pub(super) fn step(&mut self, now: Instant) -> Option<Exit> {
+        self.publish_metrics(now);
         if let Phase::Stopping { deadline, .. } = self.phase {
             if self.workers.is_empty() {
                 tracing::info!("Shutting down: Master (all workers stopped)");
@@ -37,7 +38,6 @@ impl Master {
         self.enforce_deadlines(now);
         self.retire_surplus(now);
         self.spawn_missing(now);
-        self.publish_metrics(now);
         None
     }
 

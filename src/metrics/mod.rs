@@ -37,7 +37,6 @@ pub mod server;
 pub mod table;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -95,20 +94,27 @@ pub fn set_level(level: Level, value: i64) {
 thread_local! {
     /// The route the request being polled on this thread matched, set by [`RouteLabel`].
     static MATCHED_ROUTE: Cell<Option<usize>> = const { Cell::new(None) };
-    /// Route template → index in this worker's block, so that a request costs a hash lookup,
-    /// not a scan of the shared labels.
-    static ROUTE_INDICES: RefCell<HashMap<Box<str>, usize>> = RefCell::new(HashMap::new());
+    /// Route template → index in this worker's block. axum hands every request of a route the
+    /// same shared string (an `Arc<str>` its router keeps), so the lookup compares the text's
+    /// address first and its bytes to be sure: no hashing per request.
+    static ROUTE_INDICES: RefCell<Vec<(usize, Box<str>, usize)>> = const { RefCell::new(Vec::new()) };
 }
 
 fn route_index(template: &str) -> usize {
     let Some(block) = block() else { return UNMATCHED_INDEX };
-    ROUTE_INDICES.with_borrow_mut(|indices| match indices.get(template) {
-        Some(&index) => index,
-        None => {
-            let index = block.route_index(template).unwrap_or(OTHER_INDEX);
-            indices.insert(template.into(), index);
-            index
+    let address = template.as_ptr() as usize;
+    ROUTE_INDICES.with_borrow_mut(|indices| {
+        let same = |(a, text, _): &&(usize, Box<str>, usize)| *a == address && **text == *template;
+        let equal = |(_, text, _): &&(usize, Box<str>, usize)| **text == *template;
+        if let Some((_, _, index)) = indices.iter().find(same).or_else(|| indices.iter().find(equal)) {
+            return *index;
         }
+        let index = block.route_index(template).unwrap_or(OTHER_INDEX);
+        // As many as the block tells apart; any further one is looked up in the block.
+        if indices.len() < 4 * table::MAX_ROUTES {
+            indices.push((address, template.into(), index));
+        }
+        index
     })
 }
 
