@@ -3,7 +3,7 @@
 disturb an instruction count, unlike a wall-clock figure on a shared machine).
 
 Run with:
-    python3 bench/callgrind_live.py BINARY [BINARY...] [--requests 2000]
+    python3 bench/callgrind_live.py BINARY [BINARY...] [--requests 2000] [--env NAME=VALUE ...]
 
 For each binary: run the master under `valgrind --tool=callgrind --trace-children=yes` with
 WEB_CONCURRENCY=1, once idle and once answering REQUESTS `GET /live` on one keep-alive
@@ -31,12 +31,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_instructions(binary: str, requests: int) -> int:
+def worker_instructions(binary: str, requests: int, extra_env: dict) -> int:
     out = tempfile.mkdtemp(prefix="callgrind-")
     port = free_port()
     env = {"PORT": str(port), "HERDSMAN_HOST": "127.0.0.1", "WEB_CONCURRENCY": "1",
            "GUNICORN_TIMEOUT": "120", "HERDSMAN_BOOT_TIMEOUT": "120", "BCRYPT_COST": "4",
-           "STARTUP_OPERATION_TIMEOUT": "120", "PATH": os.environ.get("PATH", "")}
+           "STARTUP_OPERATION_TIMEOUT": "120", "PATH": os.environ.get("PATH", ""), **extra_env}
     master = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={out}/cg.%p", binary],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -84,12 +84,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("binaries", nargs="+")
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for every binary")
     args = parser.parse_args()
+    extra_env = dict(pair.split("=", 1) for pair in args.env)
     print("| binary | worker instructions, 0 requests | %d requests | per `/live` request |" % args.requests)
     print("|---|---|---|---|")
     for binary in args.binaries:
-        idle = worker_instructions(binary, 0)
-        busy = worker_instructions(binary, args.requests)
+        idle = worker_instructions(binary, 0, extra_env)
+        busy = worker_instructions(binary, args.requests, extra_env)
         print(f"| {binary} | {idle:,} | {busy:,} | {(busy - idle) / args.requests:,.0f} |", flush=True)
 
 
