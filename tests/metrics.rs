@@ -2,6 +2,8 @@
 //! worker's SIGKILL exactly, restarts are counted by reason, the main port's `/metrics` is
 //! invisible without the token, and garbage on the metrics port does not hurt the master.
 
+#[path = "support/redis.rs"]
+mod redis_support;
 mod support;
 
 use std::collections::HashMap;
@@ -251,4 +253,38 @@ fn cache_operations_and_warm_ups_are_counted_under_route_templates() {
     // A gauge: the prewarm's hash has left the queue by now, or does within moments.
     wait_until("the bcrypt queue is empty", SECS(5), || scrape(port)["herdsman_bcrypt_queue_depth"] == 0.0);
     assert_eq!(samples["herdsman_redis_breaker_open_workers"], 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_reads_and_the_breaker_are_counted_through_an_outage() {
+    let Some(redis) = redis_support::TestRedis::start().await else { return };
+    let (server, port) = start_with_metrics(&[("WEB_CONCURRENCY", "1"), ("REDIS_URL", &redis.url)]);
+    server.wait_for_log("redis connected", SECS(10));
+    let cache_get = |key: &str| get(server.port, &format!("/cache/{key}"));
+    let put = "PUT /cache/k HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nv";
+    assert_eq!(http(server.port, put).0, 204);
+    assert_eq!(cache_get("k"), 200);
+    assert_eq!(cache_get("absent"), 404);
+    let ops = |samples: &HashMap<String, f64>, op: &str, tier: &str, result: &str| {
+        samples[&format!("herdsman_cache_operations_total{{op=\"{op},result=\"{result},tier=\"{tier}}}")]
+    };
+    let samples = scrape(port);
+    assert_eq!(ops(&samples, "write", "redis", "ok"), 1.0);
+    assert_eq!(ops(&samples, "get", "redis", "hit"), 1.0);
+    assert_eq!(ops(&samples, "get", "redis", "miss"), 1.0);
+    assert_eq!(samples["herdsman_redis_breaker_open_workers"], 0.0);
+
+    redis.stop().await;
+    // The first read after the stop fails over Redis and opens the breaker; it is answered.
+    assert_eq!(cache_get("k"), 200);
+    let samples = scrape(port);
+    assert_eq!(samples["herdsman_redis_breaker_transitions_total{to=\"open}"], 1.0);
+    assert_eq!(samples["herdsman_redis_breaker_open_workers"], 1.0);
+    assert!(ops(&samples, "get", "memory", "hit") >= 1.0);
+
+    redis.restart().await;
+    wait_until("the breaker closed again", SECS(15), || {
+        scrape(port)["herdsman_redis_breaker_transitions_total{to=\"closed}"] == 1.0
+    });
+    assert_eq!(scrape(port)["herdsman_redis_breaker_open_workers"], 0.0);
 }
