@@ -193,3 +193,27 @@ fn a_socket_path_works_too() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn garbage_on_the_control_socket_gets_a_refusal_and_hurts_nothing() {
+    use std::io::{Read, Write};
+    use std::os::linux::net::SocketAddrExt;
+    let server = start(&[("WEB_CONCURRENCY", "1")]);
+    server.wait_for_log("ready in", SECS(5));
+    let address = std::os::unix::net::SocketAddr::from_abstract_name(format!("herdsman-{}", server.port)).unwrap();
+    let ask = |bytes: &[u8]| {
+        let mut stream = std::os::unix::net::UnixStream::connect_addr(&address).unwrap();
+        stream.set_read_timeout(Some(SECS(5))).unwrap();
+        let _ = stream.write_all(bytes);
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    };
+    assert!(ask(b"{\"command\":\"shutdown\"}\n").contains("not a request"));
+    assert!(ask(&[0xff; 4096]).contains("refused"), "an over-long line is cut at 1 KiB and refused");
+    // Silent clients hold a connection for 2 s at most, and a few of them do not lock others out.
+    let silent: Vec<_> = (0..4).map(|_| std::os::unix::net::UnixStream::connect_addr(&address).unwrap()).collect();
+    assert_eq!(status_json(&server)["workers"].as_array().unwrap().len(), 1);
+    drop(silent);
+    assert_eq!(server.workers().len(), 1);
+}

@@ -17,6 +17,9 @@ use crate::signals::Intent;
 
 /// How long a client has to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once; more are closed at once. Any local user can connect to an
+/// abstract socket (the uid is checked after the request line), so this bounds what they hold.
+const MAX_CONNECTIONS: usize = 8;
 
 /// A request on its way to the master's loop, with where to send the answer.
 pub(super) type OperatorCall = (Request, oneshot::Sender<Reply>);
@@ -116,10 +119,16 @@ fn bind(name: &SocketName) -> std::io::Result<UnixListener> {
 }
 
 async fn accept(listener: UnixListener, calls: mpsc::Sender<OperatorCall>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve(stream, calls.clone()));
+                let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
+                let calls = calls.clone();
+                tokio::spawn(async move {
+                    serve(stream, calls).await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 tracing::warn!("control socket: accept failed: {e}");
