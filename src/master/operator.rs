@@ -51,7 +51,8 @@ impl Master {
             Request::Status => Reply::Status(self.status(Instant::now())),
             Request::Reload => {
                 self.on_intent(Intent::RollingRestart, "control socket: reload");
-                Reply::Done(format!("rolling restart of {} workers started", self.workers.len()))
+                let replacing = self.workers.values().filter(|w| w.replace.is_some()).count();
+                Reply::Done(format!("rolling restart of {replacing} workers started"))
             }
             Request::Scale { workers } => match operator::parse_worker_count(&workers.to_string()) {
                 Ok(target) => {

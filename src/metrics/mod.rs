@@ -15,7 +15,10 @@
 //! atomic additions per request. The price is a fixed layout: routes are told apart by their
 //! axum route *template* (`MatchedPath`), at most [`table::MAX_ROUTES`] per worker, and any
 //! beyond are counted as `other`; methods and status classes are fixed lists
-//! ([`labels`]). Nothing a client sends can create a series.
+//! ([`labels`]). Nothing a client sends can create a series. The table reserves a block
+//! of 48 KiB for each of the [`crate::balance::SLOT_COUNT`] slots (about 50 MB of address
+//! space), but a page is allocated only when written: a worker that serves a handful of routes
+//! touches a few pages.
 //!
 //! # Who serves it
 //!

@@ -396,6 +396,12 @@ mod tests {
     }
 
     #[test]
+    fn a_block_is_48_kib_so_the_table_stays_near_50_mb_of_address_space() {
+        assert_eq!(std::mem::size_of::<Block>(), 48 * 1024);
+        assert!(std::mem::size_of::<Layout>() < 52 << 20);
+    }
+
+    #[test]
     fn routes_past_the_limit_are_counted_as_other() {
         let table = MetricsTable::create().unwrap();
         table.claim(0);
