@@ -157,10 +157,12 @@ async fn attempt(status: &WarmupStatus, task: &WarmupTask, services: &Services, 
             match &state {
                 TaskState::Ok { duration_ms } => {
                     metrics::count(Event::WarmupOk);
+                    metrics::warmup_took(Duration::from_millis(*duration_ms));
                     tracing::info!("warm-up {name} done in {duration_ms} ms")
                 }
                 TaskState::Failed { duration_ms, reason } => {
                     metrics::count(Event::WarmupFailed);
+                    metrics::warmup_took(Duration::from_millis(*duration_ms));
                     tracing::warn!("warm-up {name} failed after {duration_ms} ms: {reason}")
                 }
                 TaskState::Pending | TaskState::TimedOut { .. } => {}
@@ -170,6 +172,7 @@ async fn attempt(status: &WarmupStatus, task: &WarmupTask, services: &Services, 
         Err(_) => {
             let after_ms = timeout.as_millis() as u64;
             metrics::count(Event::WarmupTimedOut);
+            metrics::warmup_took(timeout);
             tracing::warn!(
                 "warm-up {name} timed out after {after_ms} ms; abandoned (its thread runs on, serving is not affected)"
             );

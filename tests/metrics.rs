@@ -250,6 +250,7 @@ fn cache_operations_and_warm_ups_are_counted_under_route_templates() {
     assert_eq!(requests(&samples, "GET", "/cache/{key}", "2xx"), 1.0, "the template, not the key");
     assert_eq!(requests(&samples, "GET", "/cache/{key}", "4xx"), 1.0);
     assert_eq!(samples["herdsman_warmup_attempts_total{outcome=\"ok}"], 1.0);
+    assert_eq!(samples["herdsman_warmup_duration_seconds_count"], 1.0, "the bcrypt prewarm's one attempt");
     // A gauge: the prewarm's hash has left the queue by now, or does within moments.
     wait_until("the bcrypt queue is empty", SECS(5), || scrape(port)["herdsman_bcrypt_queue_depth"] == 0.0);
     assert_eq!(samples["herdsman_redis_breaker_open_workers"], 0.0);

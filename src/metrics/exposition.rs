@@ -3,12 +3,12 @@
 //! as a [`Collector`] that describes them at scrape time rather than as live metric objects.
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use super::labels::{Event, Level, RestartReason, CLASS_NAMES, METHOD_NAMES};
-use super::table::{Snapshot, DURATION_BOUNDS_US};
+use super::table::{Durations, Snapshot, DURATION_BOUNDS_US};
 
 /// The `Content-Type` of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -49,6 +49,13 @@ fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
     encoder.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_gauge(&value)
 }
 
+fn histogram(mut metric: MetricEncoder, durations: &Durations) -> std::fmt::Result {
+    let count: u64 = durations.buckets.iter().sum();
+    let bounds = DURATION_BOUNDS_US.iter().map(|&us| us as f64 / 1e6).chain([f64::INFINITY]);
+    let buckets: Vec<(f64, u64)> = bounds.zip(durations.buckets.iter().copied()).collect();
+    metric.encode_histogram::<NoLabelSet>(durations.sum_us as f64 / 1e6, count, &buckets, None)
+}
+
 impl Collector for Exposed {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let s = &self.0;
@@ -79,17 +86,17 @@ impl Collector for Exposed {
             MetricType::Histogram,
         )?;
         for (route, totals) in &s.routes {
-            let count: u64 = totals.duration_buckets.iter().sum();
-            let bounds = DURATION_BOUNDS_US.iter().map(|&us| us as f64 / 1e6).chain([f64::INFINITY]);
-            let buckets: Vec<(f64, u64)> = bounds.zip(totals.duration_buckets.iter().copied()).collect();
             let labels = vec![("route", route.as_str())];
-            durations.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
-                totals.duration_sum_us as f64 / 1e6,
-                count,
-                &buckets,
-                None,
-            )?;
+            histogram(durations.encode_family(&labels)?, &totals.duration)?;
         }
+        drop(durations);
+        let warmups = encoder.encode_descriptor(
+            "herdsman_warmup_duration_seconds",
+            "How long warm-up task attempts took (a timed-out one: its timeout), all tasks",
+            None,
+            MetricType::Histogram,
+        )?;
+        histogram(warmups, &s.warmup_durations)?;
 
         gauge(
             &mut encoder,

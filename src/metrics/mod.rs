@@ -82,6 +82,13 @@ pub fn count(event: Event) {
     }
 }
 
+/// A warm-up attempt ended after `took` (a timed-out one: after its timeout).
+pub fn warmup_took(took: std::time::Duration) {
+    if let Some(block) = block() {
+        block.warmup_took(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+    }
+}
+
 pub fn add_level(level: Level, delta: i64) {
     if let Some(block) = block() {
         block.level(level, delta);

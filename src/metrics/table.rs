@@ -46,11 +46,17 @@ struct RouteLabel {
     bytes: [AtomicU8; LABEL_BYTES],
 }
 
+/// Durations in [`DURATION_BOUNDS_US`] buckets (not cumulative; the last is +Inf), and their sum.
+#[repr(C)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS],
+    sum_us: AtomicU64,
+}
+
 #[repr(C)]
 struct RouteStats {
     requests: [[AtomicU64; CLASSES]; METHODS],
-    duration_buckets: [AtomicU64; BUCKETS],
-    duration_sum_us: AtomicU64,
+    duration: Histogram,
 }
 
 /// One worker's counts (or the retired totals). All zero is the empty block.
@@ -61,6 +67,8 @@ pub(crate) struct Block {
     in_flight: AtomicI64,
     events: [AtomicU64; Event::COUNT],
     levels: [AtomicI64; Level::COUNT],
+    /// How long warm-up attempts took (a timed-out one: its timeout).
+    warmup_durations: Histogram,
     labels: [RouteLabel; MAX_ROUTES],
     routes: [RouteStats; MAX_ROUTES],
 }
@@ -147,6 +155,7 @@ impl MetricsTable {
         for (into, from) in retired.events.iter().zip(&block.events) {
             into.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
         }
+        retired.warmup_durations.add(&block.warmup_durations);
         block.clear();
         flag.store(0, Ordering::Release);
         std::sync::atomic::fence(Ordering::SeqCst);
@@ -250,9 +259,11 @@ impl Block {
     pub(crate) fn record(&self, route: usize, method: usize, class: usize, micros: u64) {
         let Some(stats) = self.routes.get(route) else { return };
         stats.requests[method.min(METHODS - 1)][class.min(CLASSES - 1)].fetch_add(1, Ordering::Relaxed);
-        let bucket = DURATION_BOUNDS_US.iter().position(|&bound| micros <= bound).unwrap_or(BUCKETS - 1);
-        stats.duration_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        stats.duration_sum_us.fetch_add(micros, Ordering::Relaxed);
+        stats.duration.observe(micros);
+    }
+
+    pub(crate) fn warmup_took(&self, micros: u64) {
+        self.warmup_durations.observe(micros);
     }
 
     pub(crate) fn in_flight(&self, delta: i64) {
@@ -275,6 +286,7 @@ impl Block {
         self.in_flight.store(0, Ordering::Relaxed);
         self.events.iter().for_each(|e| e.store(0, Ordering::Relaxed));
         self.levels.iter().for_each(|l| l.store(0, Ordering::Relaxed));
+        self.warmup_durations.counters().for_each(|c| c.store(0, Ordering::Relaxed));
         for route in self.routes() {
             route.clear();
         }
@@ -287,7 +299,7 @@ impl Block {
 
 impl RouteStats {
     fn counters(&self) -> impl Iterator<Item = &AtomicU64> {
-        self.requests.iter().flatten().chain(&self.duration_buckets).chain(std::iter::once(&self.duration_sum_us))
+        self.requests.iter().flatten().chain(self.duration.counters())
     }
 
     fn add(&self, from: &RouteStats) {
@@ -301,6 +313,31 @@ impl RouteStats {
     }
 }
 
+impl Histogram {
+    fn observe(&self, micros: u64) {
+        let bucket = DURATION_BOUNDS_US.iter().position(|&bound| micros <= bound).unwrap_or(BUCKETS - 1);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn counters(&self) -> impl Iterator<Item = &AtomicU64> {
+        self.buckets.iter().chain(std::iter::once(&self.sum_us))
+    }
+
+    fn add(&self, from: &Histogram) {
+        for (into, from) in self.counters().zip(from.counters()) {
+            into.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    fn add_to(&self, totals: &mut Durations) {
+        for (into, from) in totals.buckets.iter_mut().zip(&self.buckets) {
+            *into += from.load(Ordering::Relaxed);
+        }
+        totals.sum_us += self.sum_us.load(Ordering::Relaxed);
+    }
+}
+
 /// Cuts a template to [`LABEL_BYTES`] on a character boundary.
 fn truncate(template: &str) -> &str {
     let mut end = template.len().min(LABEL_BYTES);
@@ -310,13 +347,19 @@ fn truncate(template: &str) -> &str {
     &template[..end]
 }
 
+/// Durations, summed: per [`DURATION_BOUNDS_US`] bucket (not cumulative; the last is +Inf).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Durations {
+    pub buckets: [u64; BUCKETS],
+    pub sum_us: u64,
+}
+
 /// The requests of one route, summed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RouteTotals {
     /// `[method][status class]`, see [`super::labels`].
     pub requests: [[u64; CLASSES]; METHODS],
-    pub duration_buckets: [u64; BUCKETS],
-    pub duration_sum_us: u64,
+    pub duration: Durations,
 }
 
 /// Every count at one moment, summed over the master, the retired workers and the live ones.
@@ -327,6 +370,7 @@ pub struct Snapshot {
     pub in_flight: i64,
     pub events: [u64; Event::COUNT],
     pub levels: [i64; Level::COUNT],
+    pub warmup_durations: Durations,
     pub restarts: [u64; RestartReason::COUNT],
     pub workers: u64,
     pub heartbeat_age_ms: u64,
@@ -346,10 +390,7 @@ impl Snapshot {
                     totals.requests[method][class] += count.load(Ordering::Relaxed);
                 }
             }
-            for (into, from) in totals.duration_buckets.iter_mut().zip(&stats.duration_buckets) {
-                *into += from.load(Ordering::Relaxed);
-            }
-            totals.duration_sum_us += stats.duration_sum_us.load(Ordering::Relaxed);
+            stats.duration.add_to(&mut totals.duration);
         }
         self.in_flight += block.in_flight.load(Ordering::Relaxed);
         for (into, from) in self.events.iter_mut().zip(&block.events) {
@@ -358,6 +399,7 @@ impl Snapshot {
         for (into, from) in self.levels.iter_mut().zip(&block.levels) {
             *into += from.load(Ordering::Relaxed);
         }
+        block.warmup_durations.add_to(&mut self.warmup_durations);
     }
 }
 
@@ -386,7 +428,7 @@ mod tests {
         assert_eq!(requests(&after, "/live"), 5);
         assert_eq!(requests(&after, UNMATCHED_ROUTE), 1);
         assert_eq!(after.in_flight, 0, "a dead worker's requests are no longer in flight");
-        assert_eq!(after.routes["/live"].duration_buckets[1], 5, "700 µs is in the 1 ms bucket");
+        assert_eq!(after.routes["/live"].duration.buckets[1], 5, "700 µs is in the 1 ms bucket");
         table.claim(3);
         let again = table.block(3).unwrap();
         assert_eq!(again.route_index("/other-route"), Some(2), "the slot's labels start over");
