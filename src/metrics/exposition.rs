@@ -89,7 +89,6 @@ impl Collector for Exposed {
             let labels = vec![("route", route.as_str())];
             histogram(durations.encode_family(&labels)?, &totals.duration)?;
         }
-        drop(durations);
         let warmups = encoder.encode_descriptor(
             "herdsman_warmup_duration_seconds",
             "How long warm-up task attempts took (a timed-out one: its timeout), all tasks",
