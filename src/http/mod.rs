@@ -12,6 +12,8 @@ pub mod error;
 pub mod guard;
 pub mod health;
 pub mod metrics_route;
+pub mod queue_time;
+pub mod request_id;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
 
