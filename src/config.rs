@@ -416,6 +416,13 @@ impl Config {
                 ),
             });
         }
+        if self.metrics_port.is_some_and(|metrics| metrics != 0 && metrics == self.port) {
+            return Err(ConfigError {
+                source_name: "HERDSMAN_METRICS_PORT".into(),
+                value: self.port.to_string(),
+                expected: "a port other than PORT: the metrics have a port of their own".into(),
+            });
+        }
         Ok(())
     }
 
@@ -628,6 +635,20 @@ mod tests {
         assert_eq!(redact_url("redis://u:p%40ss%23w@host/0"), "redis://***@host/0");
         let config = resolve_env(&[("REDIS_URL", "redis://:hunter2@host:6379")]).unwrap();
         assert!(!format!("{config:?}").contains("hunter2"), "{config:?}");
+    }
+
+    #[test]
+    fn the_metrics_settings_are_checked_and_the_token_never_shown() {
+        let same = resolve_env(&[("PORT", "9000"), ("HERDSMAN_METRICS_PORT", "9000")]).unwrap_err();
+        assert_eq!(
+            same.to_string(),
+            "invalid HERDSMAN_METRICS_PORT=\"9000\": expected a port other than PORT: the metrics have a port of their own"
+        );
+        let short = resolve_env(&[("HERDSMAN_METRICS_TOKEN", "hunter2")]).unwrap_err().to_string();
+        assert!(short.starts_with("invalid HERDSMAN_METRICS_TOKEN=\"***\": expected at least 16"), "{short}");
+        let config = resolve_env(&[("HERDSMAN_METRICS_TOKEN", "correct-horse-battery-staple")]).unwrap();
+        assert!(!format!("{config:?}").contains("correct-horse"), "{config:?}");
+        assert_eq!(config.metrics_token.as_deref(), Some("correct-horse-battery-staple"));
     }
 
     #[test]
