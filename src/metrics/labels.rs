@@ -3,6 +3,23 @@
 
 use axum::http::{Method, StatusCode};
 
+/// Declares a fieldless enum whose variants index fixed arrays (`variant as usize`), with
+/// `COUNT` and `ALL` (in declaration order) generated from the one list of variants.
+macro_rules! indexed_enum {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$variant_meta:meta])* $variant:ident,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$variant_meta])* $variant,)*
+        }
+
+        impl $name {
+            pub const COUNT: usize = [$(stringify!($variant)),*].len();
+            pub const ALL: [$name; Self::COUNT] = [$($name::$variant),*];
+        }
+    };
+}
+
 /// The HTTP methods counted by name; any other is counted as `other`.
 pub const METHOD_NAMES: [&str; 10] =
     ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "other"];
@@ -34,37 +51,27 @@ pub fn class_index(status: StatusCode) -> usize {
     }
 }
 
-/// Why a worker ended, as `herdsman_worker_restarts_total{reason}` counts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RestartReason {
-    /// Silent for `GUNICORN_TIMEOUT` after it was ready.
-    Timeout,
-    /// Not ready within `HERDSMAN_BOOT_TIMEOUT`.
-    BootTimeout,
-    /// Exited or died by a signal on its own while in service.
-    Crash,
-    /// SIGKILLed from outside while in service (the OOM killer, an operator).
-    Killed,
-    /// Served its `MAX_REQUESTS`.
-    MaxRequests,
-    /// Replaced by a rolling restart (SIGHUP).
-    Reload,
-    /// Retired because the worker count went down (SIGTTOU).
-    Scale,
+indexed_enum! {
+    /// Why a worker ended, as `herdsman_worker_restarts_total{reason}` counts it.
+    pub enum RestartReason {
+        /// Silent for `GUNICORN_TIMEOUT` after it was ready.
+        Timeout,
+        /// Not ready within `HERDSMAN_BOOT_TIMEOUT`.
+        BootTimeout,
+        /// Exited or died by a signal on its own while in service.
+        Crash,
+        /// SIGKILLed from outside while in service (the OOM killer, an operator).
+        Killed,
+        /// Served its `MAX_REQUESTS`.
+        MaxRequests,
+        /// Replaced by a rolling restart (SIGHUP).
+        Reload,
+        /// Retired because the worker count went down (SIGTTOU).
+        Scale,
+    }
 }
 
 impl RestartReason {
-    pub const COUNT: usize = 7;
-    pub const ALL: [RestartReason; Self::COUNT] = [
-        RestartReason::Timeout,
-        RestartReason::BootTimeout,
-        RestartReason::Crash,
-        RestartReason::Killed,
-        RestartReason::MaxRequests,
-        RestartReason::Reload,
-        RestartReason::Scale,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             RestartReason::Timeout => "timeout",
@@ -78,26 +85,27 @@ impl RestartReason {
     }
 }
 
-/// Things a worker counts besides requests; each is one series of a counter (see
-/// [`Event::series`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
-    CacheGetRedisHit,
-    CacheGetRedisMiss,
-    CacheGetMemoryHit,
-    CacheGetMemoryMiss,
-    CacheWriteRedis,
-    CacheWriteMemory,
-    /// Redis answered, but refused the command (out of memory, a wrong type).
-    CacheRedisRefused,
-    BreakerOpened,
-    BreakerClosed,
-    BcryptRefused,
-    WarmupOk,
-    WarmupFailed,
-    WarmupTimedOut,
-    /// Logins refused by throttling. Ready to be counted: throttling is built elsewhere.
-    LoginThrottled,
+indexed_enum! {
+    /// Things a worker counts besides requests; each is one series of a counter (see
+    /// [`Event::series`]).
+    pub enum Event {
+        CacheGetRedisHit,
+        CacheGetRedisMiss,
+        CacheGetMemoryHit,
+        CacheGetMemoryMiss,
+        CacheWriteRedis,
+        CacheWriteMemory,
+        /// Redis answered, but refused the command (out of memory, a wrong type).
+        CacheRedisRefused,
+        BreakerOpened,
+        BreakerClosed,
+        BcryptRefused,
+        WarmupOk,
+        WarmupFailed,
+        WarmupTimedOut,
+        /// Logins refused by throttling. Ready to be counted: throttling is built elsewhere.
+        LoginThrottled,
+    }
 }
 
 /// A counter family and one of its label sets.
@@ -115,24 +123,6 @@ const WARMUP: &str = "herdsman_warmup_attempts";
 const WARMUP_HELP: &str = "Warm-up task attempts by outcome";
 
 impl Event {
-    pub const COUNT: usize = 14;
-    pub const ALL: [Event; Self::COUNT] = [
-        Event::CacheGetRedisHit,
-        Event::CacheGetRedisMiss,
-        Event::CacheGetMemoryHit,
-        Event::CacheGetMemoryMiss,
-        Event::CacheWriteRedis,
-        Event::CacheWriteMemory,
-        Event::CacheRedisRefused,
-        Event::BreakerOpened,
-        Event::BreakerClosed,
-        Event::BcryptRefused,
-        Event::WarmupOk,
-        Event::WarmupFailed,
-        Event::WarmupTimedOut,
-        Event::LoginThrottled,
-    ];
-
     pub fn series(self) -> Series {
         let (metric, help, labels): (_, _, &'static [(&str, &str)]) = match self {
             Event::CacheGetRedisHit => {
@@ -170,19 +160,17 @@ impl Event {
     }
 }
 
-/// Things a worker holds now (gauges), summed over the live workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
-    /// Password hashes waiting or running.
-    BcryptQueued,
-    /// 1 while this worker's Redis breaker is open.
-    BreakerOpen,
+indexed_enum! {
+    /// Things a worker holds now (gauges), summed over the live workers.
+    pub enum Level {
+        /// Password hashes waiting or running.
+        BcryptQueued,
+        /// 1 while this worker's Redis breaker is open.
+        BreakerOpen,
+    }
 }
 
 impl Level {
-    pub const COUNT: usize = 2;
-    pub const ALL: [Level; Self::COUNT] = [Level::BcryptQueued, Level::BreakerOpen];
-
     pub fn name_and_help(self) -> (&'static str, &'static str) {
         match self {
             Level::BcryptQueued => ("herdsman_bcrypt_queue_depth", "Password hashes waiting or running, all workers"),
