@@ -25,6 +25,7 @@ use axum::Router;
 use crate::cli::{self, Command};
 use crate::config::Config;
 use crate::exit::Exit;
+use crate::operator::Request;
 use crate::services::Services;
 use crate::warmup::WarmupTask;
 use crate::{http, logging, master, worker};
@@ -140,6 +141,15 @@ impl App {
                     Exit::Failure
                 }
             },
+            Command::Status { json } => operate(&config, &Request::Status, json),
+            Command::Reload => operate(&config, &Request::Reload, false),
+            Command::Scale { count } => match crate::operator::parse_worker_count(&count) {
+                Ok(workers) => operate(&config, &Request::Scale { workers }, false),
+                Err(e) => {
+                    eprintln!("herdsman: {e}");
+                    Exit::BadUsage
+                }
+            },
             Command::Serve | Command::Worker => {
                 logging::init(config.log_format, &config.log_level, "master");
                 if let Some(platform) = &resolution.platform {
@@ -157,6 +167,20 @@ impl App {
                 }
                 master::run(resolution.config)
             }
+        }
+    }
+}
+
+/// Runs an operator command against the master and prints its answer.
+fn operate(config: &Config, request: &Request, json: bool) -> Exit {
+    match cli::operate(config, request, json) {
+        Ok(text) => {
+            print!("{text}");
+            Exit::Clean
+        }
+        Err(e) => {
+            eprintln!("herdsman: {e}");
+            Exit::Failure
         }
     }
 }

@@ -18,14 +18,14 @@
 //! others back. Nothing here is needed for correctness: without the table (no memfd support, no
 //! free slot) every worker simply accepts as before.
 
-use std::os::fd::{AsFd, OwnedFd};
-use std::ptr::NonNull;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::sys::time::TimeValLike;
 use nix::time::{clock_gettime, ClockId};
+
+use crate::shared_memory::SharedMemory;
 
 /// Slots in the table: room for the largest `WEB_CONCURRENCY` twice over, since old and new
 /// workers overlap during a rolling restart.
@@ -52,53 +52,34 @@ pub struct Slot {
 
 /// The shared table, mapped into this process.
 pub struct SlotTable {
-    slots: NonNull<Slot>,
-    fd: OwnedFd,
+    memory: SharedMemory,
 }
-
-// SAFETY: the table is only read and written through atomics, from any thread or process.
-unsafe impl Send for SlotTable {}
-unsafe impl Sync for SlotTable {}
 
 impl SlotTable {
     /// Creates a zeroed table (the master does this once).
     pub fn create() -> std::io::Result<SlotTable> {
-        let fd = nix::sys::memfd::memfd_create(c"herdsman-slots", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
-        nix::unistd::ftruncate(&fd, Self::bytes() as i64)?;
-        Self::map(fd)
+        Ok(SlotTable { memory: SharedMemory::create(c"herdsman-slots", Self::bytes())? })
     }
 
     /// Maps the table a worker inherited from its master.
     pub fn from_inherited(fd: OwnedFd) -> std::io::Result<SlotTable> {
-        let size = nix::sys::stat::fstat(&fd)?.st_size;
-        if usize::try_from(size).ok() != Some(Self::bytes()) {
-            return Err(std::io::Error::other(format!("the table has {size} bytes, not {}", Self::bytes())));
-        }
-        Self::map(fd)
+        Ok(SlotTable { memory: SharedMemory::from_inherited(fd, Self::bytes(), "the table")? })
     }
 
     fn bytes() -> usize {
         SLOT_COUNT * std::mem::size_of::<Slot>()
     }
 
-    fn map(fd: OwnedFd) -> std::io::Result<SlotTable> {
-        let len = std::num::NonZeroUsize::new(Self::bytes()).ok_or(std::io::ErrorKind::InvalidInput)?;
-        // SAFETY: a fresh shared mapping of a memfd of exactly `len` bytes; nothing else in this
-        // process aliases it, and every access goes through atomics (valid for any bit pattern).
-        let ptr = unsafe {
-            mmap(None, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd.as_fd(), 0)?
-        };
-        Ok(SlotTable { slots: ptr.cast(), fd })
-    }
-
     /// The memfd, for the master to hand to workers.
     pub fn fd(&self) -> &OwnedFd {
-        &self.fd
+        self.memory.fd()
     }
 
     fn slots(&self) -> &[Slot] {
-        // SAFETY: the mapping holds SLOT_COUNT slots and lives as long as `self`.
-        unsafe { std::slice::from_raw_parts(self.slots.as_ptr(), SLOT_COUNT) }
+        // SAFETY: the mapping holds SLOT_COUNT slots (page-aligned, so aligned for them), lives
+        // as long as `self`, and every access to a slot goes through atomics, valid for any bit
+        // pattern (all zero on a fresh memfd).
+        unsafe { std::slice::from_raw_parts(self.memory.start().cast::<Slot>().as_ptr(), SLOT_COUNT) }
     }
 
     /// Forgets whatever a worker left in slot `index` (the master, when it reaps the worker).
@@ -145,13 +126,6 @@ impl SlotTable {
         let mine = self.slots().get(index).map_or(0, |s| u64::from(s.connections.load(Ordering::Relaxed)));
         // mine > total / live + 1, without the rounding of an integer division.
         live > 1 && mine * live > total + live
-    }
-}
-
-impl Drop for SlotTable {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `map`; no reference into it outlives self.
-        let _ = unsafe { munmap(self.slots.cast(), Self::bytes()) };
     }
 }
 

@@ -1,4 +1,5 @@
-//! The command line: `herdsman [serve]`, `herdsman check`, `herdsman healthcheck`, and the hidden
+//! The command line: `herdsman [serve]`, `herdsman check`, `herdsman healthcheck`, the operator's
+//! `herdsman status [--json]`, `herdsman reload` and `herdsman scale N`, and the hidden
 //! `herdsman __worker` the master re-executes to start a worker.
 //!
 //! Errors here never become a clap usage dump or a panic: [`parse_args`] turns any clap error
@@ -11,6 +12,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, Flags, Resolution};
+use crate::operator::{self, OperatorError, Reply, Request, SocketName};
 
 /// A prefork runtime for web services on PaaS: binds $PORT at once, supervises WEB_CONCURRENCY
 /// workers, warms up in the background, and falls back to memory when Redis is away.
@@ -38,6 +40,21 @@ pub enum Command {
     /// Request /live on the local port and exit 0 if it answers 200, else 1 (for container
     /// HEALTHCHECKs in images without curl).
     Healthcheck,
+    /// Show the running master's phase and each worker's serial, pid, state, age, requests,
+    /// in-flight requests, heartbeat age and memory (through its control socket).
+    Status {
+        /// Print the report as JSON, for tools.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace every worker of the running master without dropping a request (as SIGHUP).
+    Reload,
+    /// Set the running master's worker count (1 to 512); extra workers drain gracefully.
+    Scale {
+        /// The new worker count.
+        #[arg(value_name = "N", allow_hyphen_values = true)]
+        count: String,
+    },
     /// Internal: run one worker on what the master passes (see the contract module).
     #[command(name = crate::contract::WORKER_SUBCOMMAND, hide = true)]
     Worker,
@@ -66,8 +83,13 @@ where
             // clap's first line names the culprit ("error: unexpected argument '--x' found");
             // the usage block after it is noise in a platform's deploy log.
             let rendered = e.to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            let first = first.trim_start_matches("error: ");
+            let mut lines = rendered.lines();
+            let first = lines.next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            // "the following required arguments were not provided:" names them on the next line.
+            let first = match (first.ends_with(':'), lines.next()) {
+                (true, Some(culprit)) => format!("{first} {}", culprit.trim()),
+                _ => first.to_string(),
+            };
             ArgsOutcome::Invalid(format!("herdsman: {first} (see herdsman --help for the accepted flags)\n"))
         }
     })
@@ -86,6 +108,18 @@ pub fn check(resolution: &Resolution) -> String {
         out.push_str(&format!("warning: {warning}\n"));
     }
     out
+}
+
+/// `herdsman status`, `reload` and `scale`: sends `request` to the master on this port (or
+/// `--socket`) and returns what to print.
+pub fn operate(config: &Config, request: &Request, json: bool) -> Result<String, OperatorError> {
+    let socket = SocketName::for_master(config, config.port);
+    match operator::send(&socket, request)? {
+        Reply::Status(report) if json => Ok(serde_json::to_string_pretty(&report).unwrap_or_default() + "\n"),
+        Reply::Status(report) => Ok(operator::format_status(&report)),
+        Reply::Done(message) => Ok(message + "\n"),
+        Reply::Refused(why) => Err(OperatorError::Refused(why)),
+    }
 }
 
 /// `herdsman healthcheck`: a minimal HTTP/1.1 GET of `/live` on the configured port. `Err`

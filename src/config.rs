@@ -112,6 +112,15 @@ pub struct Config {
     /// The longest `?ttl=` accepted (longer is 400). `HERDSMAN_CACHE_MAX_TTL`, default 1 day.
     #[serde(with = "secs")]
     pub cache_max_ttl: Duration,
+    /// The port of the master's Prometheus `/metrics`; none means no metrics port.
+    /// `HERDSMAN_METRICS_PORT`, default unset.
+    pub metrics_port: Option<u16>,
+    /// A bearer token that opens `/metrics` on the main port too; none keeps that route hidden
+    /// (404). `HERDSMAN_METRICS_TOKEN`, default unset; at least 16 characters.
+    pub metrics_token: Option<String>,
+    /// Where the master's control socket is (`herdsman status`, `reload`, `scale`); none means
+    /// the abstract socket `@herdsman-PORT`. `HERDSMAN_CONTROL_SOCKET`, default unset.
+    pub control_socket: Option<PathBuf>,
 }
 
 /// How log lines are written to stderr.
@@ -256,6 +265,15 @@ settings! {
     cache_max_ttl, "HERDSMAN_CACHE_MAX_TTL", "cache-max-ttl", "SECONDS",
         "The longest ?ttl= accepted over HTTP; longer is 400 [default: 86400]",
         default Duration::from_secs(86_400), parse Raw::seconds;
+    metrics_port, "HERDSMAN_METRICS_PORT", "metrics-port", "PORT",
+        "Port of the master's Prometheus /metrics, 0 = any free one; unset means none [default: unset]",
+        default None, parse |r: &Raw| r.integer(0u16, 65535).map(Some);
+    metrics_token, "HERDSMAN_METRICS_TOKEN", "metrics-token", "TOKEN",
+        "Bearer token that opens /metrics on the main port, 16+ characters [default: unset, hidden]",
+        default None, parse Raw::token;
+    control_socket, "HERDSMAN_CONTROL_SOCKET", "socket", "PATH",
+        "Path of the master's control socket [default: the abstract socket @herdsman-PORT]",
+        default None, parse Raw::socket_path;
 }
 
 /// A raw value and where it came from, so a parse error can name its culprit.
@@ -328,6 +346,28 @@ impl Raw<'_> {
         match read_ca_certificates(&path) {
             Ok(_) => Ok(Some(path)),
             Err(why) => Err(self.error(format!("a readable PEM file of CA certificates ({why})"))),
+        }
+    }
+
+    /// A secret of at least 16 visible ASCII characters; an error never shows it.
+    fn token(&self) -> Result<Option<String>, ConfigError> {
+        let token = self.value.trim();
+        match token.len() >= 16 && token.bytes().all(|b| b.is_ascii_graphic()) {
+            true => Ok(Some(token.to_string())),
+            false => Err(ConfigError {
+                source_name: self.source_name.clone(),
+                value: "***".into(),
+                expected: "at least 16 visible ASCII characters (no spaces)".into(),
+            }),
+        }
+    }
+
+    /// A Unix socket path: not empty, and short enough for `sun_path` (107 bytes).
+    fn socket_path(&self) -> Result<Option<PathBuf>, ConfigError> {
+        let path = self.value.trim();
+        match !path.is_empty() && path.len() <= 107 && !path.contains('\0') {
+            true => Ok(Some(PathBuf::from(path))),
+            false => Err(self.error("a file path of at most 107 bytes")),
         }
     }
 
@@ -466,6 +506,13 @@ impl Config {
                 ),
             });
         }
+        if self.metrics_port.is_some_and(|metrics| metrics != 0 && metrics == self.port) {
+            return Err(ConfigError {
+                source_name: "HERDSMAN_METRICS_PORT".into(),
+                value: self.port.to_string(),
+                expected: "a port other than PORT: the metrics have a port of their own".into(),
+            });
+        }
         Ok(())
     }
 
@@ -498,6 +545,7 @@ impl Config {
                 let shown = match fields.get(field) {
                     None | Some(serde_json::Value::Null) => "(unset)".to_string(),
                     Some(serde_json::Value::String(s)) if var == "REDIS_URL" => redact_url(s),
+                    Some(serde_json::Value::String(_)) if var == "HERDSMAN_METRICS_TOKEN" => "***".to_string(),
                     Some(serde_json::Value::String(s)) => s.clone(),
                     Some(serde_json::Value::Array(items)) => {
                         items.iter().filter_map(|i| i.as_str()).collect::<Vec<_>>().join(",")
@@ -710,6 +758,20 @@ mod tests {
     fn without_a_platform_the_host_is_never_read() {
         let resolution = Config::resolve_on(&Flags::default(), env(&[]), || panic!("read the host")).unwrap();
         assert!(resolution.platform.is_none() && resolution.warnings.is_empty());
+    }
+
+    #[test]
+    fn the_metrics_settings_are_checked_and_the_token_never_shown() {
+        let same = resolve_env(&[("PORT", "9000"), ("HERDSMAN_METRICS_PORT", "9000")]).unwrap_err();
+        assert_eq!(
+            same.to_string(),
+            "invalid HERDSMAN_METRICS_PORT=\"9000\": expected a port other than PORT: the metrics have a port of their own"
+        );
+        let short = resolve_env(&[("HERDSMAN_METRICS_TOKEN", "hunter2")]).unwrap_err().to_string();
+        assert!(short.starts_with("invalid HERDSMAN_METRICS_TOKEN=\"***\": expected at least 16"), "{short}");
+        let config = resolve_env(&[("HERDSMAN_METRICS_TOKEN", "correct-horse-battery-staple")]).unwrap();
+        assert!(!format!("{config:?}").contains("correct-horse"), "{config:?}");
+        assert_eq!(config.metrics_token.as_deref(), Some("correct-horse-battery-staple"));
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! | the listening socket                   | fd [`LISTEN_FD`] (3)   | the accept loop            |
 //! | the write end of the control pipe      | fd [`CONTROL_FD`] (4)  | [`crate::control`] messages |
 //! | the connection-balancing table (memfd) | fd [`SLOTS_FD`] (5)    | [`crate::balance`]         |
-//! | the worker's slot in that table        | `HERDSMAN_WORKER_SLOT` | [`crate::balance`]         |
+//! | the metrics table (memfd)              | fd [`METRICS_FD`] (6)  | [`crate::metrics`]         |
+//! | the worker's slot in both tables       | `HERDSMAN_WORKER_SLOT` | [`crate::balance`], [`crate::metrics`] |
 //! | the resolved configuration, as JSON    | `HERDSMAN_WORKER_CONFIG` | the whole worker         |
 //!
 //! The master lays them out in one place ([`prepare_worker`]); the worker takes them in one
@@ -38,6 +39,8 @@ pub const LISTEN_FD: RawFd = 3;
 pub const CONTROL_FD: RawFd = 4;
 /// The descriptor number under which a worker finds the balancing table, when it has a slot.
 pub const SLOTS_FD: RawFd = 5;
+/// The descriptor number under which a worker finds the metrics table, when it has a slot.
+pub const METRICS_FD: RawFd = 6;
 /// The variable that holds the worker's resolved configuration, as JSON.
 pub const CONFIG_ENV: &str = "HERDSMAN_WORKER_CONFIG";
 /// The variable that tells a worker which slot of the balancing table is its own.
@@ -62,10 +65,12 @@ pub struct Inherited {
     pub control: OwnedFd,
     /// The balancing table and this worker's slot in it, when the master gave one.
     pub slots: Option<(OwnedFd, usize)>,
+    /// The metrics table and this worker's slot in it, when the master gave one.
+    pub metrics: Option<(OwnedFd, usize)>,
 }
 
-/// Takes what the master handed over. A balancing table that is missing or wrong only costs
-/// balancing (logged at debug); anything else wrong is an error.
+/// Takes what the master handed over. A balancing or metrics table that is missing or wrong
+/// only costs balancing or metrics (logged at debug); anything else wrong is an error.
 ///
 /// # Safety
 /// Call once, at the very start of a process started as `herdsman __worker`, before anything
@@ -95,20 +100,24 @@ pub unsafe fn take_inherited() -> Result<Inherited, ContractError> {
             false => Err("another kind of file".into()),
         }
     })?;
-    let slots = match slot {
-        None => None,
-        Some(index) => match take_fd(SLOTS_FD, "the balancing table", |fd| match file_type(&fd)? == SFlag::S_IFREG {
+    let slots = slot.and_then(|index| take_table(SLOTS_FD, "the balancing table").map(|fd| (fd, index)));
+    let metrics = slot.and_then(|index| take_table(METRICS_FD, "the metrics table").map(|fd| (fd, index)));
+    Ok(Inherited { config, listener: listener.into(), control, slots, metrics })
+}
+
+/// Takes an optional shared table (a memfd) at `fd`; a missing one is logged at debug.
+///
+/// # Safety
+/// As [`take_fd`].
+unsafe fn take_table(fd: RawFd, what: &'static str) -> Option<OwnedFd> {
+    // SAFETY: as the caller guarantees.
+    let taken = unsafe {
+        take_fd(fd, what, |fd| match file_type(&fd)? == SFlag::S_IFREG {
             true => Ok(fd),
             false => Err("not a memory file".into()),
-        }) {
-            Ok(fd) => Some((fd, index)),
-            Err(e) => {
-                tracing::debug!("no connection balancing: {e}");
-                None
-            }
-        },
+        })
     };
-    Ok(Inherited { config, listener: listener.into(), control, slots })
+    taken.map_err(|e| tracing::debug!("without {what}: {e}")).ok()
 }
 
 /// The kind of file `fd` is (`S_IFIFO`, `S_IFREG`, …).
@@ -145,6 +154,8 @@ pub(crate) struct Handoff<'a> {
     pub control: &'a OwnedFd,
     /// The balancing table and the slot this worker gets.
     pub slots: Option<(&'a OwnedFd, usize)>,
+    /// The metrics table, handed with the same slot.
+    pub metrics: Option<&'a OwnedFd>,
     pub config_json: &'a str,
 }
 
@@ -158,14 +169,20 @@ pub(crate) fn prepare_worker(command: &mut Command, handoff: &Handoff<'_>) {
     let listen_fd = handoff.listener.as_raw_fd();
     let control_fd = handoff.control.as_raw_fd();
     let slots_fd = handoff.slots.map(|(fd, _)| fd.as_raw_fd());
+    let metrics_fd = handoff.metrics.filter(|_| handoff.slots.is_some()).map(|fd| fd.as_raw_fd());
     // SAFETY: the closure runs in the child between fork and exec and calls only
     // async-signal-safe functions (dup2, prctl). Every source is above the contract's numbers
     // (see move_above_contract_fds), so no dup2 clobbers another source; dup2 clears
     // close-on-exec on the copies, which are all the worker inherits.
     unsafe {
         command.pre_exec(move || {
-            // No allocation here: a fixed array, the balancing table last and optional.
-            let moves = [(Some(listen_fd), LISTEN_FD), (Some(control_fd), CONTROL_FD), (slots_fd, SLOTS_FD)];
+            // No allocation here: a fixed array, the optional tables last.
+            let moves = [
+                (Some(listen_fd), LISTEN_FD),
+                (Some(control_fd), CONTROL_FD),
+                (slots_fd, SLOTS_FD),
+                (metrics_fd, METRICS_FD),
+            ];
             for (from, to) in moves {
                 let Some(from) = from else { continue };
                 if libc::dup2(from, to) < 0 {

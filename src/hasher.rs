@@ -23,6 +23,7 @@
 //!   and the route answers `503` with `Retry-After`: shedding load beats
 //!   queueing requests until clients time out.
 
+use crate::metrics::{self, Event, Level};
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
@@ -106,11 +107,20 @@ impl Hasher {
         let job: Job = Box::new(move || {
             // The receiver may be gone (request cancelled); nothing to do then.
             let _ = reply.send(work());
+            metrics::add_level(Level::BcryptQueued, -1);
         });
+        metrics::add_level(Level::BcryptQueued, 1);
         match self.jobs.try_send(job) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(HashError::Busy),
-            Err(TrySendError::Disconnected(_)) => return Err(HashError::Stopped),
+            Err(TrySendError::Full(_)) => {
+                metrics::add_level(Level::BcryptQueued, -1);
+                metrics::count(Event::BcryptRefused);
+                return Err(HashError::Busy);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                metrics::add_level(Level::BcryptQueued, -1);
+                return Err(HashError::Stopped);
+            }
         }
         answer.await.map_err(|_| HashError::Stopped)
     }

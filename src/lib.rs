@@ -23,9 +23,9 @@
 //!                              |  /   |    \
 //!                   tracker  cache  hasher  warmup_status
 //!                                  \  |  /
-//!                   config, exit, backoff, logging
-//!                     |
-//!                  platform
+//!                   metrics, config, exit, backoff, logging
+//!                               |
+//!                            platform
 //! ```
 //!
 //! - [`app`]: [`App`], what a user embeds (their routes and warm-up tasks) and the entry point.
@@ -35,9 +35,13 @@
 //! - [`contract`]: what crosses the `exec` from master to worker (fds, variables, subcommand).
 //! - [`control`]: the worker → master pipe that carries readiness and heartbeats.
 //! - [`balance`]: the shared table that spreads connections evenly over the workers.
+//! - [`shared_memory`]: the memfd mappings the master shares with its workers (balance, metrics).
 //! - [`signals`]: the one table mapping signals to the master's intents.
 //! - [`listener`]: binding the shared socket.
-//! - [`cli`]: the command line (`serve`, `check`, `healthcheck`) and its one-line errors.
+//! - [`cli`]: the command line (`serve`, `check`, `healthcheck`, `status`, `reload`, `scale`)
+//!   and its one-line errors.
+//! - [`operator`]: the master's control socket: its protocol, its address and the client that
+//!   `herdsman status`, `reload` and `scale` use.
 //! - [`http`]: the router, the built-in routes (health, cache, auth), the guard around every
 //!   request and the one error type of every route.
 //! - [`warmup`]: start-up tasks on threads of their own, timeouts enforced from outside,
@@ -45,6 +49,8 @@
 //! - [`services`]: [`Services`], what routes and warm-up tasks may use.
 //! - [`warmup_status`]: the warm-up states that `/ready`, `/health` and diagnostics read.
 //! - [`tracker`]: the requests a worker is serving, for diagnostics, draining, `MAX_REQUESTS`.
+//! - [`metrics`]: Prometheus metrics: counts in a table in shared memory that every worker
+//!   writes and the master folds and serves; what survives a worker's SIGKILL and why.
 //! - [`cache`]: Redis through a bb8 pool, a bounded in-memory cache when Redis is away, and the
 //!   circuit breaker that switches between them; durable operations for users.
 //! - [`hasher`]: bcrypt on a dedicated low-priority thread pool.
@@ -69,8 +75,11 @@ pub mod http;
 pub mod listener;
 pub mod logging;
 pub mod master;
+pub mod metrics;
+pub mod operator;
 pub mod platform;
 pub mod services;
+pub mod shared_memory;
 pub mod signals;
 pub mod tracker;
 pub mod warmup;

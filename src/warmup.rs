@@ -22,6 +22,7 @@
 //! not succeed keeps `/ready` at 503 with the reason and is tried again with back-off (1 s
 //! doubling up to `HERDSMAN_WARMUP_RETRY_MAX`), never two attempts of one task at once.
 
+use crate::metrics::{self, Event};
 use std::fmt::Display;
 use std::future::Future;
 use std::pin::Pin;
@@ -154,8 +155,14 @@ async fn attempt(status: &WarmupStatus, task: &WarmupTask, services: &Services, 
         Ok(finished) => {
             let state = outcome(finished, started);
             match &state {
-                TaskState::Ok { duration_ms } => tracing::info!("warm-up {name} done in {duration_ms} ms"),
+                TaskState::Ok { duration_ms } => {
+                    metrics::count(Event::WarmupOk);
+                    metrics::warmup_took(Duration::from_millis(*duration_ms));
+                    tracing::info!("warm-up {name} done in {duration_ms} ms")
+                }
                 TaskState::Failed { duration_ms, reason } => {
+                    metrics::count(Event::WarmupFailed);
+                    metrics::warmup_took(Duration::from_millis(*duration_ms));
                     tracing::warn!("warm-up {name} failed after {duration_ms} ms: {reason}")
                 }
                 TaskState::Pending | TaskState::TimedOut { .. } => {}
@@ -164,6 +171,8 @@ async fn attempt(status: &WarmupStatus, task: &WarmupTask, services: &Services, 
         }
         Err(_) => {
             let after_ms = timeout.as_millis() as u64;
+            metrics::count(Event::WarmupTimedOut);
+            metrics::warmup_took(timeout);
             tracing::warn!(
                 "warm-up {name} timed out after {after_ms} ms; abandoned (its thread runs on, serving is not affected)"
             );

@@ -88,6 +88,12 @@ pub fn run(user_routes: impl FnOnce(&Services) -> Router, warmups: Vec<WarmupTas
             return Exit::Failure;
         }
     };
+    if let Some((fd, index)) = inherited.metrics {
+        match crate::metrics::MetricsTable::from_inherited(fd) {
+            Ok(table) => crate::metrics::install(table, index),
+            Err(e) => tracing::debug!("this worker is not counted in the metrics: {e}"),
+        }
+    }
     let slot = inherited.slots.and_then(|(fd, index)| match WorkerSlot::from_inherited(fd, index) {
         Ok(slot) => Some(slot),
         Err(e) => {
@@ -142,7 +148,8 @@ async fn serve(
     let services = Services::assemble(config.clone(), cache, hasher, tracker.clone());
     spawn_abort_diagnostics(tracker.clone(), services.warmup.clone());
     let router = http::router(&services, (app.routes)(&services));
-    let guard = http::Guard::new(router, tracker.clone(), config.request_timeout, config.max_body_bytes);
+    let guard = http::Guard::new(router, tracker.clone(), config.request_timeout, config.max_body_bytes)
+        .with_metrics_token(config.metrics_token.as_deref());
 
     let mut http = hyper::server::conn::http1::Builder::new();
     // hyper's header timer would also count idle keep-alive time; the connection's own deadline

@@ -557,6 +557,17 @@ fn fly_checks_a_health_route_on_the_image_port_and_waits_longer_than_herdsman_dr
     }
 }
 
+#[test]
+fn fly_scrapes_the_metrics_port_herdsman_is_told_to_serve() {
+    let fly = toml_file("fly.toml");
+    known_keys(&fly["metrics"], "fly.toml [metrics]", &["port", "path", "processes", "https"]);
+    let port = num_at(&fly, "/metrics/port", "fly.toml [metrics]");
+    let served = str_at(&fly, "/env/HERDSMAN_METRICS_PORT", "fly.toml [env]");
+    assert_eq!(served, port.to_string(), "[metrics] port must be HERDSMAN_METRICS_PORT");
+    assert_eq!(str_at(&fly, "/metrics/path", "fly.toml [metrics]"), "/metrics");
+    assert_ne!(port, num_at(&fly, "/http_service/internal_port", "fly.toml"), "metrics have a port of their own");
+}
+
 // ---------------------------------------------------------------------------------------------
 // docker compose
 // ---------------------------------------------------------------------------------------------
@@ -709,6 +720,22 @@ fn container_port(container: &Value, port: &Value) -> u16 {
     });
     let found = found.unwrap_or_else(|| panic!("port {port} is not a container port: {ports:?}"));
     found["containerPort"].as_u64().expect("containerPort") as u16
+}
+
+#[test]
+fn kubernetes_scrape_annotations_point_at_the_metrics_port_herdsman_serves() {
+    let deployment = yaml_file("deploy/kubernetes/deployment.yaml");
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    let port = str_at(annotations, "/prometheus.io~1port", "pod annotations");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let env = container["env"].as_array().expect("env");
+    let served = env.iter().find(|v| v["name"] == "HERDSMAN_METRICS_PORT").expect("HERDSMAN_METRICS_PORT in env");
+    assert_eq!(served["value"], port, "the annotation's port must be HERDSMAN_METRICS_PORT");
+    let number: u16 = port.parse().expect("a port number");
+    assert_eq!(container_port(container, &Value::from(number)), number, "declared as a container port");
+    assert_ne!(container_port(container, &Value::from("http")), number, "metrics have a port of their own");
 }
 
 #[test]

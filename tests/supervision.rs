@@ -65,6 +65,27 @@ async fn a_hung_worker_is_aborted_with_what_it_was_doing_and_replaced() {
     server.wait_for_workers(2, SECS(5));
 }
 
+#[test]
+fn a_stopped_worker_is_killed_at_its_timeout_without_waiting_for_diagnostics() {
+    let server = start(&[("WEB_CONCURRENCY", "2"), ("GUNICORN_TIMEOUT", "1")]);
+    server.wait_for_nth_log("ready in", 2, SECS(5));
+    let victim = server.worker_processes().remove(0);
+    let stopped_at = Instant::now();
+    kill(victim.pid, Signal::SIGSTOP).unwrap();
+    server.wait_for_log(&format!("(pid:{}) is stopped (state T)", victim.pid), SECS(5));
+    // Its last heartbeat came at most 0.25 s before the SIGSTOP; the promise is 1 s + 0.5 s after
+    // it. The bound here is generous for a busy machine; the precise figure is in BENCHMARKS.md.
+    let deadline = stopped_at + SECS(3);
+    while victim.state().is_some_and(|state| state != 'Z') {
+        assert!(Instant::now() < deadline, "the stopped worker lived on: {:?}", victim.state());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.wait_for_nth_log("ready in", 3, SECS(2));
+    assert!(stopped_at.elapsed() < SECS(4), "replaced by then: {:?}", stopped_at.elapsed());
+    assert_eq!(server.count_logs("sending SIGABRT"), 0);
+    server.wait_for_workers(2, SECS(5));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_slow_in_flight_requests_finish_then_exits_0() {
     let mut server = start(&[("WEB_CONCURRENCY", "2"), ("GRACEFUL_TIMEOUT", "10")]);

@@ -89,6 +89,8 @@ use crate::config::redact_url;
 use memory::Entry;
 use redis_tier::{ensure_probe, trip, write_command, Pending, RedisTier, Request};
 
+use crate::metrics::{self, Event};
+
 pub use durable::DurableStore;
 
 /// Prefix of every cache key in Redis.
@@ -326,17 +328,23 @@ impl Cache {
                             memory::insert(&self.inner.memory, key.to_string(), Entry::new(value.clone(), ttl)).await;
                         }
                     }
+                    metrics::count(Event::CacheGetRedisHit);
                     return Ok((Some(value), Tier::Redis));
                 }
                 Ok((None, _)) => {
                     self.inner.memory.invalidate(key).await;
+                    metrics::count(Event::CacheGetRedisMiss);
                     return Ok((None, Tier::Redis));
                 }
                 Err(err) if err.is_outage() => trip(&self.inner, redis, &err),
-                Err(err) => debug!(key, error = %err, "redis refused a cache read"),
+                Err(err) => {
+                    metrics::count(Event::CacheRedisRefused);
+                    debug!(key, error = %err, "redis refused a cache read")
+                }
             }
         }
         let value = self.inner.memory.get(key).await.filter(Entry::is_live).map(|entry| entry.value);
+        metrics::count(if value.is_some() { Event::CacheGetMemoryHit } else { Event::CacheGetMemoryMiss });
         Ok((value, Tier::Memory))
     }
 
@@ -366,8 +374,20 @@ impl Cache {
         self.write(key, Pending::Delete).await
     }
 
-    /// Writes through to Redis, or remembers the write for replay.
+    /// Writes through to Redis, or remembers the write for replay; counted by the tier it
+    /// reached.
     async fn write(&self, key: &str, op: Pending) -> Result<Tier, CacheError> {
+        let tier = self.write_through(key, op).await;
+        if let Ok(tier) = &tier {
+            metrics::count(match tier {
+                Tier::Redis => Event::CacheWriteRedis,
+                Tier::Memory => Event::CacheWriteMemory,
+            });
+        }
+        tier
+    }
+
+    async fn write_through(&self, key: &str, op: Pending) -> Result<Tier, CacheError> {
         let Some(redis) = &self.inner.redis else {
             return Ok(Tier::Memory);
         };
@@ -383,6 +403,7 @@ impl Cache {
                     Err(err) => {
                         // Redis is up but said no (e.g. OOM): keep the value
                         // in memory; replaying would be refused again.
+                        metrics::count(Event::CacheRedisRefused);
                         debug!(key, error = %err, "redis refused a cache write");
                         return Ok(Tier::Memory);
                     }

@@ -1,6 +1,7 @@
 //! The Redis tier: the bb8 pool, the circuit breaker, the probe that closes it again and the
 //! replay of the writes made while it was open (see the parent module for the why).
 
+use crate::metrics::{self, Event, Level};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -317,6 +318,8 @@ pub(super) fn trip(inner: &Arc<Inner>, redis: &RedisTier, err: &CacheError) {
         Breaker::Up | Breaker::Connecting => {
             let was_up = matches!(shared.breaker, Breaker::Up);
             shared.breaker = Breaker::Fallback { reason: err.to_string(), since: Instant::now() };
+            metrics::count(Event::BreakerOpened);
+            metrics::set_level(Level::BreakerOpen, 1);
             if was_up {
                 warn!(reason = %err, "redis unavailable, cache switched to in-memory fallback");
             } else {
@@ -398,6 +401,10 @@ pub(super) async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheEr
                 }
                 let was = std::mem::replace(&mut shared.breaker, Breaker::Up);
                 shared.probing = false;
+                if matches!(was, Breaker::Fallback { .. }) {
+                    metrics::count(Event::BreakerClosed);
+                    metrics::set_level(Level::BreakerOpen, 0);
+                }
                 drop(shared);
                 match was {
                     Breaker::Up => {}

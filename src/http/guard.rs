@@ -9,7 +9,9 @@
 //! 3. a handler running past `HERDSMAN_REQUEST_TIMEOUT` answers 503, as Heroku's router would,
 //!    and its future is dropped;
 //! 4. a panicking handler answers 500 and the worker lives on (the panic hook in
-//!    [`crate::worker`] logs it as one line).
+//!    [`crate::worker`] logs it as one line);
+//! 5. it counts the request for the metrics: in flight until answered, then by method, route
+//!    template, status class and duration (see [`crate::metrics`]).
 //!
 //! Why one hand-written service and not four tower layers: `Router::layer` wraps every route in
 //! each layer separately, so each request paid for cloning and boxing four nested services, and
@@ -21,6 +23,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,6 +38,8 @@ use tokio::time::{Instant, Sleep};
 use tower::Service as _;
 
 use super::error::ApiError;
+use super::metrics_route;
+use crate::metrics::RequestMetrics;
 use crate::tracker::{Registration, RequestTracker};
 
 /// The router with the four protections around it; serve it with hyper.
@@ -44,11 +49,19 @@ pub struct Guard {
     tracker: RequestTracker,
     request_timeout: Duration,
     max_body_bytes: usize,
+    /// `HERDSMAN_METRICS_TOKEN`: opens `/metrics` on this port (see [`super::metrics_route`]).
+    metrics_token: Option<Arc<str>>,
 }
 
 impl Guard {
     pub fn new(router: Router, tracker: RequestTracker, request_timeout: Duration, max_body_bytes: usize) -> Self {
-        Guard { router, tracker, request_timeout, max_body_bytes }
+        Guard { router, tracker, request_timeout, max_body_bytes, metrics_token: None }
+    }
+
+    /// Serves the metrics at `/metrics` to requests bearing `token`.
+    pub fn with_metrics_token(mut self, token: Option<&str>) -> Self {
+        self.metrics_token = token.map(Arc::from);
+        self
     }
 }
 
@@ -59,9 +72,15 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
 
     fn call(&self, request: Request<Incoming>) -> GuardFuture {
         let registration = self.tracker.register(request.method().clone(), request.uri().clone());
+        let metrics = RequestMetrics::start(request.method());
+        if let Some(token) = self.metrics_token.as_deref().filter(|_| request.uri().path() == metrics_route::PATH) {
+            if let Some(response) = metrics_route::answer(request.headers(), token) {
+                return GuardFuture::answered(registration, metrics, response);
+            }
+        }
         let declared = request.body().size_hint().exact();
         if declared.is_some_and(|bytes| bytes > self.max_body_bytes as u64) {
-            return GuardFuture::answered(registration, body_too_large(self.max_body_bytes));
+            return GuardFuture::answered(registration, metrics, body_too_large(self.max_body_bytes));
         }
         let limit = self.max_body_bytes;
         let request =
@@ -71,9 +90,10 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
         match catch_unwind(AssertUnwindSafe(|| self.router.clone().call(request))) {
             Ok(handler) => GuardFuture {
                 registration: Some(registration),
+                metrics,
                 state: State::Running { handler, deadline, timeout: self.request_timeout, timer: None },
             },
-            Err(_) => GuardFuture::answered(registration, handler_panicked()),
+            Err(_) => GuardFuture::answered(registration, metrics, handler_panicked()),
         }
     }
 }
@@ -81,6 +101,8 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
 /// A request on its way through the [`Guard`].
 pub struct GuardFuture {
     registration: Option<Registration>,
+    /// Counts the request (method, route template, status, duration) and its time in flight.
+    metrics: RequestMetrics,
     state: State,
 }
 
@@ -99,8 +121,8 @@ enum State {
 }
 
 impl GuardFuture {
-    fn answered(registration: Registration, response: Response) -> Self {
-        GuardFuture { registration: Some(registration), state: State::Answered(Some(response)) }
+    fn answered(registration: Registration, metrics: RequestMetrics, response: Response) -> Self {
+        GuardFuture { registration: Some(registration), metrics, state: State::Answered(Some(response)) }
     }
 }
 
@@ -114,7 +136,9 @@ impl Future for GuardFuture {
         let mut response = match &mut this.state {
             State::Answered(response) => response.take().unwrap_or_else(handler_panicked),
             State::Running { handler, deadline, timeout, timer } => {
-                match catch_unwind(AssertUnwindSafe(|| Pin::new(&mut *handler).poll(cx))) {
+                let polled =
+                    this.metrics.noting_route(|| catch_unwind(AssertUnwindSafe(|| Pin::new(&mut *handler).poll(cx))));
+                match polled {
                     Ok(Poll::Ready(Ok(response))) => response,
                     Ok(Poll::Ready(Err(never))) => match never {},
                     Err(_panic) => handler_panicked(),
@@ -131,6 +155,7 @@ impl Future for GuardFuture {
         // Drop the handler (a timed-out one is cancelled here), then close the books.
         this.state = State::Answered(None);
         if let Some(registration) = this.registration.take() {
+            this.metrics.finish(response.status(), registration.started());
             registration.finish(&mut response);
         }
         Poll::Ready(Ok(response))

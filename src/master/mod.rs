@@ -18,6 +18,7 @@
 //! The master is often PID 1 in a container: it reaps every child, not only its workers
 //! (children of workers re-parented to it are reaped quietly).
 
+mod operator;
 mod policy;
 mod reap;
 mod spawn;
@@ -42,6 +43,7 @@ use crate::contract::move_above_contract_fds;
 use crate::control::Message;
 use crate::exit::Exit;
 use crate::listener;
+use crate::metrics::{self, MetricsTable, RestartReason};
 use crate::signals::{Intent, Signals};
 
 /// How often the master looks at its workers.
@@ -49,8 +51,13 @@ const TICK: Duration = Duration::from_millis(100);
 /// A new worker is started only when no other is booting, or this long after the last one:
 /// workers never boot all in the same instant.
 const BOOT_STAGGER: Duration = Duration::from_millis(200);
-/// How long an aborted worker gets to print its diagnostics before SIGKILL.
-const ABORT_GRACE: Duration = Duration::from_secs(2);
+/// How long an aborted worker gets to print its diagnostics before SIGKILL. Its side thread
+/// needs milliseconds; the bound is what a hung worker may add to `GUNICORN_TIMEOUT` before it
+/// is gone: detection (one [`TICK`]) + this + the tick that sends SIGKILL stays within 0.5 s.
+const ABORT_GRACE: Duration = Duration::from_millis(250);
+/// What a draining worker gets past `GRACEFUL_TIMEOUT` before SIGKILL: its own drain deadline
+/// is the same, and it needs a moment to exit after it.
+const DRAIN_MARGIN: Duration = Duration::from_secs(2);
 /// A worker that served this long resets the failure back-off.
 const STABLE_AFTER: Duration = Duration::from_secs(5);
 /// The wait after the second failure in a row; it doubles with each further one.
@@ -105,8 +112,11 @@ struct WorkerState {
     ready_at: Option<Instant>,
     last_heartbeat: Instant,
     stage: Stage,
-    /// Marked for replacement (SIGHUP or `MAX_REQUESTS`): drained once a successor is ready.
-    replace: bool,
+    /// Marked for replacement (SIGHUP or `MAX_REQUESTS`), and why: drained once a successor
+    /// is ready.
+    replace: Option<RestartReason>,
+    /// Why it was told to drain, for the restart count; none when the master is stopping.
+    retired_for: Option<RestartReason>,
     /// Its entry in the connection-balancing table, if it got one.
     slot: Option<usize>,
     /// It answered a request (it said so with [`Message::Served`]).
@@ -138,6 +148,8 @@ pub struct Master {
     listener: Option<OwnedFd>,
     /// The connection-balancing table and its memfd at a high fd number, if the kernel has memfd.
     slots: Option<(SlotTable, OwnedFd)>,
+    /// The metrics table and its memfd at a high fd number, if the kernel has memfd.
+    metrics: Option<(Arc<MetricsTable>, OwnedFd)>,
     workers: BTreeMap<Pid, WorkerState>,
     target: usize,
     phase: Phase,
@@ -154,6 +166,10 @@ pub struct Master {
     next_spawn_at: Instant,
     messages_tx: mpsc::UnboundedSender<(Pid, Message)>,
     messages_rx: mpsc::UnboundedReceiver<(Pid, Message)>,
+    /// The port bound (the one picked, with `PORT=0`): it names the control socket.
+    port: u16,
+    operator_tx: mpsc::Sender<operator::OperatorCall>,
+    operator_rx: mpsc::Receiver<operator::OperatorCall>,
 }
 
 /// Binds the socket and runs the master, driven by signals, until it stops.
@@ -218,8 +234,19 @@ impl Master {
                 None
             }
         };
+        let metrics = match MetricsTable::create().and_then(|table| {
+            let fd = move_above_contract_fds(table.fd().try_clone()?)?;
+            Ok((Arc::new(table), fd))
+        }) {
+            Ok(metrics) => Some(metrics),
+            Err(e) => {
+                tracing::warn!("workers will not be counted in the metrics: {e}");
+                None
+            }
+        };
         let config_json = serde_json::to_string(&config).map_err(std::io::Error::other)?;
         let (messages_tx, messages_rx) = mpsc::unbounded_channel();
+        let (operator_tx, operator_rx) = mpsc::channel(16);
         let (phase_tx, _) = watch::channel(Phase::Starting);
         let now = Instant::now();
         Ok(Master {
@@ -229,6 +256,7 @@ impl Master {
             worker_program: std::env::current_exe()?,
             listener: Some(listener),
             slots,
+            metrics,
             workers: BTreeMap::new(),
             phase: Phase::Starting,
             phase_tx,
@@ -240,6 +268,9 @@ impl Master {
             next_spawn_at: now,
             messages_tx,
             messages_rx,
+            port: local.port(),
+            operator_tx,
+            operator_rx,
         })
     }
 
@@ -258,12 +289,21 @@ impl Master {
     /// Runs the master until it stops; returns the process exit status. `intents` is what it
     /// is asked to do (the signals, in the binary); a closed channel just asks nothing more.
     pub async fn run(mut self, mut intents: mpsc::Receiver<NamedIntent>) -> Exit {
+        if let Err(e) = self.serve_metrics() {
+            tracing::error!("cannot serve metrics on port {}: {e}", self.config.metrics_port.unwrap_or_default());
+            return Exit::Failure;
+        }
+        self.serve_operator();
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 Some((intent, name)) = intents.recv() => self.on_intent(intent, name),
                 Some((pid, message)) = self.messages_rx.recv() => self.on_message(pid, message),
+                Some((request, answer)) = self.operator_rx.recv() => {
+                    let reply = self.on_operator(request);
+                    let _ = answer.send(reply);
+                }
                 _ = ticker.tick() => {}
             }
             self.reap();
@@ -271,6 +311,14 @@ impl Master {
                 return exit;
             }
         }
+    }
+
+    /// Starts the `/metrics` server when `HERDSMAN_METRICS_PORT` is set.
+    fn serve_metrics(&self) -> std::io::Result<()> {
+        let (Some(port), Some((table, _))) = (self.config.metrics_port, &self.metrics) else { return Ok(()) };
+        let listener = metrics::server::bind(std::net::SocketAddr::new(self.config.host, port))?;
+        tracing::info!("Serving metrics at: http://{}/metrics", listener.local_addr()?);
+        metrics::server::spawn(listener, table.clone())
     }
 
     fn set_phase(&mut self, phase: Phase) {
@@ -295,7 +343,7 @@ impl Master {
             (Intent::RollingRestart, _) => {
                 let mut marked = 0;
                 for worker in self.workers.values_mut().filter(|w| w.in_service()) {
-                    worker.replace = true;
+                    worker.replace = Some(RestartReason::Reload);
                     marked += 1;
                 }
                 tracing::info!("rolling restart: replacing {marked} workers one at a time");
@@ -356,12 +404,12 @@ impl Master {
                 }
             }
             Message::Recycle => {
-                if worker.in_service() && !worker.replace {
+                if worker.in_service() && worker.replace.is_none() {
                     tracing::info!(
                         "Worker {} (pid:{pid}) reached MAX_REQUESTS; starting its replacement",
                         worker.serial
                     );
-                    worker.replace = true;
+                    worker.replace = Some(RestartReason::MaxRequests);
                 }
             }
         }

@@ -7,13 +7,15 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::time::Instant;
 
-use super::{send, Master, Phase, Stage, ABORT_GRACE, BOOT_STAGGER, STABLE_AFTER};
+use super::{send, Master, Phase, Stage, ABORT_GRACE, BOOT_STAGGER, DRAIN_MARGIN, STABLE_AFTER};
 use crate::exit::Exit;
+use crate::metrics::RestartReason;
 
 impl Master {
     /// Brings the workers closer to what they should be. Returns the exit status when the
     /// master is done.
     pub(super) fn step(&mut self, now: Instant) -> Option<Exit> {
+        self.publish_metrics(now);
         if let Phase::Stopping { deadline, .. } = self.phase {
             if self.workers.is_empty() {
                 tracing::info!("Shutting down: Master (all workers stopped)");
@@ -37,6 +39,16 @@ impl Master {
         self.retire_surplus(now);
         self.spawn_missing(now);
         None
+    }
+
+    /// What the master alone knows, for every reader of the metrics table.
+    fn publish_metrics(&self, now: Instant) {
+        let Some((table, _)) = &self.metrics else { return };
+        let serving = self.workers.values().filter(|w| w.in_service() && w.ready_at.is_some());
+        let (count, oldest) = serving.fold((0, std::time::Duration::ZERO), |(count, oldest), w| {
+            (count + 1, oldest.max(now.saturating_duration_since(w.last_heartbeat)))
+        });
+        table.publish_workers(count, oldest.as_millis() as u64);
     }
 
     fn enforce_deadlines(&mut self, now: Instant) {
@@ -67,9 +79,24 @@ impl Master {
                         } else {
                             tracing::error!("WORKER TIMEOUT (pid:{pid}): silent for {:.1}s", silent_for.as_secs_f64());
                         }
-                        worker.stage = Stage::Aborting { deadline: now + ABORT_GRACE };
                         worker.aborted = true;
-                        send(pid, Signal::SIGABRT);
+                        // The replacement starts on this same step (spawn_missing): the worker
+                        // is out of service from now on.
+                        match process_state(pid) {
+                            Some(state @ ('T' | 't' | 'D')) => {
+                                tracing::error!(
+                                    "Worker {} (pid:{pid}) is {} (state {state}): it cannot run its diagnostics; sending SIGKILL",
+                                    worker.serial,
+                                    if state == 'D' { "in uninterruptible sleep" } else { "stopped" }
+                                );
+                                worker.stage = Stage::Killed;
+                                send(pid, Signal::SIGKILL);
+                            }
+                            _ => {
+                                worker.stage = Stage::Aborting { deadline: now + ABORT_GRACE };
+                                send(pid, Signal::SIGABRT);
+                            }
+                        }
                     }
                 }
                 Stage::Draining { deadline } | Stage::Aborting { deadline } if now >= deadline => {
@@ -86,9 +113,9 @@ impl Master {
     /// after SIGTTOU.
     fn retire_surplus(&mut self, now: Instant) {
         let fresh_ready =
-            self.workers.values().filter(|w| w.in_service() && !w.replace && w.ready_at.is_some()).count();
+            self.workers.values().filter(|w| w.in_service() && w.replace.is_none() && w.ready_at.is_some()).count();
         let marked: Vec<Pid> =
-            self.workers.iter().filter(|(_, w)| w.in_service() && w.replace).map(|(pid, _)| *pid).collect();
+            self.workers.iter().filter(|(_, w)| w.in_service() && w.replace.is_some()).map(|(pid, _)| *pid).collect();
         let mut surplus = (fresh_ready + marked.len()).saturating_sub(self.target);
         // Oldest marked first: pids are not ordered by age, serials are.
         let mut marked = marked;
@@ -100,7 +127,7 @@ impl Master {
             let mut fresh: Vec<(u64, Pid)> = self
                 .workers
                 .iter()
-                .filter(|(_, w)| w.in_service() && !w.replace)
+                .filter(|(_, w)| w.in_service() && w.replace.is_none())
                 .map(|(pid, w)| (w.serial, *pid))
                 .collect();
             fresh.sort_by_key(|(serial, _)| std::cmp::Reverse(*serial));
@@ -109,7 +136,8 @@ impl Master {
         for pid in to_retire {
             if let Some(worker) = self.workers.get_mut(&pid) {
                 tracing::info!("Worker {} (pid:{pid}) retiring: draining", worker.serial);
-                worker.stage = Stage::Draining { deadline: now + self.config.graceful_timeout + ABORT_GRACE };
+                worker.retired_for = Some(worker.replace.unwrap_or(RestartReason::Scale));
+                worker.stage = Stage::Draining { deadline: now + self.config.graceful_timeout + DRAIN_MARGIN };
                 send(pid, Signal::SIGTERM);
             }
         }
@@ -118,7 +146,7 @@ impl Master {
     /// Starts one missing worker, if none is booting (or the booting one is taking a while)
     /// and the back-off allows it.
     fn spawn_missing(&mut self, now: Instant) {
-        let fresh = self.workers.values().filter(|w| w.in_service() && !w.replace).count();
+        let fresh = self.workers.values().filter(|w| w.in_service() && w.replace.is_none()).count();
         if fresh >= self.target || now < self.next_spawn_at {
             return;
         }
@@ -137,4 +165,12 @@ impl Master {
             }
         }
     }
+}
+
+/// The state letter of `/proc/<pid>/stat` (`R`, `S`, `D`, `T`, `t`, `Z`…), if it can be read.
+/// The command name before it is in parentheses and may hold anything, so the letter is the
+/// first field after the last `)`.
+fn process_state(pid: Pid) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().next()?.chars().next()
 }

@@ -7,7 +7,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::time::Instant;
 
-use super::{Master, Phase, Stage};
+use super::{Master, Phase, Stage, WorkerState};
+use crate::metrics::RestartReason;
 
 impl Master {
     /// Collects every exited child. herdsman may be PID 1, so children it never started
@@ -41,6 +42,14 @@ impl Master {
             table.clear(slot);
         }
         let stopping = matches!(self.phase, Phase::Stopping { .. });
+        if let Some((table, _)) = &self.metrics {
+            if let Some(slot) = worker.slot {
+                table.retire(slot);
+            }
+            if let Some(reason) = restart_reason(&worker, signal, stopping) {
+                table.count_restart(reason);
+            }
+        }
         let expected = !worker.in_service() || stopping;
         match (worker.stage, signal) {
             (Stage::Aborting { .. }, _) => {
@@ -88,5 +97,22 @@ impl Master {
                 self.backoff.failures()
             );
         }
+    }
+}
+
+/// Why a worker that ended counts as a restart, or `None` when the master is stopping (a
+/// shutdown replaces nobody).
+fn restart_reason(worker: &WorkerState, signal: Option<Signal>, stopping: bool) -> Option<RestartReason> {
+    let timed_out = || match worker.ready_at {
+        None => RestartReason::BootTimeout,
+        Some(_) => RestartReason::Timeout,
+    };
+    match worker.stage {
+        _ if worker.aborted => Some(timed_out()),
+        _ if stopping => None,
+        Stage::InService if signal == Some(Signal::SIGKILL) => Some(RestartReason::Killed),
+        Stage::InService => Some(RestartReason::Crash),
+        Stage::Draining { .. } | Stage::Killed => worker.retired_for,
+        Stage::Aborting { .. } => Some(timed_out()),
     }
 }

@@ -30,10 +30,19 @@ impl Master {
         command.stdin(Stdio::null());
         contract::prepare_worker(
             &mut command,
-            &Handoff { listener, control: &write_end, slots: slot, config_json: &self.config_json },
+            &Handoff {
+                listener,
+                control: &write_end,
+                slots: slot,
+                metrics: self.metrics.as_ref().map(|(_, fd)| fd),
+                config_json: &self.config_json,
+            },
         );
         let slot = slot.map(|(_, index)| index);
         let child = command.spawn()?;
+        if let (Some((table, _)), Some(slot)) = (&self.metrics, slot) {
+            table.claim(slot);
+        }
         drop(write_end);
         let pid = Pid::from_raw(child.id() as i32);
         // The master reaps with waitpid(-1); std's handle is not needed (dropping it neither
@@ -49,7 +58,8 @@ impl Master {
                 ready_at: None,
                 last_heartbeat: now,
                 stage: Stage::InService,
-                replace: false,
+                replace: None,
+                retired_for: None,
                 slot,
                 served: false,
                 aborted: false,

@@ -1,0 +1,291 @@
+//! Prometheus metrics, proven on the real binary: counts match the requests sent, survive a
+//! worker's SIGKILL exactly, restarts are counted by reason, the main port's `/metrics` is
+//! invisible without the token, and garbage on the metrics port does not hurt the master.
+
+#[path = "support/redis.rs"]
+mod redis_support;
+mod support;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use support::{start, Herdsman};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+const TOKEN: &str = "a-token-of-24-characters";
+
+/// The port of the master's `/metrics`, from its log line.
+fn metrics_port(server: &Herdsman) -> u16 {
+    let line = server.wait_for_log("Serving metrics at: http://", SECS(5));
+    line.rsplit(':').next().and_then(|p| p.trim_end_matches("/metrics").parse().ok()).expect("a port")
+}
+
+fn start_with_metrics(env: &[(&str, &str)]) -> (Herdsman, u16) {
+    let mut env = env.to_vec();
+    env.push(("HERDSMAN_METRICS_PORT", "0"));
+    let server = start(&env);
+    let port = metrics_port(&server);
+    (server, port)
+}
+
+/// One request over a fresh connection; the status and body.
+fn http(port: u16, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(SECS(10))).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+fn get(port: u16, path: &str) -> u16 {
+    http(port, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).0
+}
+
+/// Scrapes the master and checks the text format line by line; samples by `name{labels}`,
+/// labels sorted by name.
+fn scrape(port: u16) -> HashMap<String, f64> {
+    let (status, body) = http(port, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(status, 200, "{body}");
+    parse_strictly(&body)
+}
+
+/// Every line a comment (`# HELP`/`# TYPE` of a known family) or `name{k="v",...} value`.
+fn parse_strictly(body: &str) -> HashMap<String, f64> {
+    let mut typed = Vec::new();
+    let mut samples = HashMap::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.push(rest.split(' ').next().unwrap().to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line:?}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("not a number: {line:?}"));
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') && !name.is_empty(),
+            "bad name: {line:?}"
+        );
+        assert!(
+            typed.iter().any(|family| name == family || name.starts_with(&format!("{family}_"))),
+            "{name} has no TYPE line before it"
+        );
+        let mut labels: Vec<&str> = match series.split_once('{') {
+            Some((_, labels)) => labels.strip_suffix('}').expect("closing brace").split("\",").collect(),
+            None => vec![],
+        };
+        labels.iter_mut().for_each(|l| *l = l.trim_end_matches('"'));
+        labels.sort();
+        let key = if labels.is_empty() { name.to_string() } else { format!("{name}{{{}}}", labels.join(",")) };
+        assert!(samples.insert(key, value).is_none(), "duplicate series: {line:?}");
+    }
+    // And a real parser agrees on the number of plain samples.
+    let parsed = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("prometheus-parse");
+    assert!(!parsed.samples.is_empty());
+    samples
+}
+
+fn requests(samples: &HashMap<String, f64>, method: &str, route: &str, status: &str) -> f64 {
+    let key = format!("herdsman_http_requests_total{{method=\"{method},route=\"{route},status=\"{status}}}");
+    samples.get(&key).copied().unwrap_or(0.0)
+}
+
+fn restarts(samples: &HashMap<String, f64>, reason: &str) -> f64 {
+    samples[&format!("herdsman_worker_restarts_total{{reason=\"{reason}}}")]
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two workers and a metrics port, after `n` answered `GET /live`, each on a new connection.
+fn two_workers_after_gets_of_live(n: usize) -> (Herdsman, u16) {
+    let (server, port) = start_with_metrics(&[("WEB_CONCURRENCY", "2")]);
+    server.wait_for_nth_log("ready in", 2, SECS(5));
+    for _ in 0..n {
+        assert_eq!(get(server.port, "/live"), 200);
+    }
+    (server, port)
+}
+
+#[test]
+fn counts_match_the_requests_sent_and_the_output_is_prometheus_text() {
+    let (server, port) = two_workers_after_gets_of_live(30);
+    for i in 0..5 {
+        assert_eq!(get(server.port, &format!("/no-such-page-{i}")), 404);
+    }
+    let (status, _) =
+        http(server.port, "POST /live HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    assert_eq!(status, 405);
+    let samples = scrape(port);
+    assert_eq!(requests(&samples, "GET", "/live", "2xx"), 30.0);
+    assert_eq!(requests(&samples, "GET", "unmatched", "4xx"), 5.0, "raw paths never become labels");
+    assert_eq!(requests(&samples, "POST", "/live", "4xx"), 1.0);
+    assert!(!samples.keys().any(|k| k.contains("no-such-page")));
+    assert_eq!(samples["herdsman_http_request_duration_seconds_count{route=\"/live}"], 31.0);
+    assert_eq!(samples["herdsman_http_request_duration_seconds_bucket{le=\"+Inf,route=\"/live}"], 31.0);
+    assert_eq!(samples["herdsman_workers"], 2.0);
+    assert_eq!(samples["herdsman_http_requests_in_flight"], 0.0);
+    assert!(samples["herdsman_worker_heartbeat_age_seconds"] < 30.0);
+    assert_eq!(restarts(&samples, "crash"), 0.0);
+}
+
+#[test]
+fn a_workers_counts_survive_its_sigkill_exactly() {
+    let (server, port) = two_workers_after_gets_of_live(40);
+    // Both workers served some of them (connections are spread); kill both at once.
+    for pid in server.workers() {
+        kill(pid, Signal::SIGKILL).unwrap();
+    }
+    server.wait_for_nth_log("ready in", 4, SECS(10));
+    let samples = scrape(port);
+    assert_eq!(requests(&samples, "GET", "/live", "2xx"), 40.0, "not one count lost to SIGKILL");
+    assert_eq!(restarts(&samples, "killed"), 2.0);
+    assert_eq!(samples["herdsman_http_requests_in_flight"], 0.0);
+    // And the new workers count on top of the retired totals.
+    assert_eq!(get(server.port, "/live"), 200);
+    assert_eq!(requests(&scrape(port), "GET", "/live", "2xx"), 41.0);
+}
+
+#[test]
+fn restarts_are_counted_by_reason() {
+    let (server, port) = start_with_metrics(&[("WEB_CONCURRENCY", "2"), ("MAX_REQUESTS", "10")]);
+    server.wait_for_nth_log("ready in", 2, SECS(5));
+    for _ in 0..25 {
+        assert_eq!(get(server.port, "/live"), 200);
+    }
+    wait_until("a worker recycled for MAX_REQUESTS", SECS(10), || restarts(&scrape(port), "max_requests") >= 1.0);
+
+    let before = scrape(port);
+    server.signal(Signal::SIGHUP);
+    wait_until("both workers replaced by the rolling restart", SECS(15), || {
+        restarts(&scrape(port), "reload") == restarts(&before, "reload") + 2.0
+    });
+
+    let victim = server.workers()[0];
+    // A signal nothing in the worker handles: it dies of it, unasked.
+    kill(victim, Signal::SIGUSR1).unwrap();
+    wait_until("the crashed worker counted", SECS(10), || restarts(&scrape(port), "crash") == 1.0);
+    let victim = server.workers()[0];
+    kill(victim, Signal::SIGKILL).unwrap();
+    wait_until("the killed worker counted", SECS(10), || restarts(&scrape(port), "killed") == 1.0);
+    let samples = scrape(port);
+    assert_eq!(restarts(&samples, "timeout"), 0.0);
+    assert_eq!(restarts(&samples, "scale"), 0.0);
+    assert_eq!(requests(&samples, "GET", "/live", "2xx"), 25.0, "recycled and reloaded workers keep their counts");
+}
+
+#[test]
+fn the_main_ports_metrics_are_invisible_without_the_token() {
+    let server = start(&[("WEB_CONCURRENCY", "1"), ("HERDSMAN_METRICS_TOKEN", TOKEN)]);
+    server.wait_for_log("ready in", SECS(5));
+    assert_eq!(get(server.port, "/live"), 200);
+    assert_eq!(get(server.port, "/metrics"), 404);
+    let with = |auth: &str| {
+        http(
+            server.port,
+            &format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    assert_eq!(with("Bearer a-token-of-24-characterz").0, 404);
+    assert_eq!(with("Bearer a-token").0, 404);
+    assert_eq!(with(&format!("Basic {TOKEN}")).0, 404);
+    let (status, body) = with(&format!("Bearer {TOKEN}"));
+    assert_eq!(status, 200);
+    let samples = parse_strictly(&body);
+    assert_eq!(requests(&samples, "GET", "/live", "2xx"), 1.0);
+    assert_eq!(requests(&samples, "GET", "unmatched", "4xx"), 4.0, "refused scrapes look like any 404");
+
+    let without = start(&[("WEB_CONCURRENCY", "1")]);
+    without.wait_for_log("ready in", SECS(5));
+    assert_eq!(get(without.port, "/metrics"), 404, "no token, no route");
+}
+
+#[test]
+fn garbage_on_the_metrics_port_does_not_hurt_the_master() {
+    let (server, port) = start_with_metrics(&[("WEB_CONCURRENCY", "1")]);
+    server.wait_for_log("ready in", SECS(5));
+    let workers = server.workers();
+    assert_eq!(http(port, "\x16\x03\x01\x02\x00garbage\r\n\r\n").0, 400);
+    let huge = format!("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
+    assert_ne!(http(port, &huge).0, 200, "oversized headers are refused");
+    assert_eq!(get(port, "/anything-else"), 404);
+    assert_eq!(http(port, "DELETE /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").0, 405);
+    // Idle connections beyond the limit are closed, and do not stop a real scrape.
+    let idle: Vec<TcpStream> = (0..40).filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(idle);
+    assert_eq!(scrape(port)["herdsman_workers"], 1.0);
+    assert_eq!(server.workers(), workers, "the workers never noticed");
+    assert_eq!(get(server.port, "/live"), 200);
+}
+
+#[test]
+fn cache_operations_and_warm_ups_are_counted_under_route_templates() {
+    let (server, port) = start_with_metrics(&[("WEB_CONCURRENCY", "1")]);
+    server.wait_for_log("warm-up bcrypt_prewarm done", SECS(10));
+    let put = "PUT /cache/k1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nv";
+    assert_eq!(http(server.port, put).0, 204);
+    assert_eq!(get(server.port, "/cache/k1"), 200);
+    assert_eq!(get(server.port, "/cache/k2"), 404);
+    let samples = scrape(port);
+    let ops = |op: &str, result: &str| {
+        samples[&format!("herdsman_cache_operations_total{{op=\"{op},result=\"{result},tier=\"memory}}")]
+    };
+    assert_eq!(ops("write", "ok"), 1.0);
+    assert_eq!(ops("get", "hit"), 1.0);
+    assert_eq!(ops("get", "miss"), 1.0);
+    assert_eq!(requests(&samples, "GET", "/cache/{key}", "2xx"), 1.0, "the template, not the key");
+    assert_eq!(requests(&samples, "GET", "/cache/{key}", "4xx"), 1.0);
+    assert_eq!(samples["herdsman_warmup_attempts_total{outcome=\"ok}"], 1.0);
+    assert_eq!(samples["herdsman_warmup_duration_seconds_count"], 1.0, "the bcrypt prewarm's one attempt");
+    // A gauge: the prewarm's hash has left the queue by now, or does within moments.
+    wait_until("the bcrypt queue is empty", SECS(5), || scrape(port)["herdsman_bcrypt_queue_depth"] == 0.0);
+    assert_eq!(samples["herdsman_redis_breaker_open_workers"], 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_reads_and_the_breaker_are_counted_through_an_outage() {
+    let Some(redis) = redis_support::TestRedis::start().await else { return };
+    let (server, port) = start_with_metrics(&[("WEB_CONCURRENCY", "1"), ("REDIS_URL", &redis.url)]);
+    server.wait_for_log("redis connected", SECS(10));
+    let cache_get = |key: &str| get(server.port, &format!("/cache/{key}"));
+    let put = "PUT /cache/k HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nv";
+    assert_eq!(http(server.port, put).0, 204);
+    assert_eq!(cache_get("k"), 200);
+    assert_eq!(cache_get("absent"), 404);
+    let ops = |samples: &HashMap<String, f64>, op: &str, tier: &str, result: &str| {
+        samples[&format!("herdsman_cache_operations_total{{op=\"{op},result=\"{result},tier=\"{tier}}}")]
+    };
+    let samples = scrape(port);
+    assert_eq!(ops(&samples, "write", "redis", "ok"), 1.0);
+    assert_eq!(ops(&samples, "get", "redis", "hit"), 1.0);
+    assert_eq!(ops(&samples, "get", "redis", "miss"), 1.0);
+    assert_eq!(samples["herdsman_redis_breaker_open_workers"], 0.0);
+
+    redis.stop().await;
+    // The first read after the stop fails over Redis and opens the breaker; it is answered.
+    assert_eq!(cache_get("k"), 200);
+    let samples = scrape(port);
+    assert_eq!(samples["herdsman_redis_breaker_transitions_total{to=\"open}"], 1.0);
+    assert_eq!(samples["herdsman_redis_breaker_open_workers"], 1.0);
+    assert!(ops(&samples, "get", "memory", "hit") >= 1.0);
+
+    redis.restart().await;
+    wait_until("the breaker closed again", SECS(15), || {
+        scrape(port)["herdsman_redis_breaker_transitions_total{to=\"closed}"] == 1.0
+    });
+    assert_eq!(scrape(port)["herdsman_redis_breaker_open_workers"], 0.0);
+}
