@@ -21,7 +21,7 @@
 //!        |  control/balance    |   \    |
 //!     signals, listener        |   services
 //!                              |  /   |    \
-//!                   tracker  cache  hasher  warmup_status
+//!         shutdown, tracker  cache  hasher  warmup_status
 //!                                  \  |  /
 //!                   config, exit, backoff, logging
 //! ```
@@ -41,6 +41,8 @@
 //! - [`warmup`]: start-up tasks on threads of their own, timeouts enforced from outside,
 //!   retries for the required ones; the built-in tasks.
 //! - [`services`]: [`Services`], what routes and warm-up tasks may use.
+//! - [`shutdown`]: [`shutdown::Shutdown`], how WebSockets and event streams learn of the drain
+//!   and how the drain waits for them.
 //! - [`warmup_status`]: the warm-up states that `/ready`, `/health` and diagnostics read.
 //! - [`tracker`]: the requests a worker is serving, for diagnostics, draining, `MAX_REQUESTS`.
 //! - [`cache`]: Redis through a bb8 pool, a bounded in-memory cache when Redis is away, and the
@@ -65,6 +67,7 @@ pub mod listener;
 pub mod logging;
 pub mod master;
 pub mod services;
+pub mod shutdown;
 pub mod signals;
 pub mod tracker;
 pub mod warmup;

@@ -29,7 +29,7 @@ pub const MAX_CACHE_KEY_BYTES: usize = 512;
 pub fn router(services: &Services, app_routes: Router) -> Router {
     let router = Router::new().merge(health::routes(services.clone())).merge(app_routes);
     #[cfg(feature = "test-hooks")]
-    let router = router.merge(test_hooks::routes());
+    let router = router.merge(test_hooks::routes(services));
     router
 }
 
