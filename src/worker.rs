@@ -217,7 +217,7 @@ async fn serve(
 }
 
 /// Streams one HTTP/2 client may have open at once on a connection. Each is a request in the
-/// guard (bounded by the request timeout); hyper's default is 200, and Go's and nginx's 100–250.
+/// guard (bounded by the request timeout); hyper's default is 200, Go's 250, nginx's 128.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 
 /// Largest HTTP/2 request head, decoded (hyper's default, stated so a change to it is seen).
