@@ -168,3 +168,16 @@ async fn an_event_stream_ends_when_its_worker_drains() {
     assert_eq!(server.wait_exit(SECS(20)).code(), Some(0));
     assert!(sent_term.elapsed() < SECS(10), "exited after {:?}", sent_term.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_websocket_outlives_the_header_and_keep_alive_timeouts() {
+    let server =
+        start(&[("WEB_CONCURRENCY", "1"), ("HERDSMAN_HEADER_TIMEOUT", "1"), ("HERDSMAN_KEEPALIVE_TIMEOUT", "2")]);
+    server.wait_for_log("ready in", SECS(5));
+    let mut socket = connect(&server).await;
+    assert_echoes(&mut socket, "hello").await;
+    // Past both timeouts in silence, then a message: after its 101 the connection is no
+    // longer HTTP's, and neither timer may cut it.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_echoes(&mut socket, "still open").await;
+}
