@@ -221,12 +221,18 @@ async fn serve(
 const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 
 /// Largest HTTP/2 request head, decoded (hyper's default, stated so a change to it is seen).
-/// h2 refuses a longer one, however many CONTINUATION frames carry it (CVE-2024-27316's flood).
+/// h2 refuses a longer one, however many CONTINUATION frames carry it (the 2024 CONTINUATION
+/// flood; h2 >= 0.4.4 counts the frames).
 const H2_MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// Streams a client may open and reset before the server accepts them: above it, the
 /// connection gets `GOAWAY` (rapid reset, CVE-2023-44487). h2's own default, stated.
 const H2_MAX_PENDING_RESET_STREAMS: usize = 20;
+
+/// Streams the server itself may reset for a client's protocol errors before the connection
+/// gets `GOAWAY`: a client cannot make the server do unbounded reset work either (MadeYouReset,
+/// CVE-2025-8671). hyper's default, stated.
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// HTTP/1.1 with upgrades and HTTP/2 with prior knowledge on the same connections.
 fn connection_builder() -> auto::Builder<TokioExecutor> {
@@ -238,7 +244,8 @@ fn connection_builder() -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
         .max_header_list_size(H2_MAX_HEADER_LIST_BYTES)
-        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESET_STREAMS);
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESET_STREAMS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
     http
 }
 
