@@ -29,7 +29,8 @@ async fn echo(State(shutdown): State<Shutdown>, upgrade: WebSocketUpgrade) -> Re
 async fn serve_socket(mut socket: WebSocket, shutdown: Shutdown, _held: LongLived) {
     let draining = shutdown.draining();
     tokio::pin!(draining);
-    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    let second = Duration::from_secs(1);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
     let mut count = 0u64;
     loop {
         let reply = tokio::select! {
