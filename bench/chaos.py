@@ -22,9 +22,11 @@ The figures per scenario and server:
   every worker reports Redis `up` in /health (after Redis comes back); the master has exited
   (SIGTERM).
 
-Scenarios: kill9, hang, redis (stopped, back, paused, back), hup, max-requests, sigterm.
-The hang and sigterm scenarios use test-only routes (`/__test/block`, `/__test/sleep`): herdsman
-built with `--features test-hooks`, the peer started with PEER_TEST_HOOKS=1.
+Scenarios: kill9, hang, redis (stopped, back, paused, back), hup, max-requests, sigterm, and
+ws-hup (WebSocket clients through a SIGHUP: no HTTP load, see `ws_hup`).
+The hang, sigterm and ws-hup scenarios use test-only routes (`/__test/block`, `/__test/sleep`,
+`/__test/ws`): herdsman built with `--features test-hooks`, the peer started with
+PEER_TEST_HOOKS=1.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import time
 
 from harness import (
     OUT,
+    VPY,
+    VPY_PROGRAMS,
     BenchError,
     LoadRecorder,
     Ctx,
@@ -58,6 +62,9 @@ RATE = 400.0
 CONNECTIONS = 8
 SETTLE_S = 2.0  # "during the event" lasts until this long after the last event
 HANG_TIMEOUT_S = 3  # GUNICORN_TIMEOUT in the hang scenario, both servers
+WS_CLIENTS = 20  # WebSocket clients in the ws-hup scenario
+WS_GRACE_S = 20  # GRACEFUL_TIMEOUT in the ws-hup scenario, both servers
+WS_GRACE_S_SMOKE = 5  # the same under --smoke, so that a server that waits it out stays brief
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +386,71 @@ def redis_outage(ctx: Ctx, target: str):
     return trial.summary("redis-up"), trial.timeline(target)
 
 
+def ws_hup(ctx: Ctx, target: str):
+    """WS_CLIENTS WebSocket echo clients (bench/vpy/ws_clients.py, an echo every 250 ms each)
+    connected when SIGHUP arrives. A client told to go reconnects at once. Figures: clients
+    whose first connection ended with a close frame (and its codes), clients that reconnected and
+    were echoed, connections that could not be made, and the restart's duration (SIGHUP until
+    WORKERS workers run and none is an old one), against GRACEFUL_TIMEOUT=WS_GRACE_S."""
+    grace = WS_GRACE_S_SMOKE if ctx.smoke else WS_GRACE_S
+    env = {"GRACEFUL_TIMEOUT": grace, **hooks_env(target)}
+    with start_target(ctx, target, WORKERS, env) as srv:
+        require_test_hooks(srv)
+        wait_workers_serving(srv, WORKERS)
+        master = srv.proc.pid
+        initial = children(master)
+        clients = subprocess.Popen(
+            [str(VPY), str(VPY_PROGRAMS / "ws_clients.py"), str(srv.port), "/__test/ws", str(WS_CLIENTS)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            if clients.stdout.readline().strip() != "ready":
+                raise BenchError(f"{srv.name}: the WebSocket clients could not connect")
+            t0 = time.monotonic()
+            new_workers: list[float] = []
+            seen = set(initial)
+            time.sleep(2.0)
+            t_hup = time.monotonic()
+            srv.proc.send_signal(signal.SIGHUP)
+            restarted_at = None
+            while time.monotonic() < t_hup + grace + 15:
+                kids = children(master)
+                for _ in kids - seen:
+                    new_workers.append(time.monotonic() - t0)
+                seen |= kids
+                if restarted_at is None and len(kids) == WORKERS and not kids & initial:
+                    restarted_at = time.monotonic()
+                if restarted_at is not None and time.monotonic() > restarted_at + 2.0:
+                    break  # two more seconds of echoes on the new workers
+                time.sleep(0.02)
+            out, _ = clients.communicate(input="", timeout=60)
+        finally:
+            if clients.poll() is None:
+                clients.kill()
+    recs = json.loads(out.splitlines()[-1])["clients"]
+    first_codes = [r["closes"][0][1] if r["closes"] else None for r in recs]
+    res = {
+        "clients": len(recs),
+        # 1001 "going away" (herdsman), 1012 "service restart" (uvicorn): told, not cut (1006).
+        "clean_close": sum(1 for c in first_codes if c is not None and c != 1006),
+        "first_close_codes": sorted({str(c) for c in first_codes}),
+        "reconnected": sum(1 for r in recs if r["reconnected"]),
+        # From a client's close to its first echo on a new connection: its time away.
+        "away_max_ms": max(((r["reconnected"][0] - r["closes"][0][0]) * 1e3
+                            for r in recs if r["closes"] and r["reconnected"]), default=None),
+        "failed_connects": sum(len(r["failed_connects"]) for r in recs),
+        "restart_ms": None if restarted_at is None else (restarted_at - t_hup) * 1e3,
+        "grace_s": grace,
+    }
+    # The plot's timeline: each echo as an answered request, each failed connection attempt as
+    # a failure, each close as a mark with its code.
+    samples = [[t - t0, ms, 200, None] for r in recs for t, ms in r["echoes"]]
+    samples += [[t - t0, 0.01, None, kind] for r in recs for t, kind in r["failed_connects"]]
+    closes = [[t - t0, code] for r in recs for t, code in r["closes"]]
+    timeline = {"target": target, "samples": sorted(samples), "events": [[t_hup - t0, "SIGHUP"]],
+                "new_workers": new_workers, "closes": closes}
+    return res, timeline
+
+
 SCENARIOS = {
     "kill9": ("kill -9 of one worker", kill9),
     "hang": ("a hung worker (event loop blocked)", hang),
@@ -386,7 +458,11 @@ SCENARIOS = {
     "hup": ("SIGHUP rolling restart", hup),
     "max-requests": ("MAX_REQUESTS=1000 (+ jitter 100) recycling, 10 s", max_requests),
     "sigterm": ("SIGTERM with slow requests in flight", sigterm),
+    "ws-hup": (f"SIGHUP with {WS_CLIENTS} WebSocket clients connected", ws_hup),
 }
+
+# Scenarios whose figures are not the HTTP load's (FIGURES): aggregated with their own.
+WS_FIGURES = ("clean_close", "reconnected", "away_max_ms", "failed_connects", "restart_ms")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +496,8 @@ def measure_chaos(ctx: Ctx) -> dict:
         # What the plot needs (every request of the first run, the events, new workers): the
         # report draws it (bench/chaos_report.py).
         data = OUT / f"chaos-{name}.json"
-        data.write_text(json.dumps({"title": f"{title}: GET at {RATE:.0f} req/s, 2 workers",
+        load = "an echo every 250 ms per client" if name == "ws-hup" else f"GET at {RATE:.0f} req/s"
+        data.write_text(json.dumps({"title": f"{title}: {load}, 2 workers",
                                     "timelines": timelines[name]}))
         out["scenarios"][name] = {
             "title": title,
@@ -435,6 +512,10 @@ FIGURES = ("failed", "misses", "p99_before_ms", "p99_during_ms", "max_during_ms"
 
 def aggregate(results: list[dict]) -> dict:
     """Median and spread over runs of each figure, and every run as it was."""
+    if "clean_close" in results[0]:
+        agg = {k: spread([r[k] for r in results]) for k in WS_FIGURES}
+        agg["runs"] = results
+        return agg
     agg = {k: spread([r[k] for r in results]) for k in FIGURES}
     agg["recovered_runs"] = sum(1 for r in results if r["recovery_ms"] is not None)
     agg["runs"] = results

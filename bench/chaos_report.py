@@ -10,7 +10,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from chaos import WS_CLIENTS
 from harness import BENCH, OUT, VPY, VPY_PROGRAMS, BenchError, fmt, fmt_spread
+
+WS_SCENARIOS = ("ws-hup",)
 
 PLOTS = OUT / "plots"
 
@@ -52,6 +55,8 @@ def table(result: dict) -> tuple[str, list[str], list[list[str]], list[str]]:
     """(title, header, rows, notes) for report.py's tables."""
     rows = []
     for name, sc in result["scenarios"].items():
+        if name in WS_SCENARIOS:
+            continue  # ws_table
         for target, x in sc["targets"].items():
             runs = x["runs"]
             rows.append([name, target, fmt_spread(x["failed"], "", 0),
@@ -77,6 +82,36 @@ def table(result: dict) -> tuple[str, list[str], list[list[str]], list[str]]:
             ["scenario", "server", "failed", "misses", "p99 before", "p99 during", "max during",
              "recovery",
              "notes"], rows, notes)
+
+
+def ws_table(result: dict) -> tuple[str, list[str], list[list[str]], list[str]] | None:
+    """The ws-hup scenario's own table, or None when it did not run."""
+    sc = result["scenarios"].get("ws-hup")
+    if sc is None:
+        return None
+    rows = []
+    for target, x in sc["targets"].items():
+        first = x["runs"][0]
+        rows.append([target, fmt_spread(x["clean_close"], f"/{first['clients']}", 0),
+                     ", ".join(first["first_close_codes"]),
+                     fmt_spread(x["reconnected"], f"/{first['clients']}", 0),
+                     fmt_spread(x["away_max_ms"], " ms", 0),
+                     fmt_spread(x["failed_connects"], "", 0),
+                     fmt_spread(x["restart_ms"], " ms", 0) if x["restart_ms"]["median"] is not None
+                     else "not within grace + 15 s",
+                     f"{first['grace_s']} s"])
+    notes = [f"{WS_CLIENTS} WebSocket echo clients (an echo every 250 ms each) connected through "
+             f"a SIGHUP, WEB_CONCURRENCY=2; median of {result['runs']} run(s) (min–max)",
+             "closed cleanly: clients whose first connection ended with a close frame (1001 \"going "
+             "away\", 1012 \"service restart\"), not cut (1006); codes: of those first connections; "
+             "reconnected: clients that connected again and got an echo; longest time away: the "
+             "slowest client's close to its first echo on a new connection (the close is seen at "
+             "its next echo, up to 250 ms late); failed connects: "
+             "attempts refused or broken while reconnecting (every 100 ms); restart: SIGHUP until "
+             "two workers run and neither is an old one"]
+    return ("WebSockets through a rolling restart (chaos ws-hup)",
+            ["server", "closed cleanly", "close codes", "reconnected", "longest time away", "failed connects",
+             "restart", "GRACEFUL_TIMEOUT"], rows, notes)
 
 
 def recovery_cell(x: dict, runs: int) -> str:

@@ -152,6 +152,9 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[st
                     ["target: herdsman image ≤ 6 MB (bench/image-size.sh)"]))
     if "chaos" in results:
         out.append(chaos_report.table(results["chaos"]))
+        ws = chaos_report.ws_table(results["chaos"])
+        if ws is not None:
+            out.append(ws)
     return out
 
 

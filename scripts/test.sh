@@ -25,11 +25,14 @@ fi
 
 # Debian packages: redis-server (to build a local Redis image when `redis:7` cannot be pulled,
 # and run on the host with --tls-port by tests/redis_tls.rs: Debian's is built with TLS), and
-# openssl, which makes that test's certificates.
+# openssl, which makes that test's certificates; nghttp2-client (h2load, nghttp) and curl, the
+# HTTP/2 clients of tests/h2c.rs.
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v openssl >/dev/null || need+=(openssl)
 command -v redis-cli >/dev/null || need+=(redis-tools)
+command -v h2load >/dev/null || need+=(nghttp2-client)
+command -v curl >/dev/null || need+=(curl)
 if ((${#need[@]})); then
     echo "installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

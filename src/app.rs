@@ -141,10 +141,10 @@ impl App {
                     Exit::Failure
                 }
             },
-            Command::Status { json } => operate(&config, &Request::Status, json),
-            Command::Reload => operate(&config, &Request::Reload, false),
+            Command::Status { json } => operate(config, &Request::Status, json),
+            Command::Reload => operate(config, &Request::Reload, false),
             Command::Scale { count } => match crate::operator::parse_worker_count(&count) {
-                Ok(workers) => operate(&config, &Request::Scale { workers }, false),
+                Ok(workers) => operate(config, &Request::Scale { workers }, false),
                 Err(e) => {
                     eprintln!("herdsman: {e}");
                     Exit::BadUsage

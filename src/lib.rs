@@ -21,7 +21,7 @@
 //!        |  control/balance    |   \    |
 //!     signals, listener        |   services
 //!                              |  /   |    \
-//!                   tracker  cache  hasher  warmup_status
+//!         shutdown, tracker  cache  hasher  warmup_status
 //!                                  \  |  /
 //!                   metrics, config, exit, backoff, logging
 //!                               |
@@ -47,6 +47,8 @@
 //! - [`warmup`]: start-up tasks on threads of their own, timeouts enforced from outside,
 //!   retries for the required ones; the built-in tasks.
 //! - [`services`]: [`Services`], what routes and warm-up tasks may use.
+//! - [`shutdown`]: [`shutdown::Shutdown`], how WebSockets and event streams learn of the drain
+//!   and how the drain waits for them.
 //! - [`warmup_status`]: the warm-up states that `/ready`, `/health` and diagnostics read.
 //! - [`tracker`]: the requests a worker is serving, for diagnostics, draining, `MAX_REQUESTS`.
 //! - [`metrics`]: Prometheus metrics: counts in a table in shared memory that every worker
@@ -80,6 +82,7 @@ pub mod operator;
 pub mod platform;
 pub mod services;
 pub mod shared_memory;
+pub mod shutdown;
 pub mod signals;
 pub mod tracker;
 pub mod warmup;

@@ -1,5 +1,5 @@
 //! [`Services`]: what a worker's routes and warm-up tasks may use — the configuration, the
-//! cache, the password hasher, the warm-up states and the worker's request tracker. Built once
+//! cache, the password hasher, the warm-up states, the worker's request tracker and its drain. Built once
 //! per worker; everything above it (HTTP routes, warm-up tasks) receives it, nothing below it
 //! knows it exists.
 
@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::hasher::Hasher;
+use crate::shutdown::Shutdown;
 use crate::tracker::RequestTracker;
 use crate::warmup_status::WarmupStatus;
 
@@ -24,6 +25,9 @@ pub struct Services {
     pub hasher: Hasher,
     /// When this worker started, for `uptime_s`.
     pub started: Instant,
+    /// The drain, for long-lived connections: when to say goodbye, and a guard the drain
+    /// waits for (see [`crate::shutdown`]).
+    pub shutdown: Shutdown,
     pub(crate) tracker: RequestTracker,
 }
 
@@ -32,7 +36,15 @@ impl Services {
     /// so do harnesses outside the crate (the fuzz targets), which cannot name the tracker.
     #[doc(hidden)]
     pub fn assemble(config: Arc<Config>, cache: Cache, hasher: Hasher, tracker: RequestTracker) -> Services {
-        Services { config, warmup: WarmupStatus::default(), cache, hasher, started: Instant::now(), tracker }
+        Services {
+            config,
+            warmup: WarmupStatus::default(),
+            cache,
+            hasher,
+            started: Instant::now(),
+            shutdown: Shutdown::default(),
+            tracker,
+        }
     }
 
     /// Whether this worker is shutting down and should get no new traffic.

@@ -4,6 +4,11 @@
 //! (socket, control pipe, balancing table, configuration) is the contract of
 //! [`crate::contract`], taken first thing, before the runtime exists.
 //!
+//! HTTP/1.1 (with upgrades: WebSockets) and cleartext HTTP/2 with prior knowledge (h2c, as
+//! Cloud Run's end-to-end HTTP/2 sends it) share the port; hyper-util's auto builder tells them
+//! apart by the connection's first bytes. Both pass through the same [`http::Guard`] and
+//! [`ConnectionDeadline`].
+//!
 //! One runtime thread per worker (and `WEB_CONCURRENCY` workers, one per CPU by default) is the
 //! prefork model: a worker whose runtime blocks stops its heartbeat and is replaced; it cannot
 //! be hidden by other threads still making progress.
@@ -12,9 +17,11 @@
 //! 1. take the socket and the pipe, start the runtime, tell the master `Ready`, serve;
 //! 2. run the warm-up tasks in the background, each attempt on a thread of its own (see
 //!    [`crate::warmup`]), and beat the heart every `GUNICORN_TIMEOUT / 4`;
-//! 3. on SIGTERM or SIGINT (or when the master is gone) drain: stop accepting, answer every
-//!    request with `Connection: close`, close idle connections, let in-flight requests finish
-//!    within `GRACEFUL_TIMEOUT`, exit 0. SIGQUIT exits at once;
+//! 3. on SIGTERM or SIGINT (or when the master is gone) drain: stop accepting, tell long-lived
+//!    connections to go (see [`crate::shutdown`]), answer every HTTP/1.1 request with
+//!    `Connection: close`, close idle connections, send HTTP/2 connections a `GOAWAY`, let
+//!    in-flight requests and long-lived connections finish within `GRACEFUL_TIMEOUT`, exit 0.
+//!    SIGQUIT exits at once;
 //! 4. on SIGABRT (the master's verdict that it hung) a side thread logs what the worker was
 //!    doing — each in-flight request's method, path and age — and exits.
 
@@ -24,7 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::unix::pipe;
 use tokio::net::TcpListener;
@@ -42,6 +50,7 @@ use crate::http;
 use crate::http::connection_deadline::{ConnectionDeadline, SilenceLimits};
 use crate::logging;
 use crate::services::Services;
+use crate::shutdown::Shutdown;
 use crate::tracker::RequestTracker;
 use crate::warmup::{self, RunPolicy, WarmupTask};
 use crate::warmup_status::WarmupStatus;
@@ -151,10 +160,7 @@ async fn serve(
     let guard = http::Guard::new(router, tracker.clone(), config.request_timeout, config.max_body_bytes)
         .with_metrics_token(config.metrics_token.as_deref());
 
-    let mut http = hyper::server::conn::http1::Builder::new();
-    // hyper's header timer would also count idle keep-alive time; the connection's own deadline
-    // keeps the two apart (see `http::connection_deadline`).
-    http.timer(TokioTimer::new()).header_read_timeout(None);
+    let http = connection_builder();
     let silence = SilenceLimits { header: config.header_timeout, keep_alive: config.keepalive_timeout };
     let graceful = GracefulShutdown::new();
 
@@ -181,8 +187,8 @@ async fn serve(
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
                     let (stream, service) = ConnectionDeadline::wrap(silence, stream, guard.clone());
-                    let connection = http.serve_connection(TokioIo::new(stream), service);
-                    let connection = graceful.watch(connection);
+                    let connection = http.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let connection = graceful.watch(connection.into_owned());
                     let counted = slot.as_ref().map(|slot| slot.open_connection());
                     tokio::spawn(async move {
                         let _counted = counted;
@@ -211,26 +217,67 @@ async fn serve(
             Ok(())
         }
         Stop::Graceful(reason) => {
-            drain(tracker, graceful, config.graceful_timeout, reason).await;
+            drain(tracker, services.shutdown, graceful, config.graceful_timeout, reason).await;
             Ok(())
         }
     }
 }
 
-/// Lets in-flight requests finish; see step 3 of the module documentation.
-async fn drain(tracker: RequestTracker, graceful: GracefulShutdown, grace: Duration, reason: &str) {
+/// Streams one HTTP/2 client may have open at once on a connection. Each is a request in the
+/// guard (bounded by the request timeout); hyper's default is 200, Go's 250, nginx's 128.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// Largest HTTP/2 request head, decoded (hyper's default, stated so a change to it is seen).
+/// h2 refuses a longer one, however many CONTINUATION frames carry it (the 2024 CONTINUATION
+/// flood; h2 >= 0.4.4 counts the frames).
+const H2_MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// Streams a client may open and reset before the server accepts them: above it, the
+/// connection gets `GOAWAY` (rapid reset, CVE-2023-44487). h2's own default, stated.
+const H2_MAX_PENDING_RESET_STREAMS: usize = 20;
+
+/// Streams the server itself may reset for a client's protocol errors before the connection
+/// gets `GOAWAY`: a client cannot make the server do unbounded reset work either (MadeYouReset,
+/// CVE-2025-8671). hyper's default, stated.
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// HTTP/1.1 with upgrades and HTTP/2 with prior knowledge on the same connections.
+fn connection_builder() -> auto::Builder<TokioExecutor> {
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    // hyper's header timer would also count idle keep-alive time; the connection's own deadline
+    // keeps the two apart (see `http::connection_deadline`).
+    http.http1().timer(TokioTimer::new()).header_read_timeout(None);
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(H2_MAX_HEADER_LIST_BYTES)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESET_STREAMS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
+    http
+}
+
+/// Lets in-flight requests and long-lived connections finish; see step 3 of the module
+/// documentation.
+async fn drain(tracker: RequestTracker, shutdown: Shutdown, graceful: GracefulShutdown, grace: Duration, reason: &str) {
     let deadline = tokio::time::Instant::now() + grace;
+    shutdown.begin();
     tracker.start_draining();
-    tracing::info!("worker draining ({reason}): {} connections open", graceful.count());
+    tracing::info!(
+        "worker draining ({reason}): {} connections open, {} long-lived (WebSockets, event streams) told to go",
+        graceful.count(),
+        shutdown.open()
+    );
     let close_idle_at = (tokio::time::Instant::now() + CLOSE_IDLE_AFTER).min(deadline);
     while graceful.count() > 0 && tokio::time::Instant::now() < close_idle_at {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    match tokio::time::timeout_at(deadline, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("worker drained; exiting"),
+    let everything = async { tokio::join!(graceful.shutdown(), shutdown.all_closed()) };
+    match tokio::time::timeout_at(deadline, everything).await {
+        Ok(_) => tracing::info!("worker drained; exiting"),
         Err(_) => tracing::warn!(
-            "worker exiting with {} requests unfinished after GRACEFUL_TIMEOUT",
-            tracker.in_flight().len()
+            "worker exiting with {} requests unfinished and {} long-lived connections cut after GRACEFUL_TIMEOUT",
+            tracker.in_flight().len(),
+            shutdown.open()
         ),
     }
 }

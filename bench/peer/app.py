@@ -31,7 +31,7 @@ import bcrypt
 import redis
 import redis.asyncio as aioredis
 from cachetools import TTLCache
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 VERSION = "peer-0.1.0"
@@ -350,3 +350,14 @@ if _env_bool("PEER_TEST_HOOKS"):
     async def test_sleep(ms: int) -> PlainTextResponse:
         await asyncio.sleep(ms / 1000)
         return PlainTextResponse("slept")
+
+    @app.websocket("/__test/ws")
+    async def test_ws(websocket: WebSocket) -> None:
+        # An echo as FastAPI's docs write one: nothing of its own for a shutdown, which is
+        # uvicorn's to handle (encode/uvicorn #1140).
+        await websocket.accept()
+        try:
+            while True:
+                await websocket.send_text(await websocket.receive_text())
+        except WebSocketDisconnect:
+            pass

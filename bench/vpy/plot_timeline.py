@@ -1,6 +1,7 @@
 """Latency over time of a chaos scenario, one panel per server: answered requests as dots, 404s
 on an existing key as orange squares, failures as red crosses at the time they were sent, events
-as dashed lines, new workers as dotted ones.
+as dashed lines, new workers as dotted ones; for WebSocket scenarios, each connection's close as a
+triangle at 1 ms, coloured by close code.
 
     bench/.venv/bin/python bench/vpy/plot_timeline.py DATA.json OUT.png
 
@@ -28,6 +29,11 @@ for ax, tl in zip(axes[:, 0], tls):
     if bad:
         ax.scatter([s[0] for s in bad], [max(s[1], 0.01) for s in bad], s=30, marker="x",
                    color="red", label=f"failed ({len(bad)})")
+    # WebSocket scenarios: when each connection was closed, and with which code.
+    for code in sorted({c for _, c in tl.get("closes", [])}):
+        ts = [t for t, c in tl["closes"] if c == code]
+        ax.scatter(ts, [1.0] * len(ts), s=40, marker="v", color="orange" if code == 1001 else "purple",
+                   label=f"closed with {code} ({len(ts)})")
     for i, t in enumerate(tl["new_workers"]):
         ax.axvline(t, color="green", linestyle=":", linewidth=1,
                    label="new worker" if i == 0 else None)

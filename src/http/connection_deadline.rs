@@ -13,7 +13,15 @@
 //! - after a response, the connection may stay idle for the keep-alive timeout; writes of a
 //!   response body still streaming count as activity;
 //! - the first byte of the next request starts the header timeout for that head;
-//! - while a request is being served no timer runs (`HERDSMAN_REQUEST_TIMEOUT` bounds handlers).
+//! - while a request is being served no timer runs (`HERDSMAN_REQUEST_TIMEOUT` bounds handlers);
+//! - after a `101 Switching Protocols` (a WebSocket) the connection is no longer HTTP: no timer
+//!   runs, the protocol's own pings and the drain (see [`crate::shutdown`]) bound it.
+//!
+//! On an HTTP/2 connection requests are streams, any number at once, and frames other than a
+//! request (`PING`, `WINDOW_UPDATE`) arrive between them: once the connection is known to be
+//! HTTP/2, bytes read between requests do not start a header timer (h2 dispatches a stream only
+//! with its complete head, and bounds its size), so a connection with no stream open is closed
+//! the keep-alive timeout after it last wrote.
 //!
 //! [`DeadlineIo`] wraps the socket and enforces the deadline on reads (a read past it fails, and
 //! hyper closes the connection); [`DeadlineService`] wraps the service and tells it where requests
@@ -50,6 +58,8 @@ enum Phase {
     ReadingHead { deadline: Instant },
     /// This many requests are being answered; no deadline.
     Serving { requests: usize },
+    /// Switched to another protocol; no deadline, for good.
+    Upgraded,
 }
 
 #[derive(Debug)]
@@ -58,6 +68,8 @@ struct State {
     /// The reader waiting without a timer while a request was served, woken when the keep-alive
     /// timer starts so that it arms it.
     reader: Option<Waker>,
+    /// HTTP/2: requests are streams, and other frames come and go between them.
+    multiplexed: bool,
 }
 
 /// The deadline of one connection. Create one per accepted connection with [`Self::wrap`].
@@ -73,7 +85,11 @@ impl ConnectionDeadline {
         let deadline = Instant::now() + limits.header;
         let shared = ConnectionDeadline {
             limits,
-            state: Arc::new(Mutex::new(State { phase: Phase::AwaitingRequest { deadline }, reader: None })),
+            state: Arc::new(Mutex::new(State {
+                phase: Phase::AwaitingRequest { deadline },
+                reader: None,
+                multiplexed: false,
+            })),
         };
         let timer = Box::pin(tokio::time::sleep_until(deadline));
         (DeadlineIo { io, deadline: shared.clone(), timer }, DeadlineService { inner: service, deadline: shared })
@@ -87,7 +103,7 @@ impl ConnectionDeadline {
 
     fn bytes_read(&self) {
         let mut state = self.lock();
-        if let Phase::AwaitingRequest { .. } = state.phase {
+        if let (Phase::AwaitingRequest { .. }, false) = (&state.phase, state.multiplexed) {
             state.phase = Phase::ReadingHead { deadline: Instant::now() + self.limits.header };
         }
     }
@@ -99,16 +115,21 @@ impl ConnectionDeadline {
         }
     }
 
-    fn request_started(&self) {
+    fn request_started(&self, multiplexed: bool) {
         let mut state = self.lock();
+        state.multiplexed |= multiplexed;
         state.phase = match state.phase {
             Phase::Serving { requests } => Phase::Serving { requests: requests + 1 },
             _ => Phase::Serving { requests: 1 },
         };
     }
 
-    fn request_finished(&self) {
+    fn request_finished(&self, upgraded: bool) {
         let mut state = self.lock();
+        if upgraded {
+            state.phase = Phase::Upgraded;
+            return;
+        }
         if let Phase::Serving { requests } = state.phase {
             if requests > 1 {
                 state.phase = Phase::Serving { requests: requests - 1 };
@@ -126,6 +147,7 @@ impl ConnectionDeadline {
         let mut state = self.lock();
         match state.phase {
             Phase::AwaitingRequest { deadline } | Phase::ReadingHead { deadline } => Some(deadline),
+            Phase::Upgraded => None,
             Phase::Serving { .. } => {
                 if !state.reader.as_ref().is_some_and(|w| w.will_wake(waker)) {
                     state.reader = Some(waker.clone());
@@ -218,17 +240,17 @@ pub struct DeadlineService<S> {
     deadline: ConnectionDeadline,
 }
 
-impl<S, R> hyper::service::Service<R> for DeadlineService<S>
+impl<S, B, R> hyper::service::Service<hyper::Request<B>> for DeadlineService<S>
 where
-    S: hyper::service::Service<R>,
+    S: hyper::service::Service<hyper::Request<B>, Response = hyper::Response<R>>,
     S::Future: Unpin,
 {
     type Response = S::Response;
     type Error = S::Error;
     type Future = Served<S::Future>;
 
-    fn call(&self, request: R) -> Self::Future {
-        self.deadline.request_started();
+    fn call(&self, request: hyper::Request<B>) -> Self::Future {
+        self.deadline.request_started(request.version() == hyper::Version::HTTP_2);
         Served { inner: self.inner.call(request), deadline: Some(self.deadline.clone()) }
     }
 }
@@ -240,25 +262,29 @@ pub struct Served<F> {
 }
 
 impl<F> Served<F> {
-    fn finish(&mut self) {
+    fn finish(&mut self, upgraded: bool) {
         if let Some(deadline) = self.deadline.take() {
-            deadline.request_finished();
+            deadline.request_finished(upgraded);
         }
     }
 }
 
-impl<F: Future + Unpin> Future for Served<F> {
+impl<F, R, E> Future for Served<F>
+where
+    F: Future<Output = Result<hyper::Response<R>, E>> + Unpin,
+{
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let output = std::task::ready!(Pin::new(&mut self.inner).poll(cx));
-        self.finish();
+        let upgraded = matches!(&output, Ok(response) if response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS);
+        self.finish(upgraded);
         Poll::Ready(output)
     }
 }
 
 impl<F> Drop for Served<F> {
     fn drop(&mut self) {
-        self.finish();
+        self.finish(false);
     }
 }

@@ -32,7 +32,7 @@ pub const MAX_CACHE_KEY_BYTES: usize = 512;
 pub fn router(services: &Services, app_routes: Router) -> Router {
     let router = Router::new().merge(health::routes(services.clone())).merge(app_routes);
     #[cfg(feature = "test-hooks")]
-    let router = router.merge(test_hooks::routes());
+    let router = router.merge(test_hooks::routes(services));
     // Last, so that it wraps every route: it names the route template each request matched.
     // Only when someone can read the metrics: the layer costs each request a boxed service
     // (about 900 instructions of 15,500 on /live, see BENCHMARKS.md), and without it requests

@@ -1,20 +1,33 @@
 //! Routes that misbehave on purpose, for the integration tests. Compiled only with the
 //! `test-hooks` cargo feature: a release build never has them.
 
+use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::Query;
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::sse::{Event, Sse};
+use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
+use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
+
+use crate::services::Services;
+use crate::shutdown::Shutdown;
 
 #[derive(Deserialize)]
 struct Length {
     ms: u64,
 }
 
-pub fn routes() -> Router {
+pub fn routes(services: &Services) -> Router {
     Router::new()
+        // A WebSocket echo that says goodbye with 1001 when the worker drains.
+        .route("/__test/ws", get(echo_until_drain))
+        // Server-sent ticks every 100 ms, ending when the worker drains.
+        .route("/__test/sse", get(ticks_until_drain))
+        .with_state(services.shutdown.clone())
         // Blocks the worker's whole runtime thread: heartbeats stop, as in a real hang.
         .route(
             "/__test/block",
@@ -47,6 +60,52 @@ pub fn routes() -> Router {
                 }
             }),
         )
+}
+
+async fn echo_until_drain(State(shutdown): State<Shutdown>, upgrade: WebSocketUpgrade) -> Response {
+    let held = shutdown.hold();
+    upgrade.on_upgrade(move |mut socket| async move {
+        let _held = held;
+        let draining = shutdown.draining();
+        tokio::pin!(draining);
+        loop {
+            tokio::select! {
+                received = socket.recv() => match received {
+                    Some(Ok(Message::Text(text))) => {
+                        if socket.send(Message::Text(text)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                    Some(Ok(_)) => {}
+                },
+                () = &mut draining => break,
+            }
+        }
+        say_going_away(&mut socket).await;
+    })
+}
+
+/// Sends close code 1001 and waits for the client's reply; a client that never replies is
+/// cut when the worker exits at `GRACEFUL_TIMEOUT`.
+async fn say_going_away(socket: &mut WebSocket) {
+    let goodbye = CloseFrame { code: close_code::AWAY, reason: "worker draining".into() };
+    if socket.send(Message::Close(Some(goodbye))).await.is_err() {
+        return;
+    }
+    while let Some(Ok(message)) = socket.recv().await {
+        if let Message::Close(_) = message {
+            return;
+        }
+    }
+}
+
+async fn ticks_until_drain(State(shutdown): State<Shutdown>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let ticks = futures_util::stream::unfold(0u64, |n| async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Some((Ok(Event::default().data(n.to_string())), n + 1))
+    });
+    Sse::new(ticks.take_until(shutdown.draining()))
 }
 
 fn panic_on_purpose() -> &'static str {
