@@ -21,7 +21,7 @@
 //!        |  control/balance    |   \    |
 //!     signals, listener        |   services
 //!                              |  /   |    \
-//!                   tracker  cache  hasher  warmup_status
+//!         tracker  cache  hasher  sessions  throttle  warmup_status
 //!                                  \  |  /
 //!                   config, exit, backoff, logging
 //! ```
@@ -46,6 +46,8 @@
 //! - [`cache`]: Redis through a bb8 pool, a bounded in-memory cache when Redis is away, and the
 //!   circuit breaker that switches between them; durable operations for users.
 //! - [`hasher`]: bcrypt on a dedicated low-priority thread pool.
+//! - [`sessions`]: login tokens, stored hashed in Redis, and what a check does in an outage.
+//! - [`throttle`]: token buckets (in Redis, in memory during an outage) for logins.
 //! - [`config`]: every setting, from flags over environment over defaults, validated.
 //! - [`exit`]: the process's exit statuses. [`backoff`]: the back-off behind every retry.
 //!   [`logging`]: one line per event on stderr, text or JSON, with pid and role.
@@ -65,7 +67,9 @@ pub mod listener;
 pub mod logging;
 pub mod master;
 pub mod services;
+pub mod sessions;
 pub mod signals;
+pub mod throttle;
 pub mod tracker;
 pub mod warmup;
 pub mod warmup_status;

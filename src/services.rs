@@ -1,5 +1,6 @@
 //! [`Services`]: what a worker's routes and warm-up tasks may use — the configuration, the
-//! cache, the password hasher, the warm-up states and the worker's request tracker. Built once
+//! cache, the password hasher, the login sessions and throttle, the warm-up states and the
+//! worker's request tracker. Built once
 //! per worker; everything above it (HTTP routes, warm-up tasks) receives it, nothing below it
 //! knows it exists.
 
@@ -9,6 +10,8 @@ use std::time::Instant;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::hasher::Hasher;
+use crate::sessions::Sessions;
+use crate::throttle::Throttle;
 use crate::tracker::RequestTracker;
 use crate::warmup_status::WarmupStatus;
 
@@ -22,6 +25,11 @@ pub struct Services {
     pub cache: Cache,
     /// bcrypt off the async runtime, on low-priority threads.
     pub hasher: Hasher,
+    /// Login tokens; shared by the auth routes (which open and end them) and the cache routes
+    /// (which check them), so a logout here is forgotten here at once.
+    pub sessions: Sessions,
+    /// Login and registration limits.
+    pub throttle: Throttle,
     /// When this worker started, for `uptime_s`.
     pub started: Instant,
     pub(crate) tracker: RequestTracker,
@@ -32,7 +40,18 @@ impl Services {
     /// so do harnesses outside the crate (the fuzz targets), which cannot name the tracker.
     #[doc(hidden)]
     pub fn assemble(config: Arc<Config>, cache: Cache, hasher: Hasher, tracker: RequestTracker) -> Services {
-        Services { config, warmup: WarmupStatus::default(), cache, hasher, started: Instant::now(), tracker }
+        let sessions = Sessions::new(cache.durable(), config.session_ttl);
+        let throttle = Throttle::new(cache.durable());
+        Services {
+            config,
+            warmup: WarmupStatus::default(),
+            cache,
+            hasher,
+            sessions,
+            throttle,
+            started: Instant::now(),
+            tracker,
+        }
     }
 
     /// Whether this worker is shutting down and should get no new traffic.

@@ -167,9 +167,9 @@ async fn serve(
         }
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let connection = http.serve_connection(TokioIo::new(stream), guard.clone());
+                    let connection = http.serve_connection(TokioIo::new(stream), guard.for_peer(peer.ip()));
                     let connection = graceful.watch(connection);
                     let counted = slot.as_ref().map(|slot| slot.open_connection());
                     tokio::spawn(async move {

@@ -89,7 +89,7 @@ use crate::config::redact_url;
 use memory::Entry;
 use redis_tier::{ensure_probe, trip, write_command, Pending, RedisTier, Request};
 
-pub use durable::DurableStore;
+pub use durable::{DurableStore, Script};
 
 /// Prefix of every cache key in Redis.
 pub const KEY_PREFIX: &str = "herdsman:cache:";
