@@ -104,12 +104,44 @@ impl DurableStore {
             cmd.arg(body).arg(keys.len()).arg(keys).arg(args);
             cmd
         };
+        self.run_script(invoke, script).await
+    }
+
+    /// Like [`eval`](Self::eval), with a string argument before the numbers.
+    pub async fn eval_with_field<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[String],
+        field: &str,
+        args: &[i64],
+    ) -> Result<T, CacheError> {
+        let invoke = |verb: &str, body: &str| {
+            let mut cmd = redis::cmd(verb);
+            cmd.arg(body).arg(keys.len()).arg(keys).arg(field).arg(args);
+            cmd
+        };
+        self.run_script(invoke, script).await
+    }
+
+    async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        invoke: impl Fn(&str, &str) -> redis::Cmd,
+        script: &Script,
+    ) -> Result<T, CacheError> {
         match self.run(invoke("EVALSHA", script.sha1.get_hash())).await {
             Err(CacheError::Redis(err)) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 self.run(invoke("EVAL", script.source)).await
             }
             other => other,
         }
+    }
+
+    /// `HDEL key field`.
+    pub async fn hdel(&self, key: &str, field: &str) -> Result<(), CacheError> {
+        let mut cmd = redis::cmd("HDEL");
+        cmd.arg(key).arg(field);
+        let _removed: i64 = self.run(cmd).await?;
+        Ok(())
     }
 
     /// `SET key value NX`: true if written, false if the key already existed.

@@ -334,7 +334,6 @@ async fn rehash_if_cost_changed(state: &AuthState, mut record: UserRecord, passw
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

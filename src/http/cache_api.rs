@@ -19,6 +19,11 @@
 //! crafted (`../bob/k`, `%2F`, anything), can reach another user's namespace: the username
 //! comes from the session, never from the request.
 //!
+//! # Limits
+//! Per-user quotas of keys and bytes ([`super::quota`]) are `403` naming the quota. While Redis
+//! is away, a write this worker cannot hold for replay is `507 Insufficient Storage` with
+//! `Retry-After`: it was not kept, and the client is told so.
+//!
 //! Every answer carries `x-cache-tier: redis|memory`, saying which tier
 //! served it, so an operator (or a test) can see the circuit breaker at work
 //! without reading logs. Errors are JSON `{"error": "..."}`: a key longer than
@@ -39,6 +44,7 @@ use axum::Router;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use super::quota::Quotas;
 use crate::cache::{Cache, CacheError, Tier};
 use crate::sessions::Sessions;
 
@@ -61,12 +67,13 @@ pub struct Limits {
 struct ApiState {
     cache: Cache,
     sessions: Sessions,
+    quotas: Quotas,
     limits: Limits,
 }
 
-/// The cache routes; `sessions` says who is calling.
-pub fn routes(cache: Cache, sessions: Sessions, limits: Limits) -> Router {
-    let state = Arc::new(ApiState { cache, sessions, limits });
+/// The cache routes; `sessions` says who is calling, `quotas` how much they may store.
+pub fn routes(cache: Cache, sessions: Sessions, quotas: Quotas, limits: Limits) -> Router {
+    let state = Arc::new(ApiState { cache, sessions, quotas, limits });
     Router::new()
         .route("/cache/{key}", get(get_value).put(put_value).delete(delete_value))
         .layer(DefaultBodyLimit::max(limits.max_value_bytes))
@@ -89,20 +96,26 @@ fn with_tier(mut response: Response, tier: Tier) -> Response {
 }
 
 fn cache_error(err: CacheError) -> Response {
+    if let CacheError::ReplayFull = err {
+        // Redis is away and this worker holds all the outage writes it can: the write was not
+        // kept, and the client must hear so (it may retry once Redis is back).
+        return ApiError::new(StatusCode::INSUFFICIENT_STORAGE, err.to_string()).retry_after(2).into_response();
+    }
     // The cache falls back to memory instead of failing; reaching this means
     // something unexpected, and the details stay in the log.
     tracing::error!(error = %err, "cache operation failed");
     error(StatusCode::SERVICE_UNAVAILABLE, "cache unavailable")
 }
 
-/// The caller's cache key for `key`: their session's namespace, then the key, once both the
+/// The caller and their cache key for `key` (their namespace, then the key), once both the
 /// session and the key's length are checked.
-async fn user_key(state: &ApiState, headers: &HeaderMap, key: &str) -> Result<String, ApiError> {
+async fn user_key(state: &ApiState, headers: &HeaderMap, key: &str) -> Result<(Arc<str>, String), ApiError> {
     let session = state.sessions.authenticate(headers).await?;
     if key.len() > state.limits.max_key_bytes {
         return Err(ApiError::bad_request(format!("key is longer than {} bytes", state.limits.max_key_bytes)));
     }
-    Ok(namespaced(&session.username, key))
+    let cache_key = namespaced(&session.username, key);
+    Ok((session.username, cache_key))
 }
 
 /// `user:{username}/{key}`; see the module doc for why this cannot collide.
@@ -127,7 +140,7 @@ fn parse_ttl(params: Result<Query<PutParams>, QueryRejection>, limits: &Limits) 
 
 async fn get_value(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(key): Path<String>) -> Response {
     let key = match user_key(&state, &headers, &key).await {
-        Ok(key) => key,
+        Ok((_, key)) => key,
         Err(err) => return err.into_response(),
     };
     match state.cache.get_with_tier(&key).await {
@@ -146,8 +159,8 @@ async fn put_value(
     params: Result<Query<PutParams>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let key = match user_key(&state, &headers, &key).await {
-        Ok(key) => key,
+    let (username, cache_key) = match user_key(&state, &headers, &key).await {
+        Ok(found) => found,
         Err(err) => return err.into_response(),
     };
     let ttl = match parse_ttl(params, &state.limits) {
@@ -159,19 +172,25 @@ async fn put_value(
         // 413 for an oversized body, 400 for one that could not be read.
         Err(rejection) => return error(rejection.status(), rejection.body_text()),
     };
-    match state.cache.set_with_tier(&key, value, Some(ttl)).await {
+    if let Err(err) = state.quotas.reserve(&username, &key, value.len(), ttl).await {
+        return err.into_response();
+    }
+    match state.cache.set_with_tier(&cache_key, value, Some(ttl)).await {
         Ok(tier) => with_tier(StatusCode::NO_CONTENT.into_response(), tier),
         Err(err) => cache_error(err),
     }
 }
 
 async fn delete_value(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(key): Path<String>) -> Response {
-    let key = match user_key(&state, &headers, &key).await {
-        Ok(key) => key,
+    let (username, cache_key) = match user_key(&state, &headers, &key).await {
+        Ok(found) => found,
         Err(err) => return err.into_response(),
     };
-    match state.cache.delete_with_tier(&key).await {
-        Ok(tier) => with_tier(StatusCode::NO_CONTENT.into_response(), tier),
+    match state.cache.delete_with_tier(&cache_key).await {
+        Ok(tier) => {
+            state.quotas.release(&username, &key).await;
+            with_tier(StatusCode::NO_CONTENT.into_response(), tier)
+        }
         Err(err) => cache_error(err),
     }
 }
@@ -195,15 +214,19 @@ mod tests {
             default_ttl: Duration::from_secs(5),
             max_ttl: Duration::from_secs(60),
         };
-        routes(cache, Sessions::new(None, Duration::from_secs(60)), limits)
+        routes(cache, Sessions::new(None, Duration::from_secs(60)), Quotas::new(None, 10, 100), limits)
     }
 
     #[tokio::test]
     async fn without_a_session_every_request_is_401_with_a_bearer_challenge() {
         let app = app();
         let token = "ab".repeat(32);
-        let authorizations: [Option<&[u8]>; 4] =
-            [None, Some(b"Basic YWxpY2U6cHc="), Some(b"Bearer \xff"), Some(format!("Bearer {token}").leak().as_bytes())];
+        let authorizations: [Option<&[u8]>; 4] = [
+            None,
+            Some(b"Basic YWxpY2U6cHc="),
+            Some(b"Bearer \xff"),
+            Some(format!("Bearer {token}").leak().as_bytes()),
+        ];
         for method in [Method::GET, Method::PUT, Method::DELETE] {
             for authorization in authorizations {
                 let mut request = Request::builder().method(method.clone()).uri("/cache/k?ttl=bad");

@@ -64,7 +64,9 @@ fn parse_entry(entry: &str) -> Option<IpAddr> {
     if let Some(rest) = entry.strip_prefix('[') {
         return rest.split_once(']').and_then(|(ip, _port)| ip.parse().ok());
     }
-    entry.rsplit_once(':').and_then(|(ip, port)| port.parse::<u16>().ok().and(ip.parse::<std::net::Ipv4Addr>().ok()))
+    entry
+        .rsplit_once(':')
+        .and_then(|(ip, port)| port.parse::<u16>().ok().and(ip.parse::<std::net::Ipv4Addr>().ok()))
         .map(IpAddr::V4)
 }
 

@@ -72,9 +72,7 @@ impl From<HashError> for ApiError {
 impl From<SessionError> for ApiError {
     fn from(err: SessionError) -> ApiError {
         match err {
-            SessionError::Unavailable => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, err.to_string()).retry_after(2)
-            }
+            SessionError::Unavailable => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, err.to_string()).retry_after(2),
             // Missing, malformed, unknown, and no Redis at all: no session, say how to get one.
             other => ApiError::unauthorized_bearer(other.to_string()),
         }

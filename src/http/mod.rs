@@ -12,6 +12,7 @@ pub mod client_addr;
 pub mod error;
 pub mod guard;
 pub mod health;
+pub mod quota;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
 
@@ -42,7 +43,8 @@ pub fn cache_routes(services: &Services) -> Router {
         default_ttl: config.cache_default_ttl,
         max_ttl: config.cache_max_ttl,
     };
-    cache_api::routes(services.cache.clone(), services.sessions.clone(), limits)
+    let quotas = quota::Quotas::new(services.cache.durable(), config.user_max_keys, config.user_max_bytes);
+    cache_api::routes(services.cache.clone(), services.sessions.clone(), quotas, limits)
 }
 
 /// `/auth/register`, `/auth/login`, `/auth/logout`, `/auth/me` (opt-in:
