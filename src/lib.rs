@@ -37,7 +37,7 @@
 //! - [`listener`]: binding the shared socket.
 //! - [`cli`]: the command line (`serve`, `check`, `healthcheck`) and its one-line errors.
 //! - [`http`]: the router, the built-in routes (health, cache, auth), the guard around every
-//!   request and the one error type of every route.
+//!   request, the one error type of every route, client addresses and per-user quotas.
 //! - [`warmup`]: start-up tasks on threads of their own, timeouts enforced from outside,
 //!   retries for the required ones; the built-in tasks.
 //! - [`services`]: [`Services`], what routes and warm-up tasks may use.

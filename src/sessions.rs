@@ -15,11 +15,12 @@
 //! The cache promises that an outage never makes a request wait or fail needlessly, so each
 //! worker remembers the sessions it verified in Redis (at most [`VERIFIED_CAPACITY`] digests, a
 //! few hundred kilobytes). While Redis cannot be asked, a remembered session keeps working until
-//! its own expiry or until [`OUTAGE_GRACE`] after this worker last verified it in Redis,
-//! whichever is first; an unknown token is `503` with `Retry-After` (it may be valid, nobody
-//! can tell). The price: a session revoked elsewhere (another worker's logout) just before or
-//! during an outage keeps working in this worker for up to [`OUTAGE_GRACE`]. While Redis
-//! answers, every request is checked there, and a logout takes effect at once everywhere.
+//! its own expiry or until [`OUTAGE_GRACE`] after this worker last verified it in Redis (give or
+//! take [`REFRESH_EVERY`]), whichever is first; an unknown token is `503` with `Retry-After` (it
+//! may be valid, nobody can tell). The price: a session revoked elsewhere (another worker's
+//! logout) just before or during an outage keeps working in this worker for up to
+//! [`OUTAGE_GRACE`]. While Redis answers, every request is checked there, and a logout takes
+//! effect at once everywhere.
 //!
 //! Without `REDIS_URL` there are no sessions at all: every check is refused with a message that
 //! says so.
@@ -44,6 +45,11 @@ pub const OUTAGE_GRACE: Duration = Duration::from_secs(300);
 
 /// Verified sessions a worker remembers for outages (about 100 bytes each).
 pub const VERIFIED_CAPACITY: u64 = 10_000;
+
+/// A remembered session is refreshed at most this often: an insert costs more than a read, and
+/// a busy session is verified many times a second. So [`OUTAGE_GRACE`] counts from a moment at
+/// most this long before the last verification.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
 
 /// Random bytes in a token.
 const TOKEN_BYTES: usize = 32;
@@ -92,6 +98,8 @@ pub enum SessionError {
 struct Verified {
     username: Arc<str>,
     expires_at: Instant,
+    /// When it was last written to the memory of verified sessions.
+    refreshed_at: Instant,
 }
 
 /// The session store of one worker. Cheap to clone: every clone shares the same state.
@@ -133,7 +141,8 @@ impl Sessions {
         let token = new_token();
         let digest = digest(&token.0);
         store.set_ex(&session_key(&digest), username.as_bytes(), self.ttl).await?;
-        let verified = Verified { username: username.into(), expires_at: Instant::now() + self.ttl };
+        let now = Instant::now();
+        let verified = Verified { username: username.into(), expires_at: now + self.ttl, refreshed_at: now };
         self.verified.insert(digest, verified).await;
         Ok(token)
     }
@@ -155,8 +164,7 @@ impl Sessions {
                 Ok(Some((username, ttl))) => {
                     let username: Arc<str> = String::from_utf8_lossy(&username).into();
                     let expires_in = ttl.unwrap_or(self.ttl).min(self.ttl);
-                    let verified = Verified { username: username.clone(), expires_at: Instant::now() + expires_in };
-                    self.verified.insert(digest, verified).await;
+                    self.remember(digest, &username, expires_in).await;
                     return Ok(Session { username, expires_in });
                 }
                 Ok(None) => {
@@ -174,6 +182,18 @@ impl Sessions {
             }
             Some(_) => Err(SessionError::Invalid),
             None => Err(SessionError::Unavailable),
+        }
+    }
+
+    /// Notes a session Redis just vouched for, unless it was noted lately for the same user.
+    async fn remember(&self, digest: [u8; 32], username: &Arc<str>, expires_in: Duration) {
+        let now = Instant::now();
+        let fresh = self.verified.get(&digest).await.is_some_and(|known| {
+            known.username == *username && now.saturating_duration_since(known.refreshed_at) < REFRESH_EVERY
+        });
+        if !fresh {
+            let verified = Verified { username: username.clone(), expires_at: now + expires_in, refreshed_at: now };
+            self.verified.insert(digest, verified).await;
         }
     }
 
