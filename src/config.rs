@@ -320,19 +320,11 @@ impl Raw<'_> {
             .map_err(|_| self.error("a level (error, warn, info, debug, trace) or a filter such as herdsman=debug"))
     }
 
+    /// The scheme only: the whole URL is parsed once, by [`Config::validate`].
     fn redis_url(&self) -> Result<Option<String>, ConfigError> {
         let url = self.value.trim();
         if url.starts_with("redis://") || url.starts_with("rediss://") {
-            // The one full parse of the URL in the master, before anything binds: the cache
-            // builds its connections from the same string in each worker.
-            return match redis::IntoConnectionInfo::into_connection_info(url) {
-                Ok(_) => Ok(Some(url.to_string())),
-                Err(e) => Err(ConfigError {
-                    source_name: self.source_name.clone(),
-                    value: redact_url(url),
-                    expected: format!("a redis:// or rediss:// URL that parses ({})", e.category()),
-                }),
-            };
+            return Ok(Some(url.to_string()));
         }
         // The value may hold a password: show only its scheme.
         let shown = url.split_once("://").map_or("(no scheme)", |(scheme, _)| scheme);
@@ -390,7 +382,37 @@ impl Config {
                 value: e.to_string(),
                 expected: "variables holding UTF-8 text".into(),
             })?;
-        resolve_table(flags, &env)
+        let config = resolve_table(flags, &env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The checks that concern the settings together rather than one value: run once, by
+    /// [`Config::resolve`], so the master refuses a configuration before it binds and the
+    /// workers, which receive the resolved `Config`, never meet an invalid one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.redis_url {
+            // The one full parse of the URL: the cache builds its connections from the same
+            // string in each worker.
+            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+                return Err(ConfigError {
+                    source_name: "REDIS_URL".into(),
+                    value: redact_url(url),
+                    expected: format!("a redis:// or rediss:// URL that parses ({})", e.category()),
+                });
+            }
+        }
+        if self.cache_default_ttl > self.cache_max_ttl {
+            return Err(ConfigError {
+                source_name: "HERDSMAN_CACHE_DEFAULT_TTL".into(),
+                value: format_seconds(self.cache_default_ttl),
+                expected: format!(
+                    "at most HERDSMAN_CACHE_MAX_TTL ({} s): a value stored without ?ttl= must be storable",
+                    format_seconds(self.cache_max_ttl)
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Resolves the configuration from the given flags and this process's environment.
@@ -447,6 +469,11 @@ impl Default for Config {
         // The defaults are what an empty environment resolves to; there is one source of truth.
         Config::resolve(&Flags::default(), std::iter::empty()).expect("the defaults are valid")
     }
+}
+
+/// Seconds as a setting is written (`30`, `0.5`).
+fn format_seconds(d: Duration) -> String {
+    d.as_secs_f64().to_string()
 }
 
 /// The CPUs this process may use; std reads the cgroup quota, so a 0.5-CPU container gets 1.
@@ -567,6 +594,23 @@ mod tests {
     fn a_bad_redis_url_never_echoes_its_password() {
         let err = resolve_env(&[("REDIS_URL", "http://user:hunter2@host")]).unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn settings_that_contradict_each_other_are_refused_naming_both() {
+        let err = resolve_env(&[("HERDSMAN_CACHE_DEFAULT_TTL", "7200"), ("HERDSMAN_CACHE_MAX_TTL", "60")]).unwrap_err();
+        let line = err.to_string();
+        assert!(line.starts_with("invalid HERDSMAN_CACHE_DEFAULT_TTL=\"7200\""), "{line}");
+        assert!(line.contains("HERDSMAN_CACHE_MAX_TTL (60 s)"), "{line}");
+        assert!(resolve_env(&[("HERDSMAN_CACHE_DEFAULT_TTL", "60"), ("HERDSMAN_CACHE_MAX_TTL", "60")]).is_ok());
+    }
+
+    #[test]
+    fn a_redis_url_that_does_not_parse_is_refused_once_with_its_password_hidden() {
+        let err = resolve_env(&[("REDIS_URL", "redis://:hunter2@host:notaport")]).unwrap_err();
+        let line = err.to_string();
+        assert!(line.starts_with("invalid REDIS_URL=") && line.contains("that parses"), "{line}");
+        assert!(!line.contains("hunter2"), "{line}");
     }
 
     #[test]

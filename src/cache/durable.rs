@@ -50,7 +50,7 @@ impl DurableStore {
             return false;
         };
         if !redis.is_up() {
-            ensure_probe(&self.inner, redis, &mut redis.lock());
+            ensure_probe(&self.inner, &mut redis.lock());
             return false;
         }
         true

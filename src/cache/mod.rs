@@ -393,7 +393,7 @@ impl Cache {
                     }
                 }
             } else {
-                ensure_probe(&self.inner, redis, &mut redis.lock());
+                ensure_probe(&self.inner, &mut redis.lock());
             }
             match redis.remember(key, op) {
                 Remembered::Held => return Ok(Tier::Memory),
@@ -479,7 +479,7 @@ impl Cache {
         }
         // Not up yet: make sure someone is working on it (e.g. `connect` was
         // never called), then answer from memory.
-        ensure_probe(&self.inner, redis, &mut redis.lock());
+        ensure_probe(&self.inner, &mut redis.lock());
         None
     }
 

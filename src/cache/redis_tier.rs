@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -52,7 +51,8 @@ pub(super) enum Remembered {
     Full,
 }
 
-/// Breaker state; only ever changed with [`Shared`]'s lock held.
+/// The circuit breaker: the one record of whether requests go to Redis. It lives in [`Shared`]
+/// with the pending writes, so that closing it and seeing no write left to replay are one step.
 pub(super) enum Breaker {
     Connecting,
     Up,
@@ -84,8 +84,6 @@ pub(super) struct RedisTier {
     /// Built lazily inside the runtime (bb8 spawns tasks when it is built).
     /// Built on first use; replaced after every outage (see [`RedisTier::discard_pool`]).
     pool: Mutex<Option<bb8::Pool<RedisConnectionManager>>>,
-    /// Lock-free mirror of `Breaker::Up` for the hot path.
-    up: AtomicBool,
     shared: Mutex<Shared>,
 }
 
@@ -132,7 +130,6 @@ impl RedisTier {
             pool: Mutex::new(None),
             // The writes held for replay get the memory tier's byte budget again.
             pending_max_bytes: config.memory_capacity,
-            up: AtomicBool::new(false),
             shared: Mutex::new(Shared {
                 breaker: Breaker::Connecting,
                 pending: HashMap::new(),
@@ -216,8 +213,11 @@ impl RedisTier {
         }
     }
 
+    /// Whether requests go to Redis now. An uncontended lock is a few nanoseconds, and each
+    /// Redis round trip already takes the pool's lock; a lock-free copy of this flag would be a
+    /// second state to keep in step with the breaker.
     pub(super) fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        matches!(self.lock().breaker, Breaker::Up)
     }
 
     pub(super) fn status(&self) -> RedisStatus {
@@ -328,7 +328,6 @@ pub(super) fn trip(inner: &Arc<Inner>, redis: &RedisTier, err: &CacheError) {
     match &mut shared.breaker {
         Breaker::Up | Breaker::Connecting => {
             let was_up = matches!(shared.breaker, Breaker::Up);
-            redis.up.store(false, Ordering::Release);
             shared.breaker = Breaker::Fallback { reason: err.to_string(), since: Instant::now() };
             if was_up {
                 warn!(reason = %err, "redis unavailable, cache switched to in-memory fallback");
@@ -341,12 +340,12 @@ pub(super) fn trip(inner: &Arc<Inner>, redis: &RedisTier, err: &CacheError) {
             *reason = err.to_string();
         }
     }
-    ensure_probe(inner, redis, &mut shared);
+    ensure_probe(inner, &mut shared);
 }
 
 /// Spawns the probe unless one is running (needs a Tokio runtime).
-pub(super) fn ensure_probe(inner: &Arc<Inner>, redis: &RedisTier, shared: &mut Shared) {
-    if shared.probing || redis.is_up() {
+pub(super) fn ensure_probe(inner: &Arc<Inner>, shared: &mut Shared) {
+    if shared.probing || matches!(shared.breaker, Breaker::Up) {
         return;
     }
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
@@ -411,7 +410,6 @@ pub(super) async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheEr
                 }
                 let was = std::mem::replace(&mut shared.breaker, Breaker::Up);
                 shared.probing = false;
-                redis.up.store(true, Ordering::Release);
                 drop(shared);
                 match was {
                     Breaker::Up => {}

@@ -12,7 +12,9 @@ pub mod client_addr;
 pub mod error;
 pub mod guard;
 pub mod health;
+pub mod queue_time;
 pub mod quota;
+pub mod request_id;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
 

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Two herdsman builds side by side, interleaved: is B as fast as A?
+
+    python3 bench/ab.py A_BINARY B_BINARY [--rounds 5] [--duration 5] [--json out.json]
+
+For a change that must not cost anything (a restructure, a release profile, metrics counting):
+boot (spawn -> first 200 on /health, no Redis), wrk GET /live, and wrk GET /cache/k served from a
+real Redis, each measured on A then B then A then B... so that whatever else the machine does
+(other builds, a noisy neighbour) hits both alike. It prints each figure's median per binary and
+the ratio B/A; a ratio within the spread of the rounds is noise, not a difference.
+
+A build whose /cache needs a session (Authorization: Bearer) gets one: the script registers and
+logs in a user through the binary itself (the Redis is real, so that works), and sends the token
+with every wrk request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import urllib.error
+import urllib.request
+
+from harness import LOOPBACK, RedisServer, Server, free_port, http_json, log, parse_wrk, redis_up
+from measure import time_to_first_200
+
+CONNECTIONS = 32
+VALUE = b"0123456789abcdef" * 4  # 64 bytes, as measure_cache uses
+
+
+def start(binary: Path, env: dict | None = None) -> Server:
+    port = free_port()
+    return Server(f"ab-{binary.parent.name}", [str(binary)],
+                  {"PORT": port, "WEB_CONCURRENCY": 2, "HERDSMAN_HOST": LOOPBACK, **(env or {})}, port)
+
+
+def wrk(port: int, path: str, duration: int, headers: dict) -> dict:
+    argv = ["wrk", "--latency", "-t2", f"-c{CONNECTIONS}", f"-d{duration}s", "--timeout", "5s"]
+    for name, value in headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    out = subprocess.run([*argv, f"http://{LOOPBACK}:{port}{path}"], capture_output=True, text=True,
+                         timeout=duration + 30, check=True).stdout
+    res = parse_wrk(out)
+    if not res["requests"] or res["non2xx"] or res["socket_errors"]:
+        raise SystemExit(f"wrk on :{port}{path} failed or got errors:\n{out}")
+    return res
+
+
+def put(port: int, path: str, body: bytes, headers: dict) -> int:
+    req = urllib.request.Request(f"http://{LOOPBACK}:{port}{path}", data=body, method="PUT", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def session_headers(port: int) -> dict:
+    """{} when /cache is open; else the Bearer header of a fresh user."""
+    status = put(port, "/cache/k", VALUE, {})
+    if status == 204:
+        return {}
+    if status != 401:
+        raise SystemExit(f"PUT /cache/k answered {status}")
+    creds = {"username": f"ab-{uuid.uuid4().hex[:12]}", "password": "a long enough password"}
+    status, _ = http_json(port, "POST", "/auth/register", creds)
+    if status not in (200, 201):
+        raise SystemExit(f"register answered {status}")
+    status, body = http_json(port, "POST", "/auth/login", creds)
+    if status != 200 or not isinstance(body, dict) or "token" not in body:
+        raise SystemExit(f"login answered {status} {body!r}")
+    headers = {"Authorization": f"Bearer {body['token']}"}
+    status = put(port, "/cache/k", VALUE, headers)
+    if status != 204:
+        raise SystemExit(f"PUT /cache/k with a session answered {status}")
+    return headers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("a", type=Path)
+    ap.add_argument("b", type=Path)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--duration", type=int, default=5, help="wrk seconds per run")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    binaries = {"A": args.a.resolve(), "B": args.b.resolve()}
+    samples: dict = {k: {"boot_ms": [], "live_rps": [], "live_p99_ms": [], "cache_rps": [], "cache_p99_ms": []}
+                     for k in binaries}
+    with RedisServer() as redis:
+        servers, headers = {}, {}
+        for key, binary in binaries.items():
+            srv = start(binary, {"REDIS_URL": redis.url}).__enter__()
+            servers[key] = srv
+            srv.wait_http("/health", pred=redis_up)
+            headers[key] = session_headers(srv.port)
+            wrk(srv.port, "/live", 1, {})  # warm-up, not recorded
+        try:
+            for round_no in range(args.rounds):
+                log(f"ab: round {round_no + 1}/{args.rounds}")
+                for key, binary in binaries.items():
+                    with start(binary) as fresh:
+                        samples[key]["boot_ms"].append(time_to_first_200(fresh, "/health")["first_200_ms"])
+                    live = wrk(servers[key].port, "/live", args.duration, {})
+                    cache = wrk(servers[key].port, "/cache/k", args.duration, headers[key])
+                    samples[key]["live_rps"].append(live["rps"])
+                    samples[key]["live_p99_ms"].append(live["p99_ms"])
+                    samples[key]["cache_rps"].append(cache["rps"])
+                    samples[key]["cache_p99_ms"].append(cache["p99_ms"])
+        finally:
+            for srv in servers.values():
+                srv.stop()
+    result = {"binaries": {k: str(v) for k, v in binaries.items()}, "rounds": args.rounds,
+              "wrk": f"-t2 -c{CONNECTIONS} -d{args.duration}s", "figures": {}}
+    print(f"{'figure':<14} {'A median':>10} {'B median':>10} {'B/A':>6}   (A min-max | B min-max)")
+    for figure in samples["A"]:
+        a, b = samples["A"][figure], samples["B"][figure]
+        ma, mb = statistics.median(a), statistics.median(b)
+        result["figures"][figure] = {"A": a, "B": b, "ratio_b_over_a": mb / ma}
+        print(f"{figure:<14} {ma:>10.1f} {mb:>10.1f} {mb / ma:>6.3f}   "
+              f"({min(a):.1f}-{max(a):.1f} | {min(b):.1f}-{max(b):.1f})")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()

@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Instructions one request costs a herdsman worker, counted by callgrind: a figure no other
+process on the machine can disturb (wall-clock figures on a shared machine can).
+
+    python3 bench/instructions.py BINARY [BINARY ...] [--path /live] [--requests 2000] [--redis]
+
+For each binary: a master with one worker (WEB_CONCURRENCY=1) runs under
+`valgrind --tool=callgrind --trace-children=yes`, twice: once idle, once answering N `GET path`
+on one keep-alive connection (BCRYPT_COST=4, so that registering a user costs little). Both
+runs boot, finish warming up and stop the same way, so the difference
+between the worker's totals, divided by N, is the cost of one request. With --redis, a real
+redis-server backs the cache and `/cache/k` holds a 64-byte value (a cached GET is then a Redis
+round trip); a build whose /cache needs a session gets one (register + login, Redis is real).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import LOOPBACK, RedisServer, free_port, http_json, read_response  # noqa: E402
+
+VALUE = b"0123456789abcdef" * 4
+
+
+def wait_health(port: int, redis: bool, timeout: float = 120.0) -> None:
+    """Until /health is 200 with every warm-up task settled (a run stopped while bcrypt still
+    pre-warms would count fewer instructions than one stopped after)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status, body = http_json(port, "GET", "/health", timeout=5.0)
+            checks = body.get("checks", {}) if isinstance(body, dict) else {}
+            settled = all(c.get("state") not in ("pending", "running") for c in checks.values())
+            if status == 200 and settled and (not redis or '"up"' in json.dumps(body)):
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"no healthy /health on :{port} within {timeout}s")
+
+
+def request(port: int, method: str, path: str, body: bytes | None, headers: dict) -> int:
+    req = urllib.request.Request(f"http://{LOOPBACK}:{port}{path}", data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def session(port: int) -> dict:
+    """{} when /cache is open, else a fresh user's Bearer header; stores the value either way."""
+    if request(port, "PUT", "/cache/k", VALUE, {}) == 204:
+        return {}
+    creds = {"username": f"ins-{uuid.uuid4().hex[:12]}", "password": "a long enough password"}
+    http_json(port, "POST", "/auth/register", creds, timeout=30.0)
+    status, body = http_json(port, "POST", "/auth/login", creds, timeout=30.0)
+    if status != 200 or not isinstance(body, dict) or "token" not in body:
+        raise SystemExit(f"login answered {status} {body!r}")
+    headers = {"Authorization": f"Bearer {body['token']}"}
+    if request(port, "PUT", "/cache/k", VALUE, headers) != 204:
+        raise SystemExit("PUT /cache/k failed with a session")
+    return headers
+
+
+def keepalive_gets(port: int, path: str, n: int, headers: dict) -> None:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    req = f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n{extra}\r\n".encode()
+    with socket.create_connection((LOOPBACK, port), timeout=30) as s:
+        for _ in range(n):
+            s.sendall(req)
+            status, _, _ = read_response(s)
+            if status != 200:
+                raise SystemExit(f"GET {path} answered {status}")
+
+
+def worker_instructions(binary: Path, env: dict, path: str, n: int, redis: bool) -> int:
+    """Total instructions of the worker process of one run (the largest callgrind file that is
+    not the master's)."""
+    with tempfile.TemporaryDirectory() as out:
+        port = free_port()
+        argv = ["valgrind", "--tool=callgrind", "--trace-children=yes",
+                f"--callgrind-out-file={out}/callgrind.%p", str(binary)]
+        proc = subprocess.Popen(argv, env={**os.environ, **env, "PORT": str(port), "WEB_CONCURRENCY": "1",
+                                           "HERDSMAN_HOST": LOOPBACK, "HERDSMAN_BOOT_TIMEOUT": "120",
+                                           "BCRYPT_COST": "4",
+                                           "GUNICORN_TIMEOUT": "120"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_health(port, redis)
+            headers = session(port) if redis else {}
+            if n:
+                keepalive_gets(port, path, n, headers)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        totals = {}
+        for f in Path(out).glob("callgrind.*"):
+            m = re.search(r"^totals:\s+(\d+)", f.read_text(errors="replace"), re.M)
+            if m:
+                totals[f.name] = int(m.group(1))
+        master = f"callgrind.{proc.pid}"
+        workers = [v for k, v in totals.items() if k != master]
+        if not workers:
+            raise SystemExit(f"no worker callgrind output in {sorted(totals)}")
+        return max(workers)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("binaries", nargs="+", type=Path)
+    ap.add_argument("--path", default="/live")
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--redis", action="store_true", help="a real Redis behind the cache")
+    args = ap.parse_args()
+    print(f"{'binary':<50} {'idle':>14} {f'{args.requests} requests':>16} {'per request':>12}")
+    for binary in args.binaries:
+        def run(n: int) -> int:
+            if not args.redis:
+                return worker_instructions(binary.resolve(), {}, args.path, n, False)
+            with RedisServer() as redis:
+                return worker_instructions(binary.resolve(), {"REDIS_URL": redis.url}, args.path, n, True)
+        idle, busy = run(0), run(args.requests)
+        print(f"{str(binary):<50} {idle:>14,} {busy:>16,} {(busy - idle) / args.requests:>12,.0f}")
+
+
+if __name__ == "__main__":
+    main()
