@@ -47,9 +47,11 @@ from harness import (
     Ctx,
     RedisServer,
     Server,
+    bearer,
     http_request,
     log,
     pct,
+    session_token,
     spread,
     children,
     health_sample,
@@ -135,14 +137,14 @@ class Trial:
         return trial.summary(recovery="worker-replaced")
     """
 
-    def __init__(self, srv: Server, path: str, duration: float):
-        self.srv, self.path, self.duration = srv, path, duration
+    def __init__(self, srv: Server, path: str, duration: float, headers: dict | None = None):
+        self.srv, self.path, self.duration, self.headers = srv, path, duration, headers
         self.extra: dict = {}
 
     def __enter__(self) -> "Trial":
         wait_workers_serving(self.srv, WORKERS)
         self.initial = children(self.srv.proc.pid)
-        self.rec = LoadRecorder(self.srv.port, self.path, self.duration).start()
+        self.rec = LoadRecorder(self.srv.port, self.path, self.duration, headers=self.headers).start()
         master = self.srv.proc.pid
         self.watcher = Poller(self.rec, lambda: children(master), 0.02).start()
         # /health on a new connection every 50 ms: which worker answers, what it says of Redis.
@@ -360,17 +362,20 @@ def sigterm(ctx: Ctx, target: str):
 
 
 def redis_outage(ctx: Ctx, target: str):
-    """GET /cache/k (a value PUT through the server before the load) while Redis is stopped
-    (SIGTERM; restarted on its port with its append-only file: the value survives), then
-    paused (SIGSTOP: it hangs instead of refusing), then resumed."""
+    """GET /cache/k with a session (a value PUT through the server before the load) while Redis
+    is stopped (SIGTERM; restarted on its port with its append-only file: the value and the
+    session survive), then paused (SIGSTOP: it hangs instead of refusing), then resumed. The
+    session is checked on every request by both servers: herdsman trusts one it verified
+    lately through an outage (src/sessions.rs), the peer asks Redis each time."""
     with RedisServer(persistent=True) as redis:
         env = {"REDIS_URL": redis.url}
         with start_target(ctx, target, WORKERS, env) as srv:
             wait_workers_serving(srv, WORKERS, redis=True)
-            status, _ = http_request(srv.port, "PUT", "/cache/k", b"v" * 64)
+            auth = bearer(session_token(srv.port, "chaos"))
+            status, _ = http_request(srv.port, "PUT", "/cache/k", b"v" * 64, headers=auth)
             if status != 204:
                 raise BenchError(f"{srv.name}: PUT /cache/k answered {status}")
-            with Trial(srv, "/cache/k", 14.0) as trial:
+            with Trial(srv, "/cache/k", 14.0, headers=auth) as trial:
                 trial.at(2.0)
                 redis.stop()
                 trial.mark("Redis stopped")

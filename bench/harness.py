@@ -189,11 +189,14 @@ def http_request(
     body: bytes | None = None,
     content_type: str | None = None,
     timeout: float = 5.0,
+    headers: dict | None = None,
 ) -> tuple[int, bytes]:
     with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
         head = f"{method} {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nConnection: close\r\n"
         if content_type:
             head += f"Content-Type: {content_type}\r\n"
+        for name, value in (headers or {}).items():
+            head += f"{name}: {value}\r\n"
         if body is not None or method in ("PUT", "POST"):
             head += f"Content-Length: {len(body or b'')}\r\n"
         s.sendall(head.encode() + b"\r\n" + (body or b""))
@@ -201,16 +204,34 @@ def http_request(
         return status, data
 
 
-def http_json(port: int, method: str, path: str, obj=None, timeout: float = 5.0):
+def http_json(port: int, method: str, path: str, obj=None, timeout: float = 5.0,
+              headers: dict | None = None):
     body = json.dumps(obj).encode() if obj is not None else None
     status, data = http_request(
-        port, method, path, body, "application/json" if obj is not None else None, timeout
+        port, method, path, body, "application/json" if obj is not None else None, timeout, headers
     )
     try:
         return status, json.loads(data) if data else None
     except ValueError:
         return status, data
 
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def session_token(port: int, username: str, password: str = "correct horse battery staple") -> str:
+    """Registers `username` (or finds it taken) and logs in: the token /cache needs, on both
+    servers (the same session scheme: bench/peer/app.py)."""
+    creds = {"username": username, "password": password}
+    status, body = http_json(port, "POST", "/auth/register", creds, timeout=30)
+    if status not in (201, 409):
+        raise BenchError(f"register {username} answered {status} {body}")
+    status, body = http_json(port, "POST", "/auth/login", creds, timeout=30)
+    if status != 200 or not isinstance(body, dict) or "token" not in body:
+        raise BenchError(f"login {username} answered {status} {body}")
+    return body["token"]
 
 # ---------------------------------------------------------------------------------------------
 # Processes: a Server context manager, process trees, memory
@@ -595,8 +616,9 @@ class LoadRecorder:
     any error or `Connection: close`. `events` holds (t, label) markers added with mark()."""
 
     def __init__(self, port: int, path: str, duration: float, connections: int = 8,
-                 rate: float = 400.0, timeout: float = 5.0):
+                 rate: float = 400.0, timeout: float = 5.0, headers: dict | None = None):
         self.port, self.path, self.connections = port, path, connections
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.interval = connections / rate
         self.duration, self.timeout = duration, timeout
         self.samples: list[tuple[float, float, int | None, str | None]] = []
@@ -614,7 +636,7 @@ class LoadRecorder:
         return t
 
     def _loop(self, idx: int) -> None:
-        req = f"GET {self.path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n\r\n".encode()
+        req = f"GET {self.path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n{self.headers}\r\n".encode()
         sock = None
         next_t = self.t0 + idx * self.interval / self.connections
         end = self.t0 + self.duration
@@ -715,11 +737,13 @@ def parse_wrk(out: str) -> dict:
 
 
 def wrk(port: int, path: str, connections: int, threads: int, duration: float,
-        script: Path | None = None) -> dict:
+        script: Path | None = None, headers: dict | None = None) -> dict:
     threads = max(1, min(threads, connections))
     argv = ["wrk", "--latency", f"-t{threads}", f"-c{connections}",
             f"-d{duration:g}s",  # wrk takes whole seconds: --duration 4 is 4.0 here
             "--timeout", "5s"]
+    for name, value in (headers or {}).items():
+        argv += ["-H", f"{name}: {value}"]
     if script:
         argv += ["-s", str(script)]
     argv.append(f"http://{LOOPBACK}:{port}{path}")

@@ -155,6 +155,51 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[st
         ws = chaos_report.ws_table(results["chaos"])
         if ws is not None:
             out.append(ws)
+    if "abuse" in results:
+        out.extend(abuse_tables(results["abuse"]))
+    return out
+
+
+def _statuses(counts: dict) -> str:
+    return ", ".join(f"{n}× {status}" for status, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def abuse_tables(r: dict) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
+    """The abuse scenarios (bench/abuse.py): one table per attack."""
+    parts, out = r["parts"], []
+    if "guessing" in parts:
+        rows = [[n, f"{x['attempts']}", f"{x['bcrypt_verifications']}", fmt(100 * x["throttled_share"], " %", 1),
+                 fmt(x["live_p99_ms"], " ms", 2), _statuses(x["statuses"])]
+                for n, x in parts["guessing"]["targets"].items()]
+        notes = [f"8 connections of wrong-password logins for one account, back to back, "
+                 f"{next(iter(parts['guessing']['targets'].values()), {}).get('duration_s', '?')} s; "
+                 f"bcrypt cost {r['bcrypt_cost']}; /live probe paced at 200 req/s beside it",
+                 "verifications: every answer but a 429 ran one bcrypt; herdsman with its default "
+                 "limits (10 a minute per account, 60 per address), the peer has none"]
+        out.append(("abuse: password guessing on POST /auth/login",
+                    ["server", "attempts", "bcrypt verifications", "429 share", "/live p99", "answers"],
+                    rows, notes))
+    if "anonymous-put" in parts:
+        rows = [[n, f"{x['requests']}", fmt(100 * x["unauthorized_share"], " %", 1),
+                 fmt(x["max_worker_growth_mib"], " MiB", 1), _statuses(x["statuses"])]
+                for n, x in parts["anonymous-put"]["targets"].items()]
+        out.append(("abuse: anonymous PUT /cache of 1 MB values",
+                    ["server", "requests", "401 (or closed unread)", "worker RSS growth", "answers"],
+                    rows, ["4 connections, a new one per request; `closed`: answered or closed "
+                           "before the body was read"]))
+    for part in ("put-redis-up", "put-redis-down"):
+        if part not in parts:
+            continue
+        rows = [[n, f"{x['values']}", f"{x['acknowledged']}", f"{x['acknowledged_lost']}",
+                 fmt(x["max_worker_growth_mib"], " MiB", 1), f"{x['workers_alive_after']}",
+                 _statuses(x["statuses"])]
+                for n, x in parts[part]["targets"].items()]
+        notes = [f"one logged-in user, {r['value_bytes']:,} B values one after another; herdsman: "
+                 f"HERDSMAN_CACHE_MAX_BYTES={r['memory_budget_mib']} MiB, user quota raised; "
+                 "lost: acknowledged with 204 but not in Redis once it is back"]
+        out.append((f"abuse: {parts[part]['title']}",
+                    ["server", "PUTs", "acknowledged", "acknowledged but lost", "max worker RSS growth",
+                     "workers alive", "answers"], rows, notes))
     return out
 
 

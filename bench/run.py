@@ -46,7 +46,7 @@ from harness import (
 )
 from measure import MEASURE, cpu_snapshot, foreign_cpu, machine_info, missing_figures, wait_for_quiet
 
-MEASUREMENTS = ("seed", "boot", "live", "cache", "login", "memory", "image", "chaos")
+MEASUREMENTS = ("seed", "boot", "live", "cache", "login", "memory", "image", "chaos", "abuse")
 
 
 def main() -> int:

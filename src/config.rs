@@ -121,6 +121,24 @@ pub struct Config {
     /// Where the master's control socket is (`herdsman status`, `reload`, `scale`); none means
     /// the abstract socket `@herdsman-PORT`. `HERDSMAN_CONTROL_SOCKET`, default unset.
     pub control_socket: Option<PathBuf>,
+    /// How long a login token stays valid. `HERDSMAN_SESSION_TTL`, default 1 h: a stolen token
+    /// is good for an hour at most, and a client logs in again at the cost of one bcrypt.
+    #[serde(with = "secs")]
+    pub session_ttl: Duration,
+    /// Proxies in front of this server that append to `X-Forwarded-For` (see
+    /// [`crate::http::client_addr`]). `HERDSMAN_TRUSTED_PROXIES`, default 0: the TCP peer.
+    pub trusted_proxies: usize,
+    /// Login and registration attempts per minute per account (a token bucket of that size).
+    /// `HERDSMAN_AUTH_LIMIT_ACCOUNT`, default 10.
+    pub auth_limit_account: u32,
+    /// Login and registration attempts per minute per client address.
+    /// `HERDSMAN_AUTH_LIMIT_ADDRESS`, default 60 (offices and mobile carriers share addresses).
+    pub auth_limit_address: u32,
+    /// Keys one user may hold in the cache over HTTP. `HERDSMAN_USER_MAX_KEYS`, default 1000.
+    pub user_max_keys: u64,
+    /// Bytes of values one user may hold in the cache over HTTP. `HERDSMAN_USER_MAX_BYTES`,
+    /// default 16 MiB.
+    pub user_max_bytes: u64,
 }
 
 /// How log lines are written to stderr.
@@ -274,6 +292,24 @@ settings! {
     control_socket, "HERDSMAN_CONTROL_SOCKET", "socket", "PATH",
         "Path of the master's control socket [default: the abstract socket @herdsman-PORT]",
         default None, parse Raw::socket_path;
+    session_ttl, "HERDSMAN_SESSION_TTL", "session-ttl", "SECONDS",
+        "How long a login token stays valid [default: 3600]",
+        default Duration::from_secs(3600), parse Raw::seconds;
+    trusted_proxies, "HERDSMAN_TRUSTED_PROXIES", "trusted-proxies", "N",
+        "Proxies in front that append to X-Forwarded-For; 0 = use the TCP peer [default: 0]",
+        default 0, parse |r: &Raw| r.integer(0usize, 16);
+    auth_limit_account, "HERDSMAN_AUTH_LIMIT_ACCOUNT", "auth-limit-account", "N",
+        "Login and register attempts per minute per account [default: 10]",
+        default 10, parse |r: &Raw| r.integer(1u32, 1_000_000);
+    auth_limit_address, "HERDSMAN_AUTH_LIMIT_ADDRESS", "auth-limit-address", "N",
+        "Login and register attempts per minute per client address [default: 60]",
+        default 60, parse |r: &Raw| r.integer(1u32, 1_000_000);
+    user_max_keys, "HERDSMAN_USER_MAX_KEYS", "user-max-keys", "N",
+        "Cache keys one user may hold over HTTP [default: 1000]",
+        default 1000, parse |r: &Raw| r.integer(1u64, 1 << 40);
+    user_max_bytes, "HERDSMAN_USER_MAX_BYTES", "user-max-bytes", "BYTES",
+        "Bytes of cache values one user may hold over HTTP [default: 16777216]",
+        default 16 << 20, parse |r: &Raw| r.integer(1u64, 1 << 40);
 }
 
 /// A raw value and where it came from, so a parse error can name its culprit.

@@ -21,7 +21,7 @@
 //!        |  control/balance    |   \    |
 //!     signals, listener        |   services
 //!                              |  /   |    \
-//!         shutdown, tracker  cache  hasher  warmup_status
+//!   shutdown, tracker  cache  hasher  sessions  throttle  warmup_status
 //!                                  \  |  /
 //!                   metrics, config, exit, backoff, logging
 //!                               |
@@ -43,7 +43,7 @@
 //! - [`operator`]: the master's control socket: its protocol, its address and the client that
 //!   `herdsman status`, `reload` and `scale` use.
 //! - [`http`]: the router, the built-in routes (health, cache, auth), the guard around every
-//!   request and the one error type of every route.
+//!   request, the one error type of every route, client addresses and per-user quotas.
 //! - [`warmup`]: start-up tasks on threads of their own, timeouts enforced from outside,
 //!   retries for the required ones; the built-in tasks.
 //! - [`services`]: [`Services`], what routes and warm-up tasks may use.
@@ -56,6 +56,8 @@
 //! - [`cache`]: Redis through a bb8 pool, a bounded in-memory cache when Redis is away, and the
 //!   circuit breaker that switches between them; durable operations for users.
 //! - [`hasher`]: bcrypt on a dedicated low-priority thread pool.
+//! - [`sessions`]: login tokens, stored hashed in Redis, and what a check does in an outage.
+//! - [`throttle`]: token buckets (in Redis, in memory during an outage) for logins.
 //! - [`config`]: every setting, from flags over environment over the platform's fitted defaults
 //!   over herdsman's defaults, validated, with the source of each value.
 //! - [`platform`]: the platform told from its variables (Heroku, Render, Railway, Fly, Cloud Run,
@@ -81,9 +83,11 @@ pub mod metrics;
 pub mod operator;
 pub mod platform;
 pub mod services;
+pub mod sessions;
 pub mod shared_memory;
 pub mod shutdown;
 pub mod signals;
+pub mod throttle;
 pub mod tracker;
 pub mod warmup;
 pub mod warmup_status;

@@ -138,6 +138,7 @@ struct FitRow {
 const FITS: &[FitRow] = &[
     FitRow { variable: "GRACEFUL_TIMEOUT", fit: grace_below_kill_timeout },
     FitRow { variable: "WEB_CONCURRENCY", fit: workers_within_limits },
+    FitRow { variable: "HERDSMAN_TRUSTED_PROXIES", fit: one_router_hop },
 ];
 
 /// The platform found in the environment.
@@ -244,6 +245,17 @@ fn grace_below_kill_timeout(platform: &Detected, _: &Host) -> Option<Fit> {
     })
 }
 
+/// Behind the platforms' HTTP routers, the client address is the last one `X-Forwarded-For`
+/// holds. One hop is the safe side where a platform's docs leave the count open: too few hops
+/// makes clients share the router's address (their login buckets too), too many would let a
+/// client choose its own address. Kubernetes is left alone: its ingress is the user's choice.
+fn one_router_hop(platform: &Detected, _: &Host) -> Option<Fit> {
+    matches!(platform.kind, Kind::Heroku | Kind::Render | Kind::Railway | Kind::Fly | Kind::CloudRun).then(|| Fit {
+        value: "1".into(),
+        why: format!("{}'s router appends the client's address to X-Forwarded-For", platform.kind.name()),
+    })
+}
+
 /// One worker per CPU the quota pays for, and no more than the memory limit holds at
 /// [`MEMORY_PER_WORKER`]; fitted only when that is fewer than the CPUs the process sees.
 fn workers_within_limits(_: &Detected, host: &Host) -> Option<Fit> {
@@ -324,6 +336,30 @@ mod tests {
         assert_eq!(grace(&[("KUBERNETES_SERVICE_HOST", "10.0.0.1")]), None);
         assert_eq!(grace(&[("RAILWAY_PROJECT_ID", "p"), ("RAILWAY_DEPLOYMENT_DRAINING_SECONDS", "60")]), None);
         assert_eq!(grace(&[("RAILWAY_PROJECT_ID", "p")]), None);
+    }
+
+    #[test]
+    fn behind_a_platform_router_one_proxy_hop_is_trusted_and_kubernetes_is_left_alone() {
+        let hops = |pairs: &[(&str, &str)]| {
+            detect(&env(pairs))
+                .unwrap()
+                .fits(&unlimited(1))
+                .get("HERDSMAN_TRUSTED_PROXIES")
+                .map(|fit| fit.value.clone())
+        };
+        for pairs in [
+            &[("DYNO", "web.1")][..],
+            &[("RENDER", "true")],
+            &[("RAILWAY_PROJECT_ID", "p")],
+            &[("FLY_APP_NAME", "a")],
+            &[("K_SERVICE", "api")],
+        ] {
+            assert_eq!(hops(pairs).as_deref(), Some("1"), "{pairs:?}");
+        }
+        assert_eq!(hops(&[("KUBERNETES_SERVICE_HOST", "10.0.0.1")]), None);
+        let resolved = crate::config::Config::resolve(&crate::config::Flags::default(), env(&[("DYNO", "web.1")]))
+            .map(|config| config.trusted_proxies);
+        assert_eq!(resolved, Ok(1), "the fit reaches the setting");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! [`Services`]: what a worker's routes and warm-up tasks may use — the configuration, the
-//! cache, the password hasher, the warm-up states, the worker's request tracker and its drain. Built once
+//! cache, the password hasher, the login sessions and throttle, the warm-up states, the
+//! worker's request tracker and its drain. Built once
 //! per worker; everything above it (HTTP routes, warm-up tasks) receives it, nothing below it
 //! knows it exists.
 
@@ -9,7 +10,9 @@ use std::time::Instant;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::hasher::Hasher;
+use crate::sessions::Sessions;
 use crate::shutdown::Shutdown;
+use crate::throttle::Throttle;
 use crate::tracker::RequestTracker;
 use crate::warmup_status::WarmupStatus;
 
@@ -23,6 +26,11 @@ pub struct Services {
     pub cache: Cache,
     /// bcrypt off the async runtime, on low-priority threads.
     pub hasher: Hasher,
+    /// Login tokens; shared by the auth routes (which open and end them) and the cache routes
+    /// (which check them), so a logout here is forgotten here at once.
+    pub sessions: Sessions,
+    /// Login and registration limits.
+    pub throttle: Throttle,
     /// When this worker started, for `uptime_s`.
     pub started: Instant,
     /// The drain, for long-lived connections: when to say goodbye, and a guard the drain
@@ -36,11 +44,15 @@ impl Services {
     /// so do harnesses outside the crate (the fuzz targets), which cannot name the tracker.
     #[doc(hidden)]
     pub fn assemble(config: Arc<Config>, cache: Cache, hasher: Hasher, tracker: RequestTracker) -> Services {
+        let sessions = Sessions::new(cache.durable(), config.session_ttl);
+        let throttle = Throttle::new(cache.durable());
         Services {
             config,
             warmup: WarmupStatus::default(),
             cache,
             hasher,
+            sessions,
+            throttle,
             started: Instant::now(),
             shutdown: Shutdown::default(),
             tracker,

@@ -184,9 +184,9 @@ async fn serve(
         }
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let (stream, service) = ConnectionDeadline::wrap(silence, stream, guard.clone());
+                    let (stream, service) = ConnectionDeadline::wrap(silence, stream, guard.for_peer(peer.ip()));
                     let connection = http.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     let connection = graceful.watch(connection.into_owned());
                     let counted = slot.as_ref().map(|slot| slot.open_connection());

@@ -14,8 +14,11 @@ use axum::Router;
 use herdsman::cache::{Cache, CacheConfig, RedisStatus};
 use herdsman::hasher::Hasher;
 use herdsman::http::auth_api;
+use herdsman::sessions::Sessions;
+use herdsman::throttle::Throttle;
 use http_body_util::BodyExt;
 use redis_support::TestRedis;
+use sha2::Digest;
 use tower::ServiceExt;
 
 /// bcrypt's minimum cost, to keep the tests fast.
@@ -26,8 +29,21 @@ async fn setup(redis: &TestRedis) -> (Cache, Router) {
         Cache::new(CacheConfig { redis_url: Some(redis.url.clone()), ..CacheConfig::default() }).expect("valid url");
     cache.connect().await.expect("connect");
     let hasher = Hasher::new(2, 64).expect("hasher");
-    let app = auth_api::routes(cache.durable(), hasher, COST);
+    let app = routes(&cache, hasher, COST);
     (cache, app)
+}
+
+/// The auth routes over `cache` at bcrypt `cost`, with limits no test here reaches (the
+/// throttle has its own tests in tests/sessions_redis.rs).
+fn routes(cache: &Cache, hasher: Hasher, cost: u32) -> Router {
+    let limits = auth_api::AuthLimits { cost, trusted_proxies: 0, per_account: 10_000, per_address: 10_000 };
+    auth_api::routes(auth_api::AuthApi {
+        durable: cache.durable(),
+        hasher,
+        sessions: Sessions::new(cache.durable(), Duration::from_secs(3600)),
+        throttle: Throttle::new(cache.durable()),
+        limits,
+    })
 }
 
 struct Reply {
@@ -80,9 +96,11 @@ async fn register_login_wrong_password_duplicate() {
     assert_eq!(token.len(), 64);
     assert!(token.bytes().all(|c| c.is_ascii_hexdigit()));
 
-    // The session is in Redis, with the username and a TTL of at most an hour.
+    // The session is in Redis under the token's SHA-256, with the username and a TTL of at
+    // most an hour.
     let mut conn = redis.client().await;
-    let session_key = format!("herdsman:session:{token}");
+    let digest: String = sha2::Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    let session_key = format!("herdsman:session:{digest}");
     let (owner, ttl): (Option<String>, i64) = redis::pipe()
         .cmd("GET")
         .arg(&session_key)
@@ -200,7 +218,7 @@ async fn unknown_users_cost_as_much_as_known_ones() {
         Cache::new(CacheConfig { redis_url: Some(redis.url.clone()), ..CacheConfig::default() }).expect("valid url");
     cache.connect().await.expect("connect");
     // A cost where bcrypt dominates a Redis round trip by far.
-    let app = auth_api::routes(cache.durable(), Hasher::new(1, 8).expect("hasher"), 8);
+    let app = routes(&cache, Hasher::new(1, 8).expect("hasher"), 8);
     let reply = post(&app, "/auth/register", "erin", "password-erin").await;
     assert_eq!(reply.status, StatusCode::CREATED);
 
@@ -251,7 +269,7 @@ async fn a_bcrypt_cost_change_rehashes_at_the_next_login() {
     };
     assert!(stored().await.starts_with("$2b$04$"));
     // The same store, served with a higher cost.
-    let app5 = auth_api::routes(cache.durable(), Hasher::new(1, 8).expect("hasher"), 5);
+    let app5 = routes(&cache, Hasher::new(1, 8).expect("hasher"), 5);
     assert_eq!(post(&app5, "/auth/login", "carol", "password123").await.status, StatusCode::OK);
     assert!(stored().await.starts_with("$2b$05$"), "rehashed at cost 5");
     assert_eq!(post(&app5, "/auth/login", "carol", "password123").await.status, StatusCode::OK);

@@ -297,33 +297,6 @@ async fn refused_commands_do_not_open_the_breaker() {
     assert_eq!(tier, Tier::Redis);
 }
 
-#[tokio::test]
-async fn http_api_reports_the_redis_tier() {
-    use axum::body::Body;
-    use axum::http::{Request, StatusCode};
-    use tower::ServiceExt;
-
-    let Some(redis) = TestRedis::start().await else { return };
-    let cache = cache_for(&redis);
-    cache.connect().await.expect("connect");
-    let limits = herdsman::http::cache_api::Limits {
-        max_key_bytes: 512,
-        max_value_bytes: 1024,
-        default_ttl: Duration::from_secs(60),
-        max_ttl: Duration::from_secs(3600),
-    };
-    let app = herdsman::http::cache_api::routes(cache, limits);
-    let put = Request::put("/cache/http-key?ttl=60").body(Body::from("over http")).expect("request");
-    let response = app.clone().oneshot(put).await.expect("infallible");
-    assert_eq!(response.status(), StatusCode::NO_CONTENT);
-    assert_eq!(response.headers()["x-cache-tier"], "redis");
-    assert_eq!(raw_get(&redis, "herdsman:cache:http-key").await.as_deref(), Some(&b"over http"[..]));
-    let get = Request::get("/cache/http-key").body(Body::empty()).expect("request");
-    let response = app.clone().oneshot(get).await.expect("infallible");
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(response.headers()["x-cache-tier"], "redis");
-}
-
 #[test]
 fn bad_scheme_is_invalid_url() {
     let err =

@@ -437,11 +437,21 @@ async fn reaches_redis_by_container_name_and_falls_back_without_a_failed_request
     let h = wait_for_redis_status(&base, "up", 2, &herdsman).await;
     assert_eq!(h["status"], "ok", "{h}");
     let fresh = unpooled_client();
-    let put = fresh.put(format!("{base}/cache/shared")).body("from-redis").send().await.unwrap();
+    // The cache API needs a session, and the session needs Redis.
+    let credentials = serde_json::json!({ "username": "docker", "password": "password-docker" });
+    let registered = fresh.post(format!("{base}/auth/register")).json(&credentials).send().await.unwrap();
+    assert_eq!(registered.status(), 201);
+    let login = fresh.post(format!("{base}/auth/login")).json(&credentials).send().await.unwrap();
+    assert_eq!(login.status(), 200);
+    let token: serde_json::Value = login.json().await.unwrap();
+    let bearer = format!("Bearer {}", token["token"].as_str().expect("a token"));
+    let put = fresh.put(format!("{base}/cache/shared")).header("authorization", &bearer).body("from-redis");
+    let put = put.send().await.unwrap();
     assert_eq!(put.status(), 204);
     // Every worker reads what one wrote: the cache is Redis, not a worker's memory.
     for _ in 0..10 {
-        let r = fresh.get(format!("{base}/cache/shared")).send().await.unwrap();
+        // Fresh connections reach every worker, and each verifies (and remembers) the session.
+        let r = fresh.get(format!("{base}/cache/shared")).header("authorization", &bearer).send().await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-cache-tier"], "redis");
         assert_eq!(r.text().await.unwrap(), "from-redis");
@@ -454,19 +464,20 @@ async fn reaches_redis_by_container_name_and_falls_back_without_a_failed_request
     let tasks: Vec<_> = (0..8)
         .map(|task| {
             let (client, base, load, stop) = (client.clone(), base.clone(), load.clone(), stop.clone());
+            let bearer = bearer.clone();
             tokio::spawn(async move {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
                     let key = format!("{base}/cache/load-{task}-{}", n % 16);
-                    match client.put(&key).body(format!("v{n}")).send().await {
+                    match client.put(&key).header("authorization", &bearer).body(format!("v{n}")).send().await {
                         Ok(r) if r.status() == 204 => {
                             load.ok.fetch_add(1, Ordering::Relaxed);
                         }
                         Ok(r) => load.failures.lock().unwrap().push(format!("PUT {}", r.status())),
                         Err(e) => load.failures.lock().unwrap().push(format!("PUT {e:?}")),
                     }
-                    match client.get(&key).send().await {
+                    match client.get(&key).header("authorization", &bearer).send().await {
                         Ok(r) if r.status() == 200 => {
                             load.ok.fetch_add(1, Ordering::Relaxed);
                         }
@@ -509,6 +520,7 @@ async fn reaches_redis_by_container_name_and_falls_back_without_a_failed_request
     assert!(after > at_fallback, "requests kept succeeding after the fallback");
 
     // The cache still answers from memory.
-    let put = client.put(format!("{base}/cache/after")).body("memory").send().await.unwrap();
+    let put = client.put(format!("{base}/cache/after")).header("authorization", &bearer).body("memory");
+    let put = put.send().await.unwrap();
     assert_eq!(put.status(), 204);
 }

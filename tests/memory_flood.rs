@@ -1,7 +1,8 @@
-//! An anonymous flood of 1 MB values, as an attacker would send it, against the real binary:
-//! each worker's memory stays within `HERDSMAN_CACHE_MAX_BYTES` plus its baseline, with no
-//! Redis, with Redis up and with Redis gone (the writes held for replay are bounded too), and
-//! no worker dies.
+//! A flood of 1 MB values, as an attacker would send it, against the real binary: anonymous,
+//! it is all 401 and the worker does not grow; from a logged-in user (quotas raised out of the
+//! way), each worker's memory stays within `HERDSMAN_CACHE_MAX_BYTES` plus its baseline with
+//! Redis up and with Redis gone (the writes held for replay are bounded too, and what they
+//! cannot hold is refused with 507, never acknowledged), and no worker dies.
 //!
 //! Image: `HERDSMAN_REDIS_IMAGE` (default `redis:7`); see `tests/support/redis.rs`.
 
@@ -36,26 +37,47 @@ fn rss_bytes(pid: nix::unistd::Pid) -> u64 {
     kib << 10
 }
 
-async fn flood_and_measure(server: &Herdsman) {
+/// What the flood's writes were answered.
+#[derive(Debug, Default)]
+struct Outcome {
+    stored: usize,
+    refused_507: usize,
+    unauthorized: usize,
+    /// The worker's peak RSS over its baseline.
+    growth: u64,
+}
+
+/// Sends the flood with `token` (or none) and returns the answers; asserts the worker's growth
+/// stays within the budget and that it lives on.
+async fn flood_and_measure(server: &Herdsman, token: Option<&str>) -> Outcome {
     server.wait_for_log("ready in", Duration::from_secs(10));
     let worker = server.workers()[0];
-    let client = reqwest::Client::new();
+    let client = match token {
+        Some(token) => support::client_with_token(token),
+        None => reqwest::Client::new(),
+    };
     // Warm the worker's allocator and connection path before the baseline.
     for i in 0..3 {
         let put = client.put(server.url(&format!("/cache/warm{i}"))).body(vec![0u8; 1000]).send().await;
-        assert_eq!(put.expect("PUT").status(), 204);
+        assert!(matches!(put.expect("PUT").status().as_u16(), 204 | 401));
     }
     let baseline = rss_bytes(worker);
     let mut peak = baseline;
+    let mut outcome = Outcome::default();
     for i in 0..VALUES {
         let body = vec![(i % 251) as u8; VALUE_BYTES];
         let put = client.put(server.url(&format!("/cache/flood{i}"))).body(body).send().await.expect("PUT");
-        assert_eq!(put.status(), 204, "value {i}");
+        match put.status().as_u16() {
+            204 => outcome.stored += 1,
+            507 => outcome.refused_507 += 1,
+            401 => outcome.unauthorized += 1,
+            other => panic!("value {i}: {other}"),
+        }
         peak = peak.max(rss_bytes(worker));
     }
     let growth = peak.saturating_sub(baseline);
     eprintln!(
-        "flood of {VALUES} x {VALUE_BYTES} B: worker RSS {} MiB -> peak {} MiB (+{} MiB, budget {} MiB)",
+        "flood of {VALUES} x {VALUE_BYTES} B: worker RSS {} MiB -> peak {} MiB (+{} MiB, budget {} MiB), {outcome:?}",
         baseline >> 20,
         peak >> 20,
         growth >> 20,
@@ -63,13 +85,17 @@ async fn flood_and_measure(server: &Herdsman) {
     );
     assert!(growth <= BUDGET + SLACK, "the worker grew by {} MiB", growth >> 20);
     assert_eq!(server.workers(), vec![worker], "the worker lives on");
-    // The newest values are still there; the oldest were evicted, not the process.
-    let last = client.get(server.url(&format!("/cache/flood{}", VALUES - 1))).send().await.expect("GET");
-    assert_eq!(last.status(), 200);
+    outcome.growth = growth;
+    outcome
 }
 
 fn env(redis_url: Option<&str>) -> Vec<(&str, &str)> {
-    let mut env = vec![("WEB_CONCURRENCY", "1"), ("HERDSMAN_CACHE_MAX_BYTES", "16777216")];
+    // The per-user quota would stop the flood long before the budget matters: out of the way.
+    let mut env = vec![
+        ("WEB_CONCURRENCY", "1"),
+        ("HERDSMAN_CACHE_MAX_BYTES", "16777216"),
+        ("HERDSMAN_USER_MAX_BYTES", "1099511627776"),
+    ];
     if let Some(url) = redis_url {
         env.push(("REDIS_URL", url));
     }
@@ -77,21 +103,39 @@ fn env(redis_url: Option<&str>) -> Vec<(&str, &str)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_without_redis_stays_within_the_budget() {
+async fn an_anonymous_flood_is_all_401_and_costs_no_memory() {
+    // No Redis, so no sessions: the flood is turned away before its bodies are kept.
     let server = start(&env(None));
-    flood_and_measure(&server).await;
+    let outcome = flood_and_measure(&server, None).await;
+    assert_eq!(outcome.unauthorized, VALUES, "{outcome:?}");
+    // Measured +2 MiB (connection buffers); a flood that was kept would be 16 MiB and more.
+    assert!(outcome.growth < 8 << 20, "{outcome:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_while_redis_is_gone_stays_within_the_budget() {
-    // Nothing listens there: every write is held for replay, within the same budget.
-    let server = start(&env(Some("redis://127.0.0.1:1")));
-    flood_and_measure(&server).await;
+async fn a_flood_while_redis_is_gone_stays_within_the_budget_and_refuses_what_it_cannot_keep() {
+    let Some(redis) = TestRedis::start().await else { return };
+    let server = start(&env(Some(&redis.url)));
+    server.wait_for_log("redis connected", Duration::from_secs(10));
+    let token = support::register_and_login(&reqwest::Client::new(), &server, "flooder").await;
+    // The worker has verified the session; it trusts it through the outage (src/sessions.rs).
+    let me = support::client_with_token(&token).get(server.url("/auth/me")).send().await.expect("me");
+    assert_eq!(me.status(), 200);
+    redis.stop().await;
+    let outcome = flood_and_measure(&server, Some(&token)).await;
+    // 150 MB cannot be held for replay in 16 MiB: most writes are refused, none dropped silently.
+    assert!(outcome.refused_507 > 0 && outcome.stored + outcome.refused_507 == VALUES, "{outcome:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_with_redis_up_stays_within_the_budget() {
     let Some(redis) = TestRedis::start().await else { return };
     let server = start(&env(Some(&redis.url)));
-    flood_and_measure(&server).await;
+    server.wait_for_log("redis connected", Duration::from_secs(10));
+    let token = support::register_and_login(&reqwest::Client::new(), &server, "flooder").await;
+    let outcome = flood_and_measure(&server, Some(&token)).await;
+    assert_eq!(outcome.stored, VALUES, "{outcome:?}");
+    // The newest values are still there; the oldest were evicted from memory, not the process.
+    let last = support::client_with_token(&token).get(server.url(&format!("/cache/flood{}", VALUES - 1))).send();
+    assert_eq!(last.await.expect("GET").status(), 200);
 }

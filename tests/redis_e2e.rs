@@ -82,22 +82,24 @@ async fn cached_values_go_through_redis_and_a_plain_client_sees_them() {
     let Some(redis) = TestRedis::start().await else { return };
     let server = start(&[("WEB_CONCURRENCY", "2"), ("REDIS_URL", &redis.url)]);
     server.wait_for_nth_log("redis connected", 2, SECS(10));
-    let client = reqwest::Client::new();
+    let token = support::register_and_login(&reqwest::Client::new(), &server, "greeter").await;
+    let client = support::client_with_token(&token);
     let put = client.put(server.url("/cache/greeting?ttl=60")).body("hello from herdsman").send().await.unwrap();
     assert_eq!(put.status(), 204);
     let mut conn = redis.client().await;
-    let raw: Option<String> = redis::cmd("GET").arg("herdsman:cache:greeting").query_async(&mut conn).await.unwrap();
+    let raw: Option<String> =
+        redis::cmd("GET").arg("herdsman:cache:user:greeter/greeting").query_async(&mut conn).await.unwrap();
     assert_eq!(raw.as_deref(), Some("hello from herdsman"));
-    let ttl: i64 = redis::cmd("TTL").arg("herdsman:cache:greeting").query_async(&mut conn).await.unwrap();
+    let ttl: i64 = redis::cmd("TTL").arg("herdsman:cache:user:greeter/greeting").query_async(&mut conn).await.unwrap();
     assert!((1..=60).contains(&ttl), "ttl {ttl}");
     // Every worker reads it from Redis, whichever one wrote it.
     for _ in 0..10 {
-        let got = reqwest::get(server.url("/cache/greeting")).await.unwrap();
+        let got = support::client_with_token(&token).get(server.url("/cache/greeting")).send().await.unwrap();
         assert_eq!(got.headers()["x-cache-tier"], "redis");
         assert_eq!(got.text().await.unwrap(), "hello from herdsman");
     }
     assert_eq!(client.delete(server.url("/cache/greeting")).send().await.unwrap().status(), 204);
-    assert_eq!(reqwest::get(server.url("/cache/greeting")).await.unwrap().status(), 404);
+    assert_eq!(client.get(server.url("/cache/greeting")).send().await.unwrap().status(), 404);
 }
 
 /// Cache traffic (writes and reads of a few keys) while Redis goes away and comes back.
@@ -109,10 +111,12 @@ async fn cache_load_through(
 ) -> support::LoadReport {
     // Both workers connected: a write to a worker still connecting would live in its memory only.
     server.wait_for_nth_log("redis connected", 2, SECS(10));
-    let client = reqwest::Client::new();
+    let token = support::register_and_login(&reqwest::Client::new(), server, "loader").await;
+    let client = support::client_with_token(&token);
     assert_eq!(client.put(server.url("/cache/hot")).body("v").send().await.unwrap().status(), 204);
-    // Readers on several connections, so every worker reads (and keeps a copy of) the key.
-    let get_load = support::Load::start(server.url("/cache/hot"), 4);
+    // Readers on several connections, so every worker reads (and keeps a copy of) the key, and
+    // has verified the session (which it then trusts through the outage, see src/sessions.rs).
+    let get_load = support::Load::start_authorized(server.url("/cache/hot"), 4, &token);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     outage.await;
@@ -124,10 +128,16 @@ async fn cache_load_through(
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    let recovering = Instant::now();
     recover.await;
     let back_in = wait_for_redis_status(server, "up", SECS(5)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let report = get_load.finish().await;
+    // The session lives in Redis: it is trusted through the outage, and only a Redis that comes
+    // back without its data (a restart without persistence) can end it.
+    if let Some(first) = report.first_unauthorized_at {
+        assert!(first >= recovering, "a 401 during the outage: {report:?}");
+    }
 
     assert_eq!(report.failed, 0, "failed cache requests: {:?}", &report.errors[..report.errors.len().min(5)]);
     assert!(report.ok > 50, "the load ran: {report:?}");
@@ -143,8 +153,10 @@ async fn redis_stopped_mid_load_costs_no_request_and_is_used_again_when_back() {
     let server = start(&[("WEB_CONCURRENCY", "2"), ("REDIS_URL", &redis.url)]);
     let report = cache_load_through(&server, redis.stop(), redis.restart()).await;
     // This Redis runs without persistence: it restarts empty, so a reader may miss `hot` between
-    // the restart and the replay of the outage writes. A miss is an answer, not a failure.
-    eprintln!("{} misses after the restart", report.not_found);
+    // the restart and the replay of the outage writes. A miss is an answer, not a failure. The
+    // session is gone with the data (the worker sees Redis say so): 401s after the restart are
+    // the right answer too.
+    eprintln!("{} misses and {} 401s after the restart", report.not_found, report.unauthorized);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,8 +164,9 @@ async fn redis_paused_mid_load_costs_no_request_and_is_used_again_when_back() {
     let Some(redis) = TestRedis::start().await else { return };
     let server = start(&[("WEB_CONCURRENCY", "2"), ("REDIS_URL", &redis.url)]);
     let report = cache_load_through(&server, redis.pause(), redis.unpause()).await;
-    // A paused Redis keeps its data: the hot key is served throughout.
+    // A paused Redis keeps its data: the hot key and the session are served throughout.
     assert_eq!(report.not_found, 0, "{report:?}");
+    assert_eq!(report.unauthorized, 0, "{report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

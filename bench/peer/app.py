@@ -7,7 +7,12 @@ Written the way such services usually are, not slowed on purpose:
   Redis connect, cache warm-up;
 - a cache served from Redis when it answers and from a bounded in-memory TTL cache otherwise;
   while Redis is down a background task re-pings it, and requests never wait on it;
-- users in Redis, passwords hashed with the `bcrypt` package in the default thread pool.
+- users in Redis, passwords hashed with the `bcrypt` package in the default thread pool;
+- the same session scheme as herdsman, so the comparison stays fair: /auth/login returns a
+  random token stored as its SHA-256 with a TTL, /auth/logout and /auth/me, and every /cache
+  request needs `Authorization: Bearer` (401 otherwise) and sees only its user's keys. As such
+  services usually do, it checks the session in Redis on every request and has no memory of
+  sessions for an outage (503 then), and it does not throttle logins.
 
 With PEER_BLOCKING_WARMUP=1 it makes the seed's mistake instead (`bench/run.py seed`, the same
 warm-ups as examples/seed.rs): the lifespan start-up hashes three bcrypt passwords at cost 12,
@@ -20,6 +25,7 @@ Same HTTP surface and environment variables as herdsman (see bench/README.md).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -211,11 +217,57 @@ async def health() -> JSONResponse:
     )
 
 
+# ---- sessions ----------------------------------------------------------------------------
+
+
+def _session_key(token: str) -> str:
+    return SESSION_PREFIX + hashlib.sha256(token.encode()).hexdigest()
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _unauthorized(message: str = "missing or invalid bearer token") -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _on_session(request: Request, command):
+    """`command(session key)` in Redis for the request's bearer token: its reply, or the answer
+    to give instead (401 without a token, 503 without Redis)."""
+    token = _bearer(request)
+    if token is None:
+        return _unauthorized()
+    if not _redis_usable():
+        return _unavailable()
+    try:
+        return await command(_session_key(token))
+    except Exception as exc:  # noqa: BLE001
+        _redis_failed(exc)
+        return _unavailable()
+
+
+async def _session_user(request: Request) -> str | Response:
+    """The username of the request's bearer token, or the answer to give instead."""
+    username = await _on_session(request, state.redis.get if state.redis else None)
+    if isinstance(username, Response):
+        return username
+    if username is None:
+        return _unauthorized()
+    return username.decode()
+
+
 # ---- cache -------------------------------------------------------------------------------
 
 
 @app.put("/cache/{key}", status_code=204)
 async def cache_put(key: str, request: Request, ttl: float | None = None) -> Response:
+    user = await _session_user(request)
+    if isinstance(user, Response):
+        return user
+    key = f"{user}/{key}"
     body = await request.body()
     if _redis_usable():
         try:
@@ -235,7 +287,11 @@ async def cache_put(key: str, request: Request, ttl: float | None = None) -> Res
 
 
 @app.get("/cache/{key}")
-async def cache_get(key: str) -> Response:
+async def cache_get(key: str, request: Request) -> Response:
+    user = await _session_user(request)
+    if isinstance(user, Response):
+        return user
+    key = f"{user}/{key}"
     if _redis_usable():
         try:
             value = await state.redis.get(CACHE_PREFIX + key)
@@ -257,7 +313,11 @@ async def cache_get(key: str) -> Response:
 
 
 @app.delete("/cache/{key}", status_code=204)
-async def cache_delete(key: str) -> Response:
+async def cache_delete(key: str, request: Request) -> Response:
+    user = await _session_user(request)
+    if isinstance(user, Response):
+        return user
+    key = f"{user}/{key}"
     state.memory.pop(key, None)
     if _redis_usable():
         try:
@@ -326,13 +386,29 @@ async def login(request: Request) -> JSONResponse:
     ok = await loop.run_in_executor(None, bcrypt.checkpw, password.encode(), hashed)
     if not ok:
         return JSONResponse({"error": "invalid credentials"}, status_code=401)
-    token = secrets.token_urlsafe(32)
+    token = secrets.token_hex(32)
     try:
-        await state.redis.set(SESSION_PREFIX + token, username, ex=SESSION_TTL)
+        await state.redis.set(_session_key(token), username, ex=SESSION_TTL)
     except Exception as exc:  # noqa: BLE001
         _redis_failed(exc)
         return _unavailable()
-    return JSONResponse({"token": token})
+    return JSONResponse({"token": token, "expires_in": SESSION_TTL})
+
+
+@app.post("/auth/logout")
+async def logout(request: Request) -> Response:
+    removed = await _on_session(request, state.redis.delete if state.redis else None)
+    if isinstance(removed, Response):
+        return removed
+    return Response(status_code=204) if removed else _unauthorized()
+
+
+@app.get("/auth/me")
+async def me(request: Request) -> Response:
+    user = await _session_user(request)
+    if isinstance(user, Response):
+        return user
+    return JSONResponse({"username": user})
 
 
 # ---- test hooks (chaos suite only: PEER_TEST_HOOKS=1) ------------------------------------

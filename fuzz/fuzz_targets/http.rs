@@ -20,7 +20,7 @@ use axum::response::Response;
 use herdsman::cache::{Cache, CacheConfig};
 use herdsman::config::Config;
 use herdsman::hasher::Hasher;
-use herdsman::http::{router, Guard};
+use herdsman::http::{auth_routes, cache_routes, router, Guard};
 use herdsman::tracker::RequestTracker;
 use herdsman::Services;
 use hyper::body::Incoming;
@@ -82,7 +82,7 @@ enum Path {
     Live,
     Ready,
     Health,
-    /// `/cache/k{n}`: a key the cache routes accept.
+    /// `/cache/k{n}`: a key the cache routes accept (from a caller with no session: 401).
     CacheKey(u8),
     Cache(String),
     Register,
@@ -172,7 +172,8 @@ impl Req {
     /// A chunked body over the limit to the one route that reads it whatever else it holds.
     fn chunked_over_to_a_reader(&self) -> bool {
         let chunked_over = matches!(self.body.content(), Some((bytes, Some(_))) if bytes.len() > LIMIT);
-        chunked_over && self.method == Method::Put && matches!(self.path, Path::CacheKey(_)) && self.query.is_none()
+        // Register reads its JSON body before anything else (the harness sends it as JSON).
+        chunked_over && self.method == Method::Post && matches!(self.path, Path::Register)
     }
 
     /// The request line's method and target, as the recorder writes them down.
@@ -184,12 +185,18 @@ impl Req {
     fn write(&self, seq: usize, out: &mut Vec<u8>) {
         out.extend_from_slice(self.what().as_bytes());
         out.extend_from_slice(format!(" HTTP/1.1\r\nhost: fuzz\r\n{SEQ}: {seq}\r\n").as_bytes());
+        if matches!(self.path, Path::Register) {
+            out.extend_from_slice(b"content-type: application/json\r\n");
+        }
         for (name, value) in &self.headers {
             let name: String =
                 name.chars().filter(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(*c)).collect();
             let lower = name.to_ascii_lowercase();
             // The body's framing is the harness's; the sequence header is the recorder's.
             if name.is_empty() || ["content-length", "transfer-encoding", "host", SEQ].contains(&lower.as_str()) {
+                continue;
+            }
+            if lower == "content-type" && matches!(self.path, Path::Register) {
                 continue;
             }
             let value: String = value.chars().filter(|c| *c == '\t' || (*c >= ' ' && *c != '\u{7f}')).collect();
@@ -256,7 +263,9 @@ fn serve(bytes: Vec<u8>) -> Vec<Seen> {
     let cache = Cache::new(CacheConfig::from_config(&harness.config)).expect("memory-only cache");
     let tracker = RequestTracker::new(None, || {});
     let services = Services::assemble(harness.config.clone(), cache, harness.hasher.clone(), tracker.clone());
-    let guard = Guard::new(router(&services, axum::Router::new()), tracker, harness.config.request_timeout, LIMIT);
+    // What the stand-alone binary serves: the health routes and the cache and auth APIs.
+    let apis = cache_routes(&services).merge(auth_routes(&services));
+    let guard = Guard::new(router(&services, apis), tracker, harness.config.request_timeout, LIMIT);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let recorder = Recorder { guard, seen: seen.clone() };
 

@@ -12,6 +12,18 @@ use bytes::Bytes;
 use super::redis_tier::{ensure_probe, trip, RedisTier, Request};
 use super::{unavailable_reason, CacheError, Inner, RedisStatus};
 
+/// A Lua script for [`DurableStore::eval`]: its source and its SHA-1, computed once.
+pub struct Script {
+    source: &'static str,
+    sha1: redis::Script,
+}
+
+impl Script {
+    pub fn new(source: &'static str) -> Script {
+        Script { source, sha1: redis::Script::new(source) }
+    }
+}
+
 /// Redis operations with no memory fallback, for data that must be durable
 /// (users, sessions). Keys are used as given: callers own their prefixes,
 /// which must differ from [`super::KEY_PREFIX`].
@@ -45,11 +57,15 @@ impl DurableStore {
     }
 
     async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, CacheError> {
+        self.send(Request::Cmd(&cmd)).await
+    }
+
+    async fn send<T: redis::FromRedisValue>(&self, request: Request<'_>) -> Result<T, CacheError> {
         let Some(redis) = self.inner.redis.as_ref().filter(|_| self.is_available()) else {
             let status = self.inner.redis.as_ref().map_or(RedisStatus::Disabled, RedisTier::status);
             return Err(CacheError::Unavailable(unavailable_reason(status)));
         };
-        let result = redis.query(Request::Cmd(&cmd)).await;
+        let result = redis.query(request).await;
         match &result {
             Err(err) if err.is_outage() => trip(&self.inner, redis, err),
             _ => {}
@@ -63,6 +79,69 @@ impl DurableStore {
         cmd.arg(key);
         let value: Option<Vec<u8>> = self.run(cmd).await?;
         Ok(value.map(Bytes::from))
+    }
+
+    /// `GET key` and `PTTL key` in one round trip: the value and how long it still lives
+    /// (`None` for a key with no expiry).
+    pub async fn get_with_ttl(&self, key: &str) -> Result<Option<(Bytes, Option<Duration>)>, CacheError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
+        let (value, pttl): (Option<Vec<u8>>, i64) = self.send(Request::Pipe(&pipe)).await?;
+        let ttl = u64::try_from(pttl).ok().map(Duration::from_millis);
+        Ok(value.map(|value| (Bytes::from(value), ttl)))
+    }
+
+    /// Runs a Lua script by its SHA-1 (`EVALSHA`), loading it with `EVAL` when this Redis has
+    /// not seen it yet (a fresh or restarted server).
+    pub async fn eval<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[i64],
+    ) -> Result<T, CacheError> {
+        let invoke = |verb: &str, body: &str| {
+            let mut cmd = redis::cmd(verb);
+            cmd.arg(body).arg(keys.len()).arg(keys).arg(args);
+            cmd
+        };
+        self.run_script(invoke, script).await
+    }
+
+    /// Like [`eval`](Self::eval), with a string argument before the numbers.
+    pub async fn eval_with_field<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[String],
+        field: &str,
+        args: &[i64],
+    ) -> Result<T, CacheError> {
+        let invoke = |verb: &str, body: &str| {
+            let mut cmd = redis::cmd(verb);
+            cmd.arg(body).arg(keys.len()).arg(keys).arg(field).arg(args);
+            cmd
+        };
+        self.run_script(invoke, script).await
+    }
+
+    async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        invoke: impl Fn(&str, &str) -> redis::Cmd,
+        script: &Script,
+    ) -> Result<T, CacheError> {
+        match self.run(invoke("EVALSHA", script.sha1.get_hash())).await {
+            Err(CacheError::Redis(err)) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.run(invoke("EVAL", script.source)).await
+            }
+            other => other,
+        }
+    }
+
+    /// `HDEL key field`.
+    pub async fn hdel(&self, key: &str, field: &str) -> Result<(), CacheError> {
+        let mut cmd = redis::cmd("HDEL");
+        cmd.arg(key).arg(field);
+        let _removed: i64 = self.run(cmd).await?;
+        Ok(())
     }
 
     /// `SET key value NX`: true if written, false if the key already existed.

@@ -36,9 +36,11 @@
 //! batches *before* it closes the breaker; writes racing with the replay land
 //! in the map again and are replayed in the next round, so an older
 //! outage-write can never overwrite a newer one. A pending `set` whose TTL
-//! ran out during the outage is replayed as a `DEL`. If more than
-//! [`MAX_PENDING_WRITES`] distinct keys are written during one outage, the
-//! excess writes stay in memory only and the loss is logged at recovery.
+//! ran out during the outage is replayed as a `DEL`. A write that would take
+//! the held writes past [`MAX_PENDING_WRITES`] distinct keys or past their
+//! byte budget cannot be kept: it fails with [`CacheError::ReplayFull`] (the
+//! HTTP API answers `507`), its key is dropped from memory, and the count is
+//! logged at recovery. A caller is never told a write was kept when it was not.
 //!
 //! Caveat: each worker process has its own memory tier and its own pending
 //! map. During an outage workers do not see each other's writes, and after it
@@ -87,11 +89,11 @@ use tracing::debug;
 
 use crate::config::redact_url;
 use memory::Entry;
-use redis_tier::{ensure_probe, trip, write_command, Pending, RedisTier, Request};
+use redis_tier::{ensure_probe, trip, write_command, Pending, RedisTier, Remembered, Request};
 
 use crate::metrics::{self, Event};
 
-pub use durable::DurableStore;
+pub use durable::{DurableStore, Script};
 
 /// Prefix of every cache key in Redis.
 pub const KEY_PREFIX: &str = "herdsman:cache:";
@@ -167,6 +169,9 @@ pub enum CacheError {
     /// Redis answered with an error, or the connection failed.
     #[error("redis error: {0}")]
     Redis(#[from] redis::RedisError),
+    /// Redis is away and the writes held for replay fill their budget: this write was not kept.
+    #[error("redis unavailable and the writes held for replay fill their budget; this write was not kept")]
+    ReplayFull,
     /// Redis did not answer within the operation timeout.
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
@@ -179,7 +184,7 @@ impl CacheError {
     pub fn is_outage(&self) -> bool {
         use redis::{ErrorKind, ServerErrorKind};
         match self {
-            CacheError::InvalidUrl(_) | CacheError::InvalidConfig(_) => false,
+            CacheError::InvalidUrl(_) | CacheError::InvalidConfig(_) | CacheError::ReplayFull => false,
             CacheError::Unavailable(_) | CacheError::Timeout(_) => true,
             CacheError::Redis(err) => match err.kind() {
                 // The server is there but cannot serve (failover, loading...).
@@ -412,8 +417,13 @@ impl Cache {
                 ensure_probe(&self.inner, &mut redis.lock());
             }
             match redis.remember(key, op) {
-                true => return Ok(Tier::Memory),
-                false => op = self.current_op(key).await,
+                Remembered::Held => return Ok(Tier::Memory),
+                Remembered::BreakerClosed => op = self.current_op(key).await,
+                Remembered::Full => {
+                    // Memory must not serve what the caller is told was not kept.
+                    self.inner.memory.invalidate(key).await;
+                    return Err(CacheError::ReplayFull);
+                }
             }
         }
         Ok(Tier::Memory)
@@ -628,13 +638,22 @@ mod tests {
         .expect("cache");
         let _ = cache.connect().await;
         let value = Bytes::from(vec![1u8; 100 << 10]);
+        let mut refused = 0;
         for i in 0..30 {
-            cache.set(&format!("big{i}"), value.clone(), None).await.expect("set");
+            match cache.set(&format!("big{i}"), value.clone(), None).await {
+                Ok(()) => {}
+                Err(CacheError::ReplayFull) => {
+                    refused += 1;
+                    assert_eq!(cache.get(&format!("big{i}")).await.expect("get"), None, "refused, so not served");
+                }
+                Err(other) => panic!("{other}"),
+            }
         }
         let redis = cache.inner.redis.as_ref().expect("redis tier");
         let shared = redis.lock();
         assert!(shared.pending_bytes <= 1 << 20, "{}", shared.pending_bytes);
         assert_eq!(shared.pending.len() as u64 + shared.pending_dropped, 30);
+        assert_eq!(shared.pending_dropped, refused);
         assert!(shared.pending_dropped >= 20, "{}", shared.pending_dropped);
     }
 
@@ -647,8 +666,12 @@ mod tests {
         })
         .expect("cache");
         let _ = cache.connect().await;
-        for i in 0..MAX_PENDING_WRITES + 5 {
+        for i in 0..MAX_PENDING_WRITES {
             cache.set(&format!("k{i}"), Bytes::from_static(b"v"), None).await.expect("set");
+        }
+        for i in MAX_PENDING_WRITES..MAX_PENDING_WRITES + 5 {
+            let refused = cache.set(&format!("k{i}"), Bytes::from_static(b"v"), None).await;
+            assert!(matches!(refused, Err(CacheError::ReplayFull)), "{refused:?}");
         }
         // Rewriting a remembered key still lands, as its latest value.
         cache.set("k0", Bytes::from_static(b"newest"), None).await.expect("set");

@@ -41,6 +41,17 @@ pub(super) enum Pending {
     Delete,
 }
 
+/// What [`RedisTier::remember`] did with an outage write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Remembered {
+    /// Held for replay.
+    Held,
+    /// Not held: Redis is back, write it there.
+    BreakerClosed,
+    /// Not held: the replay budget is spent, so the write cannot be kept.
+    Full,
+}
+
 /// The circuit breaker: the one record of whether requests go to Redis. It lives in [`Shared`]
 /// with the pending writes, so that closing it and seeing no write left to replay are one step.
 pub(super) enum Breaker {
@@ -53,7 +64,7 @@ pub(super) struct Shared {
     pub(super) breaker: Breaker,
     /// Outage writes by cache key (not namespaced).
     pub(super) pending: HashMap<String, Pending>,
-    /// Outage writes not remembered because `pending` was full.
+    /// Outage writes refused (an error to their caller) because `pending` was full.
     pub(super) pending_dropped: u64,
     /// Bytes held by `pending`, bounded by `RedisTier::pending_max_bytes`.
     pub(super) pending_bytes: u64,
@@ -218,12 +229,12 @@ impl RedisTier {
         }
     }
 
-    /// Remembers a write for replay; `false` if the breaker closed meanwhile
-    /// (the caller must then write to Redis itself).
-    pub(super) fn remember(&self, key: &str, op: Pending) -> bool {
+    /// Remembers a write for replay, unless the breaker closed meanwhile (the caller must then
+    /// write to Redis itself) or the replay budget is spent (the caller must refuse the write).
+    pub(super) fn remember(&self, key: &str, op: Pending) -> Remembered {
         let mut shared = self.lock();
         if matches!(shared.breaker, Breaker::Up) {
-            return false;
+            return Remembered::BreakerClosed;
         }
         let replaced = shared.pending.get(key).map_or(0, |old| pending_weight(key, old));
         let bytes = shared.pending_bytes - replaced + pending_weight(key, &op);
@@ -231,10 +242,11 @@ impl RedisTier {
         if fits && bytes <= self.pending_max_bytes {
             shared.pending.insert(key.to_string(), op);
             shared.pending_bytes = bytes;
+            Remembered::Held
         } else {
             shared.pending_dropped += 1;
+            Remembered::Full
         }
-        true
     }
 }
 
@@ -411,7 +423,7 @@ pub(super) async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheEr
                     Breaker::Connecting => info!(replayed, "redis connected, cache uses redis"),
                     Breaker::Fallback { since, .. } => info!(
                         replayed,
-                        lost_writes = dropped,
+                        refused_writes = dropped,
                         down_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
                         "redis is back, cache uses redis again"
                     ),

@@ -1,5 +1,13 @@
-//! `POST /auth/register` and `POST /auth/login`: users durable in Redis, passwords hashed on
-//! the [`Hasher`]'s threads.
+//! `POST /auth/register`, `POST /auth/login`, `POST /auth/logout` and `GET /auth/me`: users
+//! durable in Redis, passwords hashed on the [`Hasher`]'s threads, sessions from
+//! [`crate::sessions`].
+//!
+//! # Throttling
+//! Register and login take a token from two [`crate::throttle`] buckets, the client address's
+//! (`HERDSMAN_AUTH_LIMIT_ADDRESS` a minute, the address found by [`super::client_addr`]) and the
+//! account's (`HERDSMAN_AUTH_LIMIT_ACCOUNT` a minute), before any bcrypt work; an attempt over
+//! either limit is `429` with `Retry-After` in whole seconds. Without `REDIS_URL` the routes
+//! answer `503` before that (there are no users).
 //!
 //! # Durable users
 //! A user record lives only in Redis (`herdsman:user:{username}`), never in
@@ -20,31 +28,30 @@
 //!
 //! A login for an unknown user verifies the password against a dummy hash of
 //! the same cost, so response time does not reveal which usernames exist.
-//! Passwords are never logged; [`Credentials`]' `Debug` hides them.
+//! Passwords and tokens are never logged; [`Credentials`]' `Debug` hides the password.
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 use tracing::{debug, error, info, warn};
 
+use super::client_addr::{client_addr, PeerAddr};
 use super::error::{ApiError, JsonBody};
 use crate::cache::{CacheError, DurableStore};
 use crate::hasher::{HashError, Hasher};
+use crate::sessions::{bearer_token, Sessions};
+use crate::throttle::{Bucket, Throttle};
 
 /// Redis key prefix of user records.
 pub const USER_PREFIX: &str = "herdsman:user:";
-/// Redis key prefix of login sessions (value: the username).
-pub const SESSION_PREFIX: &str = "herdsman:session:";
-/// How long a login token stays valid.
-pub const SESSION_TTL: Duration = Duration::from_secs(3600);
 pub use crate::hasher::MAX_PASSWORD_BYTES;
 pub const MIN_PASSWORD_BYTES: usize = 8;
 pub const MAX_USERNAME_CHARS: usize = 64;
@@ -117,9 +124,35 @@ impl From<CacheError> for ApiError {
     }
 }
 
+/// What the routes use, from the worker's [`crate::Services`].
+pub struct AuthApi {
+    /// `None` without `REDIS_URL`.
+    pub durable: Option<DurableStore>,
+    pub hasher: Hasher,
+    pub sessions: Sessions,
+    pub throttle: Throttle,
+    pub limits: AuthLimits,
+}
+
+/// The settings the routes apply.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthLimits {
+    /// `BCRYPT_COST`.
+    pub cost: u32,
+    /// `HERDSMAN_TRUSTED_PROXIES`.
+    pub trusted_proxies: usize,
+    /// `HERDSMAN_AUTH_LIMIT_ACCOUNT`, attempts a minute.
+    pub per_account: u32,
+    /// `HERDSMAN_AUTH_LIMIT_ADDRESS`, attempts a minute.
+    pub per_address: u32,
+}
+
 struct AuthState {
     durable: Option<DurableStore>,
     hasher: Hasher,
+    sessions: Sessions,
+    throttle: Throttle,
+    limits: AuthLimits,
     cost: u32,
     /// Hash verified against for unknown users; computed on first need.
     dummy_hash: OnceCell<String>,
@@ -146,10 +179,35 @@ impl AuthState {
     }
 }
 
-/// `POST /auth/register` and `POST /auth/login`. `durable` is `None` when no
-/// Redis is configured: both routes then answer 503.
-pub fn routes(durable: Option<DurableStore>, hasher: Hasher, cost: u32) -> Router {
-    let state = Arc::new(AuthState { durable, hasher, cost, dummy_hash: OnceCell::new() });
+impl AuthState {
+    /// Takes an attempt from the client address's and the account's buckets, or answers 429.
+    async fn throttle(&self, peer: PeerAddr, headers: &HeaderMap, username: &str) -> Result<(), ApiError> {
+        let address = client_addr(peer.0, headers, self.limits.trusted_proxies);
+        let buckets = [
+            Bucket::new("address", &address.to_string(), self.limits.per_address),
+            Bucket::new("account", username, self.limits.per_account),
+        ];
+        self.throttle.take(&buckets).await.inspect_err(|_| {
+            crate::metrics::count(crate::metrics::Event::LoginThrottled);
+            debug!(%address, "auth attempt throttled");
+        })?;
+        Ok(())
+    }
+}
+
+/// The four user routes. Without `REDIS_URL` (`durable` is `None`) register and login answer
+/// 503 and say that users need Redis.
+pub fn routes(api: AuthApi) -> Router {
+    let AuthApi { durable, hasher, sessions, throttle, limits } = api;
+    let state = Arc::new(AuthState {
+        durable,
+        hasher,
+        sessions,
+        throttle,
+        limits,
+        cost: limits.cost,
+        dummy_hash: OnceCell::new(),
+    });
     // Compute the dummy hash now, so that even the first unknown-user login
     // costs one bcrypt, not two. Without a runtime it is made on first use.
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -160,15 +218,23 @@ pub fn routes(durable: Option<DurableStore>, hasher: Hasher, cost: u32) -> Route
             }
         });
     }
-    Router::new().route("/auth/register", post(register)).route("/auth/login", post(login)).with_state(state)
+    Router::new()
+        .route("/auth/register", post(register))
+        .route("/auth/login", post(login))
+        .route("/auth/logout", post(logout))
+        .route("/auth/me", get(me))
+        .with_state(state)
 }
 
 async fn register(
     State(state): State<Arc<AuthState>>,
+    peer: PeerAddr,
+    headers: HeaderMap,
     JsonBody(credentials): JsonBody<Credentials>,
 ) -> Result<Response, ApiError> {
     credentials.validate_new()?;
     state.store()?;
+    state.throttle(peer, &headers, &credentials.username).await?;
     // Hash first: the record is written whole, in one SET NX, or not at all.
     let password_hash = state.hasher.hash(&credentials.password, state.cost).await?;
     let record = UserRecord {
@@ -192,8 +258,11 @@ async fn register(
 
 async fn login(
     State(state): State<Arc<AuthState>>,
+    peer: PeerAddr,
+    headers: HeaderMap,
     JsonBody(credentials): JsonBody<Credentials>,
 ) -> Result<Response, ApiError> {
+    state.throttle(peer, &headers, &credentials.username).await?;
     // No registration policy here: a name that cannot exist is an unknown user, a password
     // that cannot match is a wrong one; both are 401 after the same bcrypt work.
     let record = match credentials.username_is_valid() {
@@ -223,14 +292,28 @@ async fn login(
     if let Some(record) = record {
         rehash_if_cost_changed(&state, record, &credentials.password).await;
     }
-    let token = new_token();
-    state
-        .store()?
-        .set_ex(&format!("{SESSION_PREFIX}{token}"), credentials.username.as_bytes(), SESSION_TTL)
+    let token = state
+        .sessions
+        .create(&credentials.username)
         .await
         .inspect_err(|_| warn!("login succeeded but the session could not be stored"))?;
     info!(username = %credentials.username, "user logged in");
-    Ok(Json(serde_json::json!({ "token": token })).into_response())
+    let expires_in = state.sessions.ttl().as_secs();
+    Ok(Json(serde_json::json!({ "token": token.reveal(), "expires_in": expires_in })).into_response())
+}
+
+/// `POST /auth/logout`: ends the session of the token presented (204).
+async fn logout(State(state): State<Arc<AuthState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let token = bearer_token(&headers)?;
+    state.sessions.revoke(token).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /auth/me`: whose the token presented is, and for how many more seconds.
+async fn me(State(state): State<Arc<AuthState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let session = state.sessions.authenticate(&headers).await?;
+    let body = serde_json::json!({ "username": &*session.username, "expires_in": session.expires_in.as_secs() });
+    Ok(Json(body).into_response())
 }
 
 /// After a successful login: when `BCRYPT_COST` changed since the user's hash was made, the
@@ -254,12 +337,6 @@ async fn rehash_if_cost_changed(state: &AuthState, mut record: UserRecord, passw
     }
 }
 
-/// 32 random bytes from the thread-local CSPRNG, hex-encoded.
-fn new_token() -> String {
-    let bytes: [u8; 32] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,7 +347,10 @@ mod tests {
     use tower::ServiceExt;
 
     fn app() -> Router {
-        routes(None, Hasher::new(1, 8).expect("hasher"), 4)
+        let limits = AuthLimits { cost: 4, trusted_proxies: 0, per_account: 1000, per_address: 1000 };
+        let sessions = Sessions::new(None, std::time::Duration::from_secs(60));
+        let hasher = Hasher::new(1, 8).expect("hasher");
+        routes(AuthApi { durable: None, hasher, sessions, throttle: Throttle::new(None), limits })
     }
 
     async fn post(
@@ -369,13 +449,5 @@ mod tests {
     fn credentials_debug_hides_the_password() {
         let credentials = Credentials { username: "alice".into(), password: "hunter22".into() };
         assert!(!format!("{credentials:?}").contains("hunter22"));
-    }
-
-    #[test]
-    fn tokens_are_64_hex_chars_and_differ() {
-        let (a, b) = (new_token(), new_token());
-        assert_eq!(a.len(), 64);
-        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, b);
     }
 }

@@ -1,10 +1,28 @@
-//! `/cache/{key}`: the two-tier [`Cache`] over HTTP.
+//! `/cache/{key}`: the two-tier [`Cache`] over HTTP, for logged-in users, each in a namespace of
+//! their own.
 //!
 //! ```text
 //! PUT    /cache/{key}[?ttl=SECONDS]   body = value      -> 204
 //! GET    /cache/{key}                                   -> 200 octet-stream | 404
 //! DELETE /cache/{key}                                   -> 204
 //! ```
+//!
+//! Every request needs `Authorization: Bearer <token>` from `/auth/login` ([`crate::sessions`]):
+//! without one, or with one that is malformed, unknown, expired or revoked, the answer is `401`
+//! with `WWW-Authenticate: Bearer`, before the key, the query or the body is looked at. Without
+//! `REDIS_URL` there are no sessions, so every request is that `401` and its message says
+//! sessions need Redis (embedders still have the cache itself in their handlers).
+//!
+//! # Namespaces
+//! User `alice`'s key `k` is the cache key `user:alice/k`. A username is made only of
+//! `[A-Za-z0-9_.-]` (the registration policy), so the first `/` ends it and no key, however
+//! crafted (`../bob/k`, `%2F`, anything), can reach another user's namespace: the username
+//! comes from the session, never from the request.
+//!
+//! # Limits
+//! Per-user quotas of keys and bytes ([`super::quota`]) are `403` naming the quota. While Redis
+//! is away, a write this worker cannot hold for replay is `507 Insufficient Storage` with
+//! `Retry-After`: it was not kept, and the client is told so.
 //!
 //! Every answer carries `x-cache-tier: redis|memory`, saying which tier
 //! served it, so an operator (or a test) can see the circuit breaker at work
@@ -19,14 +37,16 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use super::quota::Quotas;
 use crate::cache::{Cache, CacheError, Tier};
+use crate::sessions::Sessions;
 
 /// Response header naming the tier that answered.
 pub const TIER_HEADER: &str = "x-cache-tier";
@@ -46,12 +66,14 @@ pub struct Limits {
 
 struct ApiState {
     cache: Cache,
+    sessions: Sessions,
+    quotas: Quotas,
     limits: Limits,
 }
 
-/// The cache routes.
-pub fn routes(cache: Cache, limits: Limits) -> Router {
-    let state = Arc::new(ApiState { cache, limits });
+/// The cache routes; `sessions` says who is calling, `quotas` how much they may store.
+pub fn routes(cache: Cache, sessions: Sessions, quotas: Quotas, limits: Limits) -> Router {
+    let state = Arc::new(ApiState { cache, sessions, quotas, limits });
     Router::new()
         .route("/cache/{key}", get(get_value).put(put_value).delete(delete_value))
         .layer(DefaultBodyLimit::max(limits.max_value_bytes))
@@ -74,17 +96,31 @@ fn with_tier(mut response: Response, tier: Tier) -> Response {
 }
 
 fn cache_error(err: CacheError) -> Response {
+    if let CacheError::ReplayFull = err {
+        // Redis is away and this worker holds all the outage writes it can: the write was not
+        // kept, and the client must hear so (it may retry once Redis is back).
+        return ApiError::new(StatusCode::INSUFFICIENT_STORAGE, err.to_string()).retry_after(2).into_response();
+    }
     // The cache falls back to memory instead of failing; reaching this means
     // something unexpected, and the details stay in the log.
     tracing::error!(error = %err, "cache operation failed");
     error(StatusCode::SERVICE_UNAVAILABLE, "cache unavailable")
 }
 
-fn check_key(state: &ApiState, key: &str) -> Result<(), ApiError> {
+/// The caller and their cache key for `key` (their namespace, then the key), once both the
+/// session and the key's length are checked.
+async fn user_key(state: &ApiState, headers: &HeaderMap, key: &str) -> Result<(Arc<str>, String), ApiError> {
+    let session = state.sessions.authenticate(headers).await?;
     if key.len() > state.limits.max_key_bytes {
         return Err(ApiError::bad_request(format!("key is longer than {} bytes", state.limits.max_key_bytes)));
     }
-    Ok(())
+    let cache_key = namespaced(&session.username, key);
+    Ok((session.username, cache_key))
+}
+
+/// `user:{username}/{key}`; see the module doc for why this cannot collide.
+pub fn namespaced(username: &str, key: &str) -> String {
+    format!("user:{username}/{key}")
 }
 
 /// `?ttl=SECONDS`: a whole number from 1 to the maximum; absent means the default. Parsed as
@@ -102,10 +138,11 @@ fn parse_ttl(params: Result<Query<PutParams>, QueryRejection>, limits: &Limits) 
     }
 }
 
-async fn get_value(State(state): State<Arc<ApiState>>, Path(key): Path<String>) -> Response {
-    if let Err(err) = check_key(&state, &key) {
-        return err.into_response();
-    }
+async fn get_value(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(key): Path<String>) -> Response {
+    let key = match user_key(&state, &headers, &key).await {
+        Ok((_, key)) => key,
+        Err(err) => return err.into_response(),
+    };
     match state.cache.get_with_tier(&key).await {
         Ok((Some(value), tier)) => {
             with_tier(([(header::CONTENT_TYPE, "application/octet-stream")], value).into_response(), tier)
@@ -117,13 +154,15 @@ async fn get_value(State(state): State<Arc<ApiState>>, Path(key): Path<String>) 
 
 async fn put_value(
     State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
     Path(key): Path<String>,
     params: Result<Query<PutParams>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Err(err) = check_key(&state, &key) {
-        return err.into_response();
-    }
+    let (username, cache_key) = match user_key(&state, &headers, &key).await {
+        Ok(found) => found,
+        Err(err) => return err.into_response(),
+    };
     let ttl = match parse_ttl(params, &state.limits) {
         Ok(ttl) => ttl,
         Err(err) => return err.into_response(),
@@ -133,18 +172,25 @@ async fn put_value(
         // 413 for an oversized body, 400 for one that could not be read.
         Err(rejection) => return error(rejection.status(), rejection.body_text()),
     };
-    match state.cache.set_with_tier(&key, value, Some(ttl)).await {
+    if let Err(err) = state.quotas.reserve(&username, &key, value.len(), ttl).await {
+        return err.into_response();
+    }
+    match state.cache.set_with_tier(&cache_key, value, Some(ttl)).await {
         Ok(tier) => with_tier(StatusCode::NO_CONTENT.into_response(), tier),
         Err(err) => cache_error(err),
     }
 }
 
-async fn delete_value(State(state): State<Arc<ApiState>>, Path(key): Path<String>) -> Response {
-    if let Err(err) = check_key(&state, &key) {
-        return err.into_response();
-    }
-    match state.cache.delete_with_tier(&key).await {
-        Ok(tier) => with_tier(StatusCode::NO_CONTENT.into_response(), tier),
+async fn delete_value(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(key): Path<String>) -> Response {
+    let (username, cache_key) = match user_key(&state, &headers, &key).await {
+        Ok(found) => found,
+        Err(err) => return err.into_response(),
+    };
+    match state.cache.delete_with_tier(&cache_key).await {
+        Ok(tier) => {
+            state.quotas.release(&username, &key).await;
+            with_tier(StatusCode::NO_CONTENT.into_response(), tier)
+        }
         Err(err) => cache_error(err),
     }
 }
@@ -158,6 +204,8 @@ mod tests {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
+    /// No Redis: no sessions. The routes with sessions are tested against a real Redis
+    /// (tests/sessions_redis.rs).
     fn app() -> Router {
         let cache = Cache::new(CacheConfig::default()).expect("memory cache");
         let limits = Limits {
@@ -166,86 +214,42 @@ mod tests {
             default_ttl: Duration::from_secs(5),
             max_ttl: Duration::from_secs(60),
         };
-        routes(cache, limits)
-    }
-
-    async fn send(app: &Router, method: Method, uri: &str, body: &'static [u8]) -> (StatusCode, Option<String>, Bytes) {
-        let request = Request::builder().method(method).uri(uri).body(Body::from(body)).expect("request");
-        let response = app.clone().oneshot(request).await.expect("infallible");
-        let status = response.status();
-        let tier = response.headers().get(TIER_HEADER).and_then(|value| value.to_str().ok()).map(str::to_string);
-        let body = response.into_body().collect().await.expect("body").to_bytes();
-        (status, tier, body)
-    }
-
-    fn error_message(body: &Bytes) -> String {
-        let json: serde_json::Value = serde_json::from_slice(body).expect("json error body");
-        json["error"].as_str().expect("error string").to_string()
+        routes(cache, Sessions::new(None, Duration::from_secs(60)), Quotas::new(None, 10, 100), limits)
     }
 
     #[tokio::test]
-    async fn put_get_delete_round_trip() {
+    async fn without_a_session_every_request_is_401_with_a_bearer_challenge() {
         let app = app();
-        let (status, tier, _) = send(&app, Method::PUT, "/cache/k1", b"value").await;
-        assert_eq!(status, StatusCode::NO_CONTENT);
-        assert_eq!(tier.as_deref(), Some("memory"));
-
-        let request = Request::get("/cache/k1").body(Body::empty()).expect("request");
-        let response = app.clone().oneshot(request).await.expect("infallible");
-        assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/octet-stream");
-        let body = response.into_body().collect().await.expect("body").to_bytes();
-        assert_eq!(&body[..], b"value");
-
-        let (status, _, _) = send(&app, Method::DELETE, "/cache/k1", b"").await;
-        assert_eq!(status, StatusCode::NO_CONTENT);
-        let (status, tier, body) = send(&app, Method::GET, "/cache/k1", b"").await;
-        assert_eq!(status, StatusCode::NOT_FOUND);
-        assert_eq!(tier.as_deref(), Some("memory"));
-        assert_eq!(error_message(&body), "no such key");
-    }
-
-    #[tokio::test]
-    async fn ttl_is_honoured_and_validated() {
-        let app = app();
-        let (status, _, _) = send(&app, Method::PUT, "/cache/t?ttl=1", b"v").await;
-        assert_eq!(status, StatusCode::NO_CONTENT);
-        let (status, _, _) = send(&app, Method::GET, "/cache/t", b"").await;
-        assert_eq!(status, StatusCode::OK);
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        let (status, _, _) = send(&app, Method::GET, "/cache/t", b"").await;
-        assert_eq!(status, StatusCode::NOT_FOUND);
-
-        for bad in ["0", "-1", "abc", "1.5", "", "61", "9300000000000000000", "99999999999999999999999"] {
-            let uri = format!("/cache/t?ttl={bad}");
-            let request = Request::put(uri.as_str()).body(Body::from("v")).expect("request");
-            let response = app.clone().oneshot(request).await.expect("infallible");
-            assert_eq!(response.status(), StatusCode::BAD_REQUEST, "ttl={bad}");
-            let body = response.into_body().collect().await.expect("body").to_bytes();
-            assert!(error_message(&body).contains("ttl"), "ttl={bad}");
+        let token = "ab".repeat(32);
+        let authorizations: [Option<&[u8]>; 4] = [
+            None,
+            Some(b"Basic YWxpY2U6cHc="),
+            Some(b"Bearer \xff"),
+            Some(format!("Bearer {token}").leak().as_bytes()),
+        ];
+        for method in [Method::GET, Method::PUT, Method::DELETE] {
+            for authorization in authorizations {
+                let mut request = Request::builder().method(method.clone()).uri("/cache/k?ttl=bad");
+                if let Some(value) = authorization {
+                    request = request.header(header::AUTHORIZATION, HeaderValue::from_bytes(value).expect("header"));
+                }
+                let request = request.body(Body::from("v")).expect("request");
+                let response = app.clone().oneshot(request).await.expect("infallible");
+                assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{method} {authorization:?}");
+                assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
+                let body = response.into_body().collect().await.expect("body").to_bytes();
+                let json: serde_json::Value = serde_json::from_slice(&body).expect("json error body");
+                assert!(json["error"].as_str().is_some_and(|m| !m.is_empty()), "{json}");
+            }
         }
     }
 
-    #[tokio::test]
-    async fn oversized_key_is_400_and_oversized_value_is_413() {
-        let app = app();
-        let long_key = format!("/cache/{}", "k".repeat(17));
-        let request = Request::put(long_key.as_str()).body(Body::from("v")).expect("request");
-        let response = app.clone().oneshot(request).await.expect("infallible");
-        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-        let body = response.into_body().collect().await.expect("body").to_bytes();
-        assert!(error_message(&body).contains("16 bytes"));
-
-        let request = Request::put("/cache/big").body(Body::from(vec![b'x'; 65])).expect("request");
-        let response = app.clone().oneshot(request).await.expect("infallible");
-        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
-        let body = response.into_body().collect().await.expect("body").to_bytes();
-        assert!(!error_message(&body).is_empty());
-
-        // Exactly at the limits is fine.
-        let key = format!("/cache/{}", "k".repeat(16));
-        let request = Request::put(key.as_str()).body(Body::from(vec![b'x'; 64])).expect("request");
-        let response = app.clone().oneshot(request).await.expect("infallible");
-        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    #[test]
+    fn a_crafted_key_stays_in_its_users_namespace() {
+        for key in ["../bob/k", "/bob/k", "bob/k", "%2Fbob%2Fk", ""] {
+            assert!(namespaced("alice", key).starts_with("user:alice/"), "{key}");
+        }
+        // A username cannot hold '/', so alice's keys never start with another user's prefix.
+        assert!(!namespaced("alice", "x").starts_with(&namespaced("al", "")));
     }
 }

@@ -10,6 +10,8 @@ use serde::de::DeserializeOwned;
 use tracing::error;
 
 use crate::hasher::HashError;
+use crate::sessions::SessionError;
+use crate::throttle::Throttled;
 
 /// An error answer. Handlers return `Result<_, ApiError>`; the guard's own answers (413, 503,
 /// 500) are built with it too, so every error a client sees has the same shape.
@@ -18,17 +20,28 @@ pub struct ApiError {
     status: StatusCode,
     message: String,
     retry_after_secs: Option<u32>,
+    /// A 401 that asks for a bearer token (`WWW-Authenticate: Bearer`).
+    bearer_challenge: bool,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError { status, message: message.into(), retry_after_secs: None }
+        ApiError { status, message: message.into(), retry_after_secs: None, bearer_challenge: false }
     }
 
     /// Tells the client when trying again makes sense (503 for a busy or absent dependency).
     pub fn retry_after(mut self, secs: u32) -> ApiError {
         self.retry_after_secs = Some(secs);
         self
+    }
+
+    /// 401 with `WWW-Authenticate: Bearer`: this route needs a session token.
+    pub fn unauthorized_bearer(message: impl Into<String>) -> ApiError {
+        ApiError { bearer_challenge: true, ..ApiError::new(StatusCode::UNAUTHORIZED, message) }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -56,11 +69,31 @@ impl From<HashError> for ApiError {
     }
 }
 
+impl From<SessionError> for ApiError {
+    fn from(err: SessionError) -> ApiError {
+        match err {
+            SessionError::Unavailable => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, err.to_string()).retry_after(2),
+            // Missing, malformed, unknown, and no Redis at all: no session, say how to get one.
+            other => ApiError::unauthorized_bearer(other.to_string()),
+        }
+    }
+}
+
+impl From<Throttled> for ApiError {
+    fn from(err: Throttled) -> ApiError {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too many attempts, retry later")
+            .retry_after(err.retry_after_secs())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(serde_json::json!({ "error": self.message }))).into_response();
         if let Some(secs) = self.retry_after_secs {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.bearer_challenge {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

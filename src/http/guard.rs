@@ -21,6 +21,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -37,6 +38,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 use tower::Service as _;
 
+use super::client_addr::PeerAddr;
 use super::error::ApiError;
 use super::metrics_route;
 use crate::metrics::RequestMetrics;
@@ -51,17 +53,25 @@ pub struct Guard {
     max_body_bytes: usize,
     /// `HERDSMAN_METRICS_TOKEN`: opens `/metrics` on this port (see [`super::metrics_route`]).
     metrics_token: Option<Arc<str>>,
+    /// The connection's peer, handed to routes as a [`PeerAddr`] extension.
+    peer: Option<PeerAddr>,
 }
 
 impl Guard {
     pub fn new(router: Router, tracker: RequestTracker, request_timeout: Duration, max_body_bytes: usize) -> Self {
-        Guard { router, tracker, request_timeout, max_body_bytes, metrics_token: None }
+        Guard { router, tracker, request_timeout, max_body_bytes, metrics_token: None, peer: None }
     }
 
     /// Serves the metrics at `/metrics` to requests bearing `token`.
     pub fn with_metrics_token(mut self, token: Option<&str>) -> Self {
         self.metrics_token = token.map(Arc::from);
         self
+    }
+
+    /// The guard of one connection from `peer` (per-address login limits need it).
+    pub fn for_peer(&self, peer: IpAddr) -> Self {
+        // An IPv4 client of the dual-stack socket arrives as ::ffff:a.b.c.d; count it as a.b.c.d.
+        Guard { peer: Some(PeerAddr(peer.to_canonical())), ..self.clone() }
     }
 }
 
@@ -83,8 +93,11 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
             return GuardFuture::answered(registration, metrics, body_too_large(self.max_body_bytes));
         }
         let limit = self.max_body_bytes;
-        let request =
+        let mut request =
             request.map(|body| if body.is_end_stream() { Body::empty() } else { Body::new(Limited::new(body, limit)) });
+        if let Some(peer) = self.peer {
+            request.extensions_mut().insert(peer);
+        }
         let deadline = Instant::from_std(registration.started()) + self.request_timeout;
         // The router is an `Arc` inside: cloning it is how axum itself serves a request.
         match catch_unwind(AssertUnwindSafe(|| self.router.clone().call(request))) {

@@ -8,12 +8,14 @@
 
 pub mod auth_api;
 pub mod cache_api;
+pub mod client_addr;
 pub mod connection_deadline;
 pub mod error;
 pub mod guard;
 pub mod health;
 pub mod metrics_route;
 pub mod queue_time;
+pub mod quota;
 pub mod request_id;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
@@ -53,10 +55,24 @@ pub fn cache_routes(services: &Services) -> Router {
         default_ttl: config.cache_default_ttl,
         max_ttl: config.cache_max_ttl,
     };
-    cache_api::routes(services.cache.clone(), limits)
+    let quotas = quota::Quotas::new(services.cache.durable(), config.user_max_keys, config.user_max_bytes);
+    cache_api::routes(services.cache.clone(), services.sessions.clone(), quotas, limits)
 }
 
-/// `/auth/register` and `/auth/login` (opt-in: [`crate::App::with_auth_api`]).
+/// `/auth/register`, `/auth/login`, `/auth/logout`, `/auth/me` (opt-in:
+/// [`crate::App::with_auth_api`]).
 pub fn auth_routes(services: &Services) -> Router {
-    auth_api::routes(services.cache.durable(), services.hasher.clone(), services.config.bcrypt_cost)
+    let config = &services.config;
+    auth_api::routes(auth_api::AuthApi {
+        durable: services.cache.durable(),
+        hasher: services.hasher.clone(),
+        sessions: services.sessions.clone(),
+        throttle: services.throttle.clone(),
+        limits: auth_api::AuthLimits {
+            cost: config.bcrypt_cost,
+            trusted_proxies: config.trusted_proxies,
+            per_account: config.auth_limit_account,
+            per_address: config.auth_limit_address,
+        },
+    })
 }

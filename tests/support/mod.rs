@@ -233,6 +233,10 @@ pub struct LoadReport {
     pub ok: u64,
     /// 404 answers: a cache miss is an answer, not a failure; tests decide what they allow.
     pub not_found: u64,
+    /// 401 answers, and when the first came: a session can end during a load (a Redis that
+    /// restarts empty forgets it); tests decide when that is allowed.
+    pub unauthorized: u64,
+    pub first_unauthorized_at: Option<Instant>,
     /// Transport errors and every other non-2xx status.
     pub failed: u64,
     pub errors: Vec<String>,
@@ -248,9 +252,18 @@ pub struct Load {
 
 impl Load {
     pub fn start(url: String, concurrency: usize) -> Load {
+        Load::start_with(reqwest::Client::builder(), url, concurrency)
+    }
+
+    /// Like [`Load::start`], every request with `Authorization: Bearer {token}`.
+    pub fn start_authorized(url: String, concurrency: usize, token: &str) -> Load {
+        Load::start_with(reqwest::Client::builder().default_headers(bearer(token)), url, concurrency)
+    }
+
+    fn start_with(client: reqwest::ClientBuilder, url: String, concurrency: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+        let client = client.timeout(Duration::from_secs(10)).build().expect("client");
         let load_started = Instant::now();
         let handles = (0..concurrency)
             .map(|_| {
@@ -271,6 +284,10 @@ impl Load {
                                 }
                             },
                             Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => report.not_found += 1,
+                            Ok(r) if r.status() == reqwest::StatusCode::UNAUTHORIZED => {
+                                report.unauthorized += 1;
+                                report.first_unauthorized_at.get_or_insert(started);
+                            }
                             Ok(r) => {
                                 report.failed += 1;
                                 report.errors.push(format!("status {} at {:?}", r.status(), load_started.elapsed()));
@@ -296,9 +313,38 @@ impl Load {
             total.ok += r.ok;
             total.failed += r.failed;
             total.not_found += r.not_found;
+            total.unauthorized += r.unauthorized;
+            total.first_unauthorized_at = match (total.first_unauthorized_at, r.first_unauthorized_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             total.errors.extend(r.errors);
             total.max_latency = total.max_latency.max(r.max_latency);
         }
         total
     }
+}
+
+/// Registers `username` (password `password-{username}`) and logs in; returns the session
+/// token, for `Authorization: Bearer`. Needs a server with a `REDIS_URL`.
+pub async fn register_and_login(client: &reqwest::Client, server: &Herdsman, username: &str) -> String {
+    let credentials = serde_json::json!({ "username": username, "password": format!("password-{username}") });
+    let registered = client.post(server.url("/auth/register")).json(&credentials).send().await.expect("register");
+    assert!(matches!(registered.status().as_u16(), 201 | 409), "register {username}: {}", registered.status());
+    let login = client.post(server.url("/auth/login")).json(&credentials).send().await.expect("login");
+    assert_eq!(login.status(), 200, "login {username}");
+    let body: serde_json::Value = login.json().await.expect("login body");
+    body["token"].as_str().expect("a token").to_string()
+}
+
+fn bearer(token: &str) -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).expect("a token is ASCII");
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    headers
+}
+
+/// A client that sends `Authorization: Bearer {token}` with every request.
+pub fn client_with_token(token: &str) -> reqwest::Client {
+    reqwest::Client::builder().default_headers(bearer(token)).build().expect("client")
 }

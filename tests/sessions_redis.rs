@@ -1,0 +1,453 @@
+//! Sessions, per-user namespaces, quotas and the login throttle against a real Redis
+//! (testcontainers): a worker's router in-process (the same `Services` a worker builds), and the
+//! real binary where sockets matter (client addresses, bcrypt cost, several workers).
+//!
+//! Image: `HERDSMAN_REDIS_IMAGE` (default `redis:7`); see `tests/support/redis.rs`.
+
+#[path = "support/redis.rs"]
+mod redis_support;
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use herdsman::cache::{Cache, CacheConfig, RedisStatus};
+use herdsman::hasher::Hasher;
+use herdsman::tracker::RequestTracker;
+use herdsman::{http, Config, Services};
+use http_body_util::BodyExt;
+use redis_support::TestRedis;
+use tower::ServiceExt;
+
+/// A worker's services and its cache and auth routes, on `redis`, with `tune` applied to the
+/// configuration.
+async fn worker(redis: &TestRedis, tune: impl FnOnce(&mut Config)) -> (Services, Router) {
+    let mut config = Config { redis_url: Some(redis.url.clone()), bcrypt_cost: 4, ..Config::default() };
+    tune(&mut config);
+    let cache = Cache::new(CacheConfig::from_config(&config)).expect("valid url");
+    cache.connect().await.expect("connect");
+    let hasher = Hasher::new(2, 64).expect("hasher");
+    let services = Services::assemble(Arc::new(config), cache, hasher, RequestTracker::new(None, || {}));
+    let router = Router::new().merge(http::cache_routes(&services)).merge(http::auth_routes(&services));
+    (services, router)
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+async fn send(app: &Router, method: Method, uri: &str, token: Option<&str>, body: impl Into<Body>) -> Reply {
+    let mut request = Request::builder().method(method).uri(uri).header(header::CONTENT_TYPE, "application/json");
+    if let Some(token) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let response = app.clone().oneshot(request.body(body.into()).expect("request")).await.expect("infallible");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.expect("body").to_bytes().to_vec();
+    Reply { status, headers, body }
+}
+
+/// Registers and logs `username` in through the routes; returns the token.
+async fn login(app: &Router, username: &str) -> String {
+    let credentials = serde_json::json!({ "username": username, "password": "correct horse" }).to_string();
+    let reply = send(app, Method::POST, "/auth/register", None, credentials.clone()).await;
+    assert!(matches!(reply.status.as_u16(), 201 | 409), "{}", reply.json());
+    let reply = send(app, Method::POST, "/auth/login", None, credentials).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    reply.json()["token"].as_str().expect("token").to_string()
+}
+
+fn assert_401_bearer(reply: &Reply, what: &str) {
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{what}");
+    assert_eq!(reply.header("www-authenticate"), Some("Bearer"), "{what}");
+    assert!(reply.json()["error"].as_str().is_some_and(|m| !m.is_empty()), "{what}");
+}
+
+async fn raw_keys_and_values(redis: &TestRedis) -> Vec<(String, String)> {
+    let mut conn = redis.client().await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.expect("KEYS");
+    let mut out = Vec::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut conn).await.expect("TYPE");
+        let value = match kind.as_str() {
+            "string" => redis::cmd("GET").arg(&key).query_async::<Vec<u8>>(&mut conn).await.expect("GET"),
+            _ => {
+                let fields: Vec<Vec<u8>> =
+                    redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await.expect("HGETALL");
+                fields.concat()
+            }
+        };
+        out.push((key, String::from_utf8_lossy(&value).into_owned()));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_session_opens_the_cache_and_only_its_owners_namespace() {
+    let Some(redis) = TestRedis::start().await else { return };
+    let (_services, app) = worker(&redis, |_| {}).await;
+    let alice = login(&app, "alice").await;
+    let bob = login(&app, "bob").await;
+
+    // No token, a malformed one, an unknown one: 401 with the challenge, before anything else.
+    assert_401_bearer(&send(&app, Method::PUT, "/cache/k", None, "v").await, "no token");
+    assert_401_bearer(&send(&app, Method::GET, "/cache/k", Some("not-a-token"), "").await, "malformed");
+    assert_401_bearer(&send(&app, Method::GET, "/cache/k", Some(&"0".repeat(64)), "").await, "unknown");
+
+    let reply = send(&app, Method::PUT, "/cache/k?ttl=60", Some(&alice), "alice's value").await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    assert_eq!(reply.header("x-cache-tier"), Some("redis"));
+    let reply = send(&app, Method::GET, "/cache/k", Some(&alice), "").await;
+    assert_eq!((reply.status, reply.body.as_slice()), (StatusCode::OK, &b"alice's value"[..]));
+    let keys: Vec<String> = raw_keys_and_values(&redis).await.into_iter().map(|(k, _)| k).collect();
+    assert!(keys.contains(&"herdsman:cache:user:alice/k".to_string()), "{keys:?}");
+
+    // Bob has a namespace of his own: the same key is not there, and no crafted key reaches Alice's.
+    for uri in ["/cache/k", "/cache/..%2Falice%2Fk", "/cache/%2E%2E%2Falice%2Fk", "/cache/alice%2Fk"] {
+        let reply = send(&app, Method::GET, uri, Some(&bob), "").await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{uri}");
+    }
+    assert_eq!(send(&app, Method::DELETE, "/cache/k", Some(&bob), "").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(send(&app, Method::GET, "/cache/k", Some(&alice), "").await.status, StatusCode::OK);
+
+    let me = send(&app, Method::GET, "/auth/me", Some(&alice), "").await;
+    assert_eq!(me.status, StatusCode::OK);
+    assert_eq!(me.json()["username"], "alice");
+    assert!((1..=3600).contains(&me.json()["expires_in"].as_u64().expect("expires_in")), "{}", me.json());
+    assert_401_bearer(&send(&app, Method::GET, "/auth/me", None, "").await, "me without a token");
+
+    // Logout revokes exactly the token presented.
+    assert_eq!(send(&app, Method::POST, "/auth/logout", Some(&alice), "").await.status, StatusCode::NO_CONTENT);
+    assert_401_bearer(&send(&app, Method::GET, "/cache/k", Some(&alice), "").await, "logged-out token");
+    assert_401_bearer(&send(&app, Method::GET, "/auth/me", Some(&alice), "").await, "me, logged out");
+    assert_401_bearer(&send(&app, Method::POST, "/auth/logout", Some(&alice), "").await, "logout twice");
+    assert_eq!(send(&app, Method::GET, "/auth/me", Some(&bob), "").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn tokens_are_stored_hashed_with_the_session_ttl_and_expire() {
+    let Some(redis) = TestRedis::start().await else { return };
+    let (_services, app) = worker(&redis, |c| c.session_ttl = Duration::from_secs(2)).await;
+    let token = login(&app, "carol").await;
+    assert_eq!(token.len(), 64);
+
+    let stored = raw_keys_and_values(&redis).await;
+    for (key, value) in &stored {
+        assert!(!key.contains(&token) && !value.contains(&token), "the token in clear at {key}");
+    }
+    let sessions: Vec<&String> = stored.iter().map(|(k, _)| k).filter(|k| k.starts_with("herdsman:session:")).collect();
+    assert_eq!(sessions.len(), 1, "{stored:?}");
+    let mut conn = redis.client().await;
+    let pttl: i64 = redis::cmd("PTTL").arg(sessions[0]).query_async(&mut conn).await.expect("PTTL");
+    assert!((1..=2000).contains(&pttl), "pttl {pttl}");
+
+    assert_eq!(send(&app, Method::GET, "/auth/me", Some(&token), "").await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_401_bearer(&send(&app, Method::GET, "/auth/me", Some(&token), "").await, "expired");
+}
+
+#[tokio::test]
+async fn the_cache_limits_hold_for_a_logged_in_user() {
+    let Some(redis) = TestRedis::start().await else { return };
+    let (_services, app) = worker(&redis, |c| {
+        c.max_body_bytes = 1024;
+        c.cache_max_ttl = Duration::from_secs(60);
+    })
+    .await;
+    let token = login(&app, "dave").await;
+    for bad in ["0", "-1", "abc", "1.5", "", "61", "9300000000000000000"] {
+        let reply = send(&app, Method::PUT, &format!("/cache/t?ttl={bad}"), Some(&token), "v").await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "ttl={bad}");
+        assert!(reply.json()["error"].as_str().expect("error").contains("ttl"), "ttl={bad}");
+    }
+    let long_key = format!("/cache/{}", "k".repeat(513));
+    assert_eq!(send(&app, Method::PUT, &long_key, Some(&token), "v").await.status, StatusCode::BAD_REQUEST);
+    let reply = send(&app, Method::PUT, "/cache/big", Some(&token), vec![b'x'; 1025]).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        send(&app, Method::PUT, "/cache/fits", Some(&token), vec![b'x'; 1024]).await.status,
+        StatusCode::NO_CONTENT
+    );
+}
+
+#[tokio::test]
+async fn quotas_of_keys_and_bytes_are_refused_with_403_naming_them() {
+    let Some(redis) = TestRedis::start().await else { return };
+    let (_services, app) = worker(&redis, |c| {
+        c.user_max_keys = 3;
+        c.user_max_bytes = 1000;
+    })
+    .await;
+    let erin = login(&app, "erin").await;
+    let frank = login(&app, "frank").await;
+    for key in ["a", "b", "c"] {
+        assert_eq!(
+            send(&app, Method::PUT, &format!("/cache/{key}"), Some(&erin), "v").await.status,
+            StatusCode::NO_CONTENT
+        );
+    }
+    let reply = send(&app, Method::PUT, "/cache/d", Some(&erin), "v").await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert!(reply.json()["error"].as_str().expect("error").contains("HERDSMAN_USER_MAX_KEYS"), "{}", reply.json());
+    // Rewriting a key she holds is not a new key; deleting one makes room.
+    assert_eq!(send(&app, Method::PUT, "/cache/a", Some(&erin), "w").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(send(&app, Method::DELETE, "/cache/b", Some(&erin), "").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(send(&app, Method::PUT, "/cache/d", Some(&erin), "v").await.status, StatusCode::NO_CONTENT);
+
+    // Bytes: 600 + 600 > 1000, whatever the key count.
+    assert_eq!(send(&app, Method::PUT, "/cache/x", Some(&frank), vec![1u8; 600]).await.status, StatusCode::NO_CONTENT);
+    let reply = send(&app, Method::PUT, "/cache/y", Some(&frank), vec![1u8; 600]).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert!(reply.json()["error"].as_str().expect("error").contains("HERDSMAN_USER_MAX_BYTES"), "{}", reply.json());
+    // Each user's quota is their own: Erin's keys do not count for Frank.
+    assert_eq!(send(&app, Method::PUT, "/cache/y", Some(&frank), vec![1u8; 300]).await.status, StatusCode::NO_CONTENT);
+    // An expired value no longer counts.
+    assert_eq!(
+        send(&app, Method::PUT, "/cache/x?ttl=1", Some(&frank), vec![1u8; 600]).await.status,
+        StatusCode::NO_CONTENT
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(send(&app, Method::PUT, "/cache/z", Some(&frank), vec![1u8; 600]).await.status, StatusCode::NO_CONTENT);
+}
+
+async fn wait_for(cache: &Cache, up: bool) {
+    let started = Instant::now();
+    while (cache.status() == RedisStatus::Up) != up {
+        assert!(started.elapsed() < Duration::from_secs(10), "still {:?}", cache.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn in_an_outage_a_known_session_keeps_working_and_an_unknown_one_is_503() {
+    let Some(redis) = TestRedis::start().await else { return };
+    let (services, app) = worker(&redis, |_| {}).await;
+    // Another worker of the same deployment: this one has never seen its sessions.
+    let (_other, other_app) = worker(&redis, |_| {}).await;
+    let known = login(&app, "grace").await;
+    let unseen = login(&other_app, "heidi").await;
+    assert_eq!(send(&app, Method::PUT, "/cache/k", Some(&known), "before").await.status, StatusCode::NO_CONTENT);
+
+    redis.stop().await;
+    // The first request that meets the outage trips the breaker and is still answered.
+    let started = Instant::now();
+    let reply = send(&app, Method::PUT, "/cache/k", Some(&known), "during").await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT, "{:?}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(reply.header("x-cache-tier"), Some("memory"));
+    wait_for(&services.cache, false).await;
+    let reply = send(&app, Method::GET, "/cache/k", Some(&known), "").await;
+    assert_eq!((reply.status, reply.body.as_slice()), (StatusCode::OK, &b"during"[..]));
+    assert_eq!(send(&app, Method::GET, "/auth/me", Some(&known), "").await.json()["username"], "grace");
+    assert!(started.elapsed() < Duration::from_secs(3), "an outage must not make requests wait");
+
+    // A token this worker never verified: nobody can tell, so 503 and retry, not 401.
+    for token in [unseen.as_str(), &"0".repeat(64)] {
+        let reply = send(&app, Method::GET, "/cache/k", Some(token), "").await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(reply.header("retry-after").is_some());
+    }
+    // Logging in needs the user store.
+    let credentials = serde_json::json!({ "username": "grace", "password": "correct horse" }).to_string();
+    let reply = send(&app, Method::POST, "/auth/login", None, credentials).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    // A logout here is forgotten here at once, even though Redis cannot hear it.
+    let reply = send(&app, Method::POST, "/auth/logout", Some(&known), "").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(send(&app, Method::GET, "/auth/me", Some(&known), "").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    drop(redis);
+}
+
+#[tokio::test]
+async fn a_write_the_outage_budget_cannot_hold_is_refused_with_507_not_acknowledged() {
+    let Some(redis) = TestRedis::start().await else { return };
+    let (services, app) = worker(&redis, |c| {
+        c.cache_max_bytes = 64 << 10;
+        c.user_max_bytes = 1 << 30;
+        c.user_max_keys = 1 << 20;
+    })
+    .await;
+    let token = login(&app, "ivan").await;
+    redis.stop().await;
+    assert_eq!(send(&app, Method::PUT, "/cache/first", Some(&token), "v").await.status, StatusCode::NO_CONTENT);
+    wait_for(&services.cache, false).await;
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for i in 0..20 {
+        let reply = send(&app, Method::PUT, &format!("/cache/v{i}"), Some(&token), vec![7u8; 8 << 10]).await;
+        match reply.status {
+            StatusCode::NO_CONTENT => acknowledged.push(i),
+            StatusCode::INSUFFICIENT_STORAGE => {
+                refused += 1;
+                assert!(reply.header("retry-after").is_some());
+                assert!(reply.json()["error"].as_str().expect("error").contains("not kept"));
+            }
+            other => panic!("v{i}: {other}"),
+        }
+    }
+    assert!(refused > 0, "160 KiB cannot fit a 64 KiB replay budget");
+    assert!(!acknowledged.is_empty());
+
+    // Everything acknowledged reaches Redis once it is back.
+    redis.restart().await;
+    wait_for(&services.cache, true).await;
+    let mut conn = redis.client().await;
+    for i in acknowledged {
+        let key = format!("herdsman:cache:user:ivan/v{i}");
+        let value: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.expect("GET");
+        assert_eq!(value.map(|v| v.len()), Some(8 << 10), "{key} was acknowledged");
+    }
+}
+
+// --- The real binary -----------------------------------------------------------------------
+
+async fn login_attempt(
+    client: &reqwest::Client,
+    server: &support::Herdsman,
+    username: &str,
+    forwarded: Option<&str>,
+) -> reqwest::Response {
+    let credentials = serde_json::json!({ "username": username, "password": "wrong password" });
+    let mut request = client.post(server.url("/auth/login")).json(&credentials);
+    if let Some(forwarded) = forwarded {
+        request = request.header("x-forwarded-for", forwarded);
+    }
+    request.send().await.expect("login")
+}
+
+fn retry_after_secs(response: &reqwest::Response) -> u64 {
+    let value = response.headers().get("retry-after").expect("Retry-After").to_str().expect("ASCII");
+    value.parse().unwrap_or_else(|_| panic!("Retry-After {value:?} is not whole seconds"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_sessions_end_to_end_across_workers() {
+    let Some(redis) = TestRedis::start().await else { return };
+    let server = support::start(&[("WEB_CONCURRENCY", "2"), ("REDIS_URL", &redis.url)]);
+    server.wait_for_nth_log("redis connected", 2, Duration::from_secs(10));
+    let client = reqwest::Client::new();
+    let token = support::register_and_login(&client, &server, "judy").await;
+    let bearer = format!("Bearer {token}");
+    let put = client.put(server.url("/cache/k")).header("authorization", &bearer).body("v").send().await.expect("PUT");
+    assert_eq!(put.status(), 204);
+    // Whichever worker answers knows the session (it is in Redis), on fresh connections.
+    for _ in 0..6 {
+        let fresh = reqwest::Client::new();
+        let get = fresh.get(server.url("/cache/k")).header("authorization", &bearer).send().await.expect("GET");
+        assert_eq!(get.status(), 200);
+    }
+    let logout = client.post(server.url("/auth/logout")).header("authorization", &bearer).send().await.expect("logout");
+    assert_eq!(logout.status(), 204);
+    for _ in 0..4 {
+        let fresh = reqwest::Client::new();
+        let get = fresh.get(server.url("/cache/k")).header("authorization", &bearer).send().await.expect("GET");
+        assert_eq!(get.status(), 401);
+    }
+    for line in server.logs() {
+        assert!(!line.contains(&token), "the token in a log line: {line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_guessing_burst_is_429_before_any_bcrypt_work() {
+    let Some(redis) = TestRedis::start().await else { return };
+    let server = support::start(&[
+        ("WEB_CONCURRENCY", "1"),
+        ("REDIS_URL", &redis.url),
+        ("BCRYPT_COST", "12"),
+        ("HERDSMAN_AUTH_LIMIT_ACCOUNT", "1"),
+    ]);
+    server.wait_for_log("redis connected", Duration::from_secs(10));
+    let client = reqwest::Client::new();
+    // The one attempt the bucket allows pays a full bcrypt (against the dummy hash).
+    let started = Instant::now();
+    assert_eq!(login_attempt(&client, &server, "victim", None).await.status(), 401);
+    let one_bcrypt = started.elapsed();
+
+    // Twenty more at once: if any reached bcrypt, the two hasher threads would need 10x that.
+    let started = Instant::now();
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (client, url) = (client.clone(), server.url("/auth/login"));
+        let credentials = serde_json::json!({ "username": "victim", "password": "wrong password" });
+        burst.spawn(async move { client.post(url).json(&credentials).send().await.expect("login") });
+    }
+    let replies = burst.join_all().await;
+    let elapsed = started.elapsed();
+    eprintln!("one bcrypt (cost 12, this build): {one_bcrypt:?}; 20 throttled attempts: {elapsed:?}");
+    for reply in &replies {
+        assert_eq!(reply.status(), 429);
+        assert!((1..=60).contains(&retry_after_secs(reply)));
+    }
+    assert!(elapsed < one_bcrypt * 3, "20 refusals took {elapsed:?}, one bcrypt {one_bcrypt:?}");
+    // Another account from the same address is not locked out.
+    assert_eq!(login_attempt(&client, &server, "someone-else", None).await.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_address_limits_read_x_forwarded_for_only_behind_trusted_proxies() {
+    let Some(redis) = TestRedis::start().await else { return };
+    let limits = [("REDIS_URL", redis.url.as_str()), ("HERDSMAN_AUTH_LIMIT_ADDRESS", "2"), ("WEB_CONCURRENCY", "1")];
+    let direct = support::start(&limits);
+    direct.wait_for_log("redis connected", Duration::from_secs(10));
+    let client = reqwest::Client::new();
+    // No trusted proxy: the header is the client's own word and changes nothing.
+    for (i, forwarded) in ["198.51.100.1", "198.51.100.2"].into_iter().enumerate() {
+        let reply = login_attempt(&client, &direct, &format!("user{i}"), Some(forwarded)).await;
+        assert_eq!(reply.status(), 401);
+    }
+    let reply = login_attempt(&client, &direct, "user3", Some("198.51.100.3")).await;
+    assert_eq!(reply.status(), 429, "127.0.0.1 spent its two attempts, whatever the header says");
+    assert!(retry_after_secs(&reply) >= 1);
+
+    // One trusted hop: the right-most address is the client's, each with its own bucket (shared
+    // through Redis with every other server).
+    let proxied = support::start(&[limits[0], limits[1], limits[2], ("HERDSMAN_TRUSTED_PROXIES", "1")]);
+    proxied.wait_for_log("redis connected", Duration::from_secs(10));
+    for i in 0..2 {
+        let reply = login_attempt(&client, &proxied, &format!("p{i}"), Some("6.6.6.6, 203.0.113.7")).await;
+        assert_eq!(reply.status(), 401);
+    }
+    let reply = login_attempt(&client, &proxied, "p2", Some("7.7.7.7, 203.0.113.7")).await;
+    assert_eq!(reply.status(), 429, "the forged left-most entry does not make a new client");
+    let reply = login_attempt(&client, &proxied, "p3", Some("203.0.113.8")).await;
+    assert_eq!(reply.status(), 401, "another client behind the proxy has its own bucket");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_the_binary_says_users_and_sessions_need_it() {
+    let server = support::start(&[("WEB_CONCURRENCY", "1")]);
+    let client = reqwest::Client::new();
+    let credentials = serde_json::json!({ "username": "kim", "password": "password123" });
+    for route in ["/auth/register", "/auth/login"] {
+        let reply = client.post(server.url(route)).json(&credentials).send().await.expect("POST");
+        assert_eq!(reply.status(), 503, "{route}");
+        assert!(reply.headers().get("retry-after").is_none(), "{route}: retrying cannot help");
+        let body: serde_json::Value = reply.json().await.expect("JSON");
+        assert!(body["error"].as_str().expect("error").contains("REDIS_URL"), "{body}");
+    }
+    let reply = client.put(server.url("/cache/k")).body("v").send().await.expect("PUT");
+    assert_eq!(reply.status(), 401);
+    assert_eq!(reply.headers()["www-authenticate"], "Bearer");
+    let body: serde_json::Value = reply.json().await.expect("JSON");
+    assert!(body["error"].as_str().expect("error").contains("need Redis"), "{body}");
+    for route in ["/live", "/ready", "/health"] {
+        assert_eq!(reqwest::get(server.url(route)).await.expect("GET").status(), 200, "{route}");
+    }
+}
