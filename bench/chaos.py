@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
+import socket
 import subprocess
 import threading
 import time
 
 from harness import (
+    LOOPBACK,
     OUT,
     BenchError,
     LoadRecorder,
@@ -46,6 +49,9 @@ from harness import (
     http_request,
     log,
     pct,
+    read_response,
+    resp_command,
+    socket_to,
     spread,
     children,
     health_sample,
@@ -128,14 +134,15 @@ class Trial:
         return trial.summary(recovery="worker-replaced")
     """
 
-    def __init__(self, srv: Server, path: str, duration: float):
-        self.srv, self.path, self.duration = srv, path, duration
+    def __init__(self, srv: Server, path: str, duration: float, request=None):
+        """request: see LoadRecorder (the bytes of each request, instead of GET path)."""
+        self.srv, self.path, self.duration, self.request = srv, path, duration, request
         self.extra: dict = {}
 
     def __enter__(self) -> "Trial":
         wait_workers_serving(self.srv, WORKERS)
         self.initial = children(self.srv.proc.pid)
-        self.rec = LoadRecorder(self.srv.port, self.path, self.duration).start()
+        self.rec = LoadRecorder(self.srv.port, self.path, self.duration, request=self.request).start()
         master = self.srv.proc.pid
         self.watcher = Poller(self.rec, lambda: children(master), 0.02).start()
         # /health on a new connection every 50 ms: which worker answers, what it says of Redis.
@@ -379,6 +386,195 @@ def redis_outage(ctx: Ctx, target: str):
     return trial.summary("redis-up"), trial.timeline(target)
 
 
+# ---------------------------------------------------------------------------------------------
+# A Redis that misbehaves without dying (issue 14): hung, full, read-only, slow
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_request(method: str, key: str, body: bytes = b"") -> bytes:
+    """The bytes of one /cache request, keep-alive: every /cache request of these scenarios (the
+    load's and the read-back's) is built here, so a header they all need is added once."""
+    head = f"{method} /cache/{key} HTTP/1.1\r\nHost: {LOOPBACK}\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def put_value(key: str) -> bytes:
+    """The value the load PUTs under key: 64 bytes that name the key, to be read back."""
+    return (key.encode() * 64)[:64]
+
+
+class PutLoad:
+    """LoadRecorder's request: each PUT a new key (c{connection}-{n}), so a write lost anywhere
+    shows; remembers how many each connection sent."""
+
+    def __init__(self):
+        self.sent: dict[int, int] = {}
+
+    def __call__(self, conn: int, n: int) -> bytes:
+        self.sent[conn] = n + 1
+        key = f"c{conn}-{n}"
+        return cache_request("PUT", key, put_value(key))
+
+    def keys(self) -> list[str]:
+        return [f"c{conn}-{n}" for conn, count in self.sent.items() for n in range(count)]
+
+
+def lost_writes(port: int, load: PutLoad, res: dict, samples: list) -> None:
+    """Reads back every key the load PUT (one keep-alive connection) into res: `missing`, keys
+    with no or another value, and `lost_writes`, those beyond the PUTs the server refused or
+    did not answer: acknowledged writes that are gone (exact when no PUT was refused)."""
+    refused = sum(1 for s in samples if s[2] is None or s[2] >= 300)
+    missing = 0
+    sock = socket_to(port, 5.0)
+    try:
+        for key in load.keys():
+            sock.sendall(cache_request("GET", key))
+            status, _, body = read_response(sock)
+            missing += status != 200 or body != put_value(key)
+    finally:
+        sock.close()
+    res["missing"] = missing
+    res["lost_writes"] = max(0, missing - refused)
+
+
+class SlowProxy:
+    """A TCP port on 127.0.0.1 in front of a Redis that holds every reply chunk `delay`
+    seconds before passing it on (requests pass at once); replies are delayed, not serialised."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.delay = 0.0
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.listen(128)
+        self.sock.settimeout(0.1)
+        self.url = f"redis://{LOOPBACK}:{self.sock.getsockname()[1]}/0"
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                continue
+            client.settimeout(None)
+            try:
+                server = socket.create_connection((LOOPBACK, self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._copy, args=(client, server, 0.0), daemon=True).start()
+            threading.Thread(target=self._copy, args=(server, client, None), daemon=True).start()
+
+    def _copy(self, src: socket.socket, dst: socket.socket, delay) -> None:
+        """delay None: this proxy's current delay (the replies); a number: that (requests)."""
+        due: queue.Queue = queue.Queue()
+
+        def send():
+            while (item := due.get()) is not None:
+                wait = item[0] - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                try:
+                    dst.sendall(item[1])
+                except OSError:
+                    return
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            while data := src.recv(65536):
+                due.put((time.monotonic() + (self.delay if delay is None else delay), data))
+        except OSError:
+            pass
+        due.put(None)
+        sender.join(5)
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+
+
+def redis_config(redis: RedisServer, *args: str) -> None:
+    reply = resp_command(redis.port, *args)
+    if not reply.startswith(b"+OK"):
+        raise BenchError(f"redis {' '.join(args)}: {reply!r}")
+
+
+def misbehaving(ctx: Ctx, target: str, env: dict, fault, heal, fault_label: str, heal_label: str):
+    """PUT load (each request a new key) while Redis misbehaves from 3 s for 5 s (2 s in
+    --smoke); then every key the load PUT is read back through the server."""
+    t_fault, length = 3.0, (2.0 if ctx.smoke else 5.0)
+    with start_target(ctx, target, WORKERS, env) as srv:
+        wait_workers_serving(srv, WORKERS, redis=True)
+        load = PutLoad()
+        with Trial(srv, "/cache", t_fault + length + 4.0, request=load) as trial:
+            trial.at(t_fault)
+            fault()
+            trial.mark(fault_label)
+            trial.at(t_fault + length)
+            heal()
+            trial.mark(f"Redis back ({heal_label})")
+        res = trial.summary("redis-up")
+        wait_workers_serving(srv, WORKERS, redis=True)
+        lost_writes(srv.port, load, res, trial.rec.samples)
+    return res, trial.timeline(target)
+
+
+def redis_hang(ctx: Ctx, target: str):
+    with RedisServer() as redis:
+        return misbehaving(ctx, target, {"REDIS_URL": redis.url}, redis.pause, redis.resume,
+                           "Redis paused (SIGSTOP: hangs)", "SIGCONT")
+
+
+def redis_full(ctx: Ctx, target: str):
+    with RedisServer() as redis:
+        redis_config(redis, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+        return misbehaving(ctx, target, {"REDIS_URL": redis.url},
+                           lambda: redis_config(redis, "CONFIG", "SET", "maxmemory", "1"),
+                           lambda: redis_config(redis, "CONFIG", "SET", "maxmemory", "0"),
+                           "Redis full (maxmemory, noeviction: OOM)", "maxmemory raised")
+
+
+def redis_readonly(ctx: Ctx, target: str):
+    """The Redis the server uses becomes a replica of its standby (a failover the server's URL
+    did not follow), then is promoted back. The standby holds a copy, so no data is lost by
+    the switch itself."""
+    with RedisServer() as redis, RedisServer() as standby:
+        redis_config(standby, "REPLICAOF", LOOPBACK, str(redis.port))
+
+        def fail_over():
+            redis_config(standby, "REPLICAOF", "NO", "ONE")
+            redis_config(redis, "REPLICAOF", LOOPBACK, str(standby.port))
+
+        return misbehaving(ctx, target, {"REDIS_URL": redis.url}, fail_over,
+                           lambda: redis_config(redis, "REPLICAOF", "NO", "ONE"),
+                           "Redis demoted to a replica (READONLY)", "promoted again")
+
+
+def redis_slow(ctx: Ctx, target: str):
+    """Every Redis reply 50 ms late (a proxy), then on time again."""
+    with RedisServer() as redis:
+        proxy = SlowProxy(redis.port)
+        try:
+            return misbehaving(ctx, target, {"REDIS_URL": proxy.url},
+                               lambda: setattr(proxy, "delay", SLOW_REDIS_S),
+                               lambda: setattr(proxy, "delay", 0.0),
+                               f"Redis replies {SLOW_REDIS_S * 1e3:.0f} ms late", "on time")
+        finally:
+            proxy.close()
+
+
+SLOW_REDIS_S = 0.05
+
+
 SCENARIOS = {
     "kill9": ("kill -9 of one worker", kill9),
     "hang": ("a hung worker (event loop blocked)", hang),
@@ -386,6 +582,10 @@ SCENARIOS = {
     "hup": ("SIGHUP rolling restart", hup),
     "max-requests": ("MAX_REQUESTS=1000 (+ jitter 100) recycling, 10 s", max_requests),
     "sigterm": ("SIGTERM with slow requests in flight", sigterm),
+    "redis-hang": ("Redis hangs 5 s (PUT /cache, a new key each)", redis_hang),
+    "redis-full": ("Redis full 5 s: OOM (PUT /cache, a new key each)", redis_full),
+    "redis-readonly": ("Redis a replica 5 s: READONLY (PUT /cache, a new key each)", redis_readonly),
+    "redis-slow": ("Redis replies 50 ms late for 5 s (PUT /cache, a new key each)", redis_slow),
 }
 
 
@@ -420,7 +620,8 @@ def measure_chaos(ctx: Ctx) -> dict:
         # What the plot needs (every request of the first run, the events, new workers): the
         # report draws it (bench/chaos_report.py).
         data = OUT / f"chaos-{name}.json"
-        data.write_text(json.dumps({"title": f"{title}: GET at {RATE:.0f} req/s, 2 workers",
+        method = "PUT" if "PUT" in title else "GET"  # the redis-* scenarios say PUT in their title
+        data.write_text(json.dumps({"title": f"{title}: {method} at {RATE:.0f} req/s, 2 workers",
                                     "timelines": timelines[name]}))
         out["scenarios"][name] = {
             "title": title,
@@ -431,11 +632,14 @@ def measure_chaos(ctx: Ctx) -> dict:
 
 
 FIGURES = ("failed", "misses", "p99_before_ms", "p99_during_ms", "max_during_ms", "recovery_ms")
+# The scenarios that read back what they wrote add these.
+WRITE_FIGURES = ("lost_writes",)
 
 
 def aggregate(results: list[dict]) -> dict:
     """Median and spread over runs of each figure, and every run as it was."""
     agg = {k: spread([r[k] for r in results]) for k in FIGURES}
+    agg.update({k: spread([r[k] for r in results]) for k in WRITE_FIGURES if k in results[0]})
     agg["recovered_runs"] = sum(1 for r in results if r["recovery_ms"] is not None)
     agg["runs"] = results
     return agg
