@@ -397,7 +397,9 @@ impl Cache {
     }
 
     /// Like [`set`](Self::set), saying which tier holds the write: `Redis`
-    /// means it reached Redis (and memory), `Memory` means memory only.
+    /// means it reached Redis (and memory), `Memory` means memory only (replayed to Redis
+    /// once it takes writes again). An error means Redis refused this very write for good
+    /// (not an outage, see "Error replies"): it is stored nowhere.
     pub async fn set_with_tier(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<Tier, CacheError> {
         // Redis expiries have millisecond resolution and reject 0.
         let ttl = ttl.map(|ttl| ttl.max(Duration::from_millis(1)));
