@@ -699,6 +699,31 @@ mod tests {
     }
 
     #[test]
+    fn error_replies_are_classified_as_the_table_says() {
+        let reply = |line: &str| -> CacheError {
+            let value = redis::parse_redis_value(format!("-{line}\r\n").as_bytes()).expect("a RESP error");
+            CacheError::Redis(value.extract_error().expect_err("an error reply"))
+        };
+        for line in [
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "READONLY You can't write against a read only replica.",
+            "LOADING Redis is loading the dataset in memory",
+            "BUSY Redis is busy running a script.",
+            "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
+            "NOAUTH Authentication required.",
+            "WRONGPASS invalid username-password pair or user is disabled.",
+            "NOPERM this user has no permissions to run the 'set' command",
+            "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+        ] {
+            assert!(reply(line).is_outage(), "{line}");
+        }
+        for line in ["WRONGTYPE Operation against a key holding the wrong kind of value", "ERR syntax error"] {
+            assert!(!reply(line).is_outage(), "{line}");
+        }
+    }
+
+    #[test]
     fn zero_timeout_is_invalid_config() {
         let err = Cache::new(CacheConfig { operation_timeout: Duration::ZERO, ..CacheConfig::default() })
             .expect_err("zero timeout");
