@@ -62,7 +62,9 @@
 //! write wins). When Redis is back, the probe replays that map in pipelined
 //! batches *before* it closes the breaker; writes racing with the replay land
 //! in the map again and are replayed in the next round, so an older
-//! outage-write can never overwrite a newer one. A pending `set` whose TTL
+//! outage-write can never overwrite a newer one. Writers arriving while the
+//! replay runs wait for it (at most one fitted deadline), so a steady stream of
+//! writes to the same keys cannot keep refilling the map and the breaker open. A pending `set` whose TTL
 //! ran out during the outage is replayed as a `DEL`. If more than
 //! [`MAX_PENDING_WRITES`] distinct keys are written during one outage, the
 //! excess writes stay in memory only and the loss is logged at recovery.
@@ -426,6 +428,9 @@ impl Cache {
         };
         // Two rounds at most: a second one only if the breaker closed between
         // our check and `remember`, which then refused the write.
+        if !redis.is_up() {
+            redis.wait_for_replay().await;
+        }
         let mut op = op;
         for _ in 0..2 {
             if redis.is_up() {
