@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
+import socket
 import subprocess
 import threading
 import time
 
 from harness import (
+    LOOPBACK,
     OUT,
     VPY,
     VPY_PROGRAMS,
@@ -52,6 +55,9 @@ from harness import (
     log,
     pct,
     session_token,
+    read_response,
+    resp_command,
+    socket_to,
     spread,
     children,
     health_sample,
@@ -137,14 +143,17 @@ class Trial:
         return trial.summary(recovery="worker-replaced")
     """
 
-    def __init__(self, srv: Server, path: str, duration: float, headers: dict | None = None):
-        self.srv, self.path, self.duration, self.headers = srv, path, duration, headers
+    def __init__(self, srv: Server, path: str, duration: float, headers: dict | None = None, request=None):
+        """request: see LoadRecorder (the bytes of each request, instead of GET path)."""
+        self.srv, self.path, self.duration = srv, path, duration
+        self.headers, self.request = headers, request
         self.extra: dict = {}
 
     def __enter__(self) -> "Trial":
         wait_workers_serving(self.srv, WORKERS)
         self.initial = children(self.srv.proc.pid)
-        self.rec = LoadRecorder(self.srv.port, self.path, self.duration, headers=self.headers).start()
+        self.rec = LoadRecorder(self.srv.port, self.path, self.duration, headers=self.headers,
+                                request=self.request).start()
         master = self.srv.proc.pid
         self.watcher = Poller(self.rec, lambda: children(master), 0.02).start()
         # /health on a new connection every 50 ms: which worker answers, what it says of Redis.
@@ -456,6 +465,199 @@ def ws_hup(ctx: Ctx, target: str):
     return res, timeline
 
 
+# ---------------------------------------------------------------------------------------------
+# A Redis that misbehaves without dying (issue 14): hung, full, read-only, slow
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_request(method: str, key: str, token: str, body: bytes = b"") -> bytes:
+    """The bytes of one /cache request, keep-alive, in `token`'s session: every /cache request of
+    these scenarios (the load's and the read-back's) is built here."""
+    head = (f"{method} /cache/{key} HTTP/1.1\r\nHost: {LOOPBACK}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+def put_value(key: str) -> bytes:
+    """The value the load PUTs under key: 64 bytes that name the key, to be read back."""
+    return (key.encode() * 64)[:64]
+
+
+class PutLoad:
+    """LoadRecorder's request: each PUT a new key (c{connection}-{n}), so a write lost anywhere
+    shows; remembers how many each connection sent."""
+
+    def __init__(self, token: str):
+        self.sent: dict[int, int] = {}
+        self.token = token
+
+    def __call__(self, conn: int, n: int) -> bytes:
+        self.sent[conn] = n + 1
+        key = f"c{conn}-{n}"
+        return cache_request("PUT", key, self.token, put_value(key))
+
+    def keys(self) -> list[str]:
+        return [f"c{conn}-{n}" for conn, count in self.sent.items() for n in range(count)]
+
+
+def lost_writes(port: int, load: PutLoad, res: dict, samples: list) -> None:
+    """Reads back every key the load PUT (one keep-alive connection) into res: `missing`, keys
+    with no or another value, and `lost_writes`, those beyond the PUTs the server refused or
+    did not answer: acknowledged writes that are gone (exact when no PUT was refused)."""
+    refused = sum(1 for s in samples if s[2] is None or s[2] >= 300)
+    missing = 0
+    sock = socket_to(port, 5.0)
+    try:
+        for key in load.keys():
+            sock.sendall(cache_request("GET", key, load.token))
+            status, _, body = read_response(sock)
+            missing += status != 200 or body != put_value(key)
+    finally:
+        sock.close()
+    res["missing"] = missing
+    res["lost_writes"] = max(0, missing - refused)
+
+
+class SlowProxy:
+    """A TCP port on 127.0.0.1 in front of a Redis that holds every reply chunk `delay`
+    seconds before passing it on (requests pass at once); replies are delayed, not serialised."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.delay = 0.0
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.listen(128)
+        self.sock.settimeout(0.1)
+        self.url = f"redis://{LOOPBACK}:{self.sock.getsockname()[1]}/0"
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                continue
+            client.settimeout(None)
+            try:
+                server = socket.create_connection((LOOPBACK, self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._copy, args=(client, server, 0.0), daemon=True).start()
+            threading.Thread(target=self._copy, args=(server, client, None), daemon=True).start()
+
+    def _copy(self, src: socket.socket, dst: socket.socket, delay) -> None:
+        """delay None: this proxy's current delay (the replies); a number: that (requests)."""
+        due: queue.Queue = queue.Queue()
+
+        def send():
+            while (item := due.get()) is not None:
+                wait = item[0] - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                try:
+                    dst.sendall(item[1])
+                except OSError:
+                    return
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            while data := src.recv(65536):
+                due.put((time.monotonic() + (self.delay if delay is None else delay), data))
+        except OSError:
+            pass
+        due.put(None)
+        sender.join(5)
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+
+
+def redis_config(redis: RedisServer, *args: str) -> None:
+    reply = resp_command(redis.port, *args)
+    if not reply.startswith(b"+OK"):
+        raise BenchError(f"redis {' '.join(args)}: {reply!r}")
+
+
+def misbehaving(ctx: Ctx, target: str, env: dict, fault, heal, fault_label: str, heal_label: str):
+    """PUT load (each request a new key) while Redis misbehaves from 3 s for 5 s (2 s in
+    --smoke); then every key the load PUT is read back through the server."""
+    t_fault, length = 3.0, (2.0 if ctx.smoke else 5.0)
+    # A new key each request: far past the per-user key quota, which is not what is measured.
+    env = {**env, "HERDSMAN_USER_MAX_KEYS": 1 << 30, "HERDSMAN_USER_MAX_BYTES": 1 << 40}
+    with start_target(ctx, target, WORKERS, env) as srv:
+        wait_workers_serving(srv, WORKERS, redis=True)
+        load = PutLoad(session_token(srv.port, "chaos-misbehaving"))
+        with Trial(srv, "/cache", t_fault + length + 4.0, request=load) as trial:
+            trial.at(t_fault)
+            fault()
+            trial.mark(fault_label)
+            trial.at(t_fault + length)
+            heal()
+            trial.mark(f"Redis back ({heal_label})")
+        res = trial.summary("redis-up")
+        wait_workers_serving(srv, WORKERS, redis=True)
+        lost_writes(srv.port, load, res, trial.rec.samples)
+    return res, trial.timeline(target)
+
+
+def redis_hang(ctx: Ctx, target: str):
+    with RedisServer() as redis:
+        return misbehaving(ctx, target, {"REDIS_URL": redis.url}, redis.pause, redis.resume,
+                           "Redis paused (SIGSTOP: hangs)", "SIGCONT")
+
+
+def redis_full(ctx: Ctx, target: str):
+    with RedisServer() as redis:
+        redis_config(redis, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+        return misbehaving(ctx, target, {"REDIS_URL": redis.url},
+                           lambda: redis_config(redis, "CONFIG", "SET", "maxmemory", "1"),
+                           lambda: redis_config(redis, "CONFIG", "SET", "maxmemory", "0"),
+                           "Redis full (maxmemory, noeviction: OOM)", "maxmemory raised")
+
+
+def redis_readonly(ctx: Ctx, target: str):
+    """The Redis the server uses becomes a replica of its standby (a failover the server's URL
+    did not follow), then is promoted back. The standby holds a copy, so no data is lost by
+    the switch itself."""
+    with RedisServer() as redis, RedisServer() as standby:
+        redis_config(standby, "REPLICAOF", LOOPBACK, str(redis.port))
+
+        def fail_over():
+            redis_config(standby, "REPLICAOF", "NO", "ONE")
+            redis_config(redis, "REPLICAOF", LOOPBACK, str(standby.port))
+
+        return misbehaving(ctx, target, {"REDIS_URL": redis.url}, fail_over,
+                           lambda: redis_config(redis, "REPLICAOF", "NO", "ONE"),
+                           "Redis demoted to a replica (READONLY)", "promoted again")
+
+
+def redis_slow(ctx: Ctx, target: str):
+    """Every Redis reply 50 ms late (a proxy), then on time again."""
+    with RedisServer() as redis:
+        proxy = SlowProxy(redis.port)
+        try:
+            return misbehaving(ctx, target, {"REDIS_URL": proxy.url},
+                               lambda: setattr(proxy, "delay", SLOW_REDIS_S),
+                               lambda: setattr(proxy, "delay", 0.0),
+                               f"Redis replies {SLOW_REDIS_S * 1e3:.0f} ms late", "on time")
+        finally:
+            proxy.close()
+
+
+SLOW_REDIS_S = 0.05
+
+
 SCENARIOS = {
     "kill9": ("kill -9 of one worker", kill9),
     "hang": ("a hung worker (event loop blocked)", hang),
@@ -464,6 +666,10 @@ SCENARIOS = {
     "max-requests": ("MAX_REQUESTS=1000 (+ jitter 100) recycling, 10 s", max_requests),
     "sigterm": ("SIGTERM with slow requests in flight", sigterm),
     "ws-hup": (f"SIGHUP with {WS_CLIENTS} WebSocket clients connected", ws_hup),
+    "redis-hang": ("Redis hangs 5 s (PUT /cache, a new key each)", redis_hang),
+    "redis-full": ("Redis full 5 s: OOM (PUT /cache, a new key each)", redis_full),
+    "redis-readonly": ("Redis a replica 5 s: READONLY (PUT /cache, a new key each)", redis_readonly),
+    "redis-slow": ("Redis replies 50 ms late for 5 s (PUT /cache, a new key each)", redis_slow),
 }
 
 # Scenarios whose figures are not the HTTP load's (FIGURES): aggregated with their own.
@@ -501,7 +707,10 @@ def measure_chaos(ctx: Ctx) -> dict:
         # What the plot needs (every request of the first run, the events, new workers): the
         # report draws it (bench/chaos_report.py).
         data = OUT / f"chaos-{name}.json"
-        load = "an echo every 250 ms per client" if name == "ws-hup" else f"GET at {RATE:.0f} req/s"
+        if name == "ws-hup":
+            load = "an echo every 250 ms per client"
+        else:  # the redis-* scenarios say PUT in their title
+            load = f"{'PUT' if 'PUT' in title else 'GET'} at {RATE:.0f} req/s"
         data.write_text(json.dumps({"title": f"{title}: {load}, 2 workers",
                                     "timelines": timelines[name]}))
         out["scenarios"][name] = {
@@ -513,6 +722,8 @@ def measure_chaos(ctx: Ctx) -> dict:
 
 
 FIGURES = ("failed", "misses", "p99_before_ms", "p99_during_ms", "max_during_ms", "recovery_ms")
+# The scenarios that read back what they wrote add these.
+WRITE_FIGURES = ("lost_writes",)
 
 
 def aggregate(results: list[dict]) -> dict:
@@ -522,6 +733,7 @@ def aggregate(results: list[dict]) -> dict:
         agg["runs"] = results
         return agg
     agg = {k: spread([r[k] for r in results]) for k in FIGURES}
+    agg.update({k: spread([r[k] for r in results]) for k in WRITE_FIGURES if k in results[0]})
     agg["recovered_runs"] = sum(1 for r in results if r["recovery_ms"] is not None)
     agg["runs"] = results
     return agg

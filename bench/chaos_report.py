@@ -135,6 +135,10 @@ def scenario_note(name: str, runs: list[dict]) -> str:
     if name == "redis":
         return "back → all workers up (ms): " + "; ".join(
             ", ".join(fmt(v, "", 0) for v in r["recovery_each_ms"]) for r in runs)
+    if "lost_writes" in runs[0]:
+        return ("acknowledged PUTs missing afterwards per run: "
+                + ", ".join(str(r["lost_writes"]) for r in runs)
+                + " (keys read back per run: " + ", ".join(str(r["requests"]) for r in runs) + ")")
     return "new workers per run: " + ", ".join(str(r["new_workers"]) for r in runs) + stalls(runs)
 
 

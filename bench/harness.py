@@ -151,7 +151,9 @@ def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
     for line in lines[1:]:
         k, _, v = line.partition(":")
         headers[k.strip().lower()] = v.strip()
-    if "content-length" in headers:
+    if status in (204, 304) or 100 <= status < 200:
+        body = b""  # no body by definition (RFC 9112 6.3), whatever the headers say
+    elif "content-length" in headers:
         n = int(headers["content-length"])
         while len(rest) < n:
             chunk = sock.recv(65536)
@@ -613,12 +615,15 @@ class LoadRecorder:
     """Closed-loop load from `connections` threads, each on a keep-alive HTTP/1.1 connection,
     paced to `rate` requests/s in total, for `duration` seconds. Records one
     (t_since_start_s, latency_ms, status_or_None, error_or_None) per request; reconnects after
-    any error or `Connection: close`. `events` holds (t, label) markers added with mark()."""
+    any error or `Connection: close`. `events` holds (t, label) markers added with mark().
+    `request(connection, n)`, when given, makes the bytes of each request instead of GET path."""
 
     def __init__(self, port: int, path: str, duration: float, connections: int = 8,
-                 rate: float = 400.0, timeout: float = 5.0, headers: dict | None = None):
+                 rate: float = 400.0, timeout: float = 5.0, headers: dict | None = None,
+                 request=None):
         self.port, self.path, self.connections = port, path, connections
         self.headers = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self.request = request
         self.interval = connections / rate
         self.duration, self.timeout = duration, timeout
         self.samples: list[tuple[float, float, int | None, str | None]] = []
@@ -636,7 +641,8 @@ class LoadRecorder:
         return t
 
     def _loop(self, idx: int) -> None:
-        req = f"GET {self.path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n{self.headers}\r\n".encode()
+        get = f"GET {self.path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n{self.headers}\r\n".encode()
+        sent = 0
         sock = None
         next_t = self.t0 + idx * self.interval / self.connections
         end = self.t0 + self.duration
@@ -647,6 +653,8 @@ class LoadRecorder:
             if next_t > now:
                 time.sleep(next_t - now)
             next_t = max(next_t + self.interval, time.perf_counter() - self.interval)
+            req = get if self.request is None else self.request(idx, sent)
+            sent += 1
             start = time.perf_counter()
             status, err = None, None
             try:

@@ -91,6 +91,12 @@ pub struct Config {
     /// `HERDSMAN_REDIS_TIMEOUT`, default 0.25 s.
     #[serde(with = "secs")]
     pub redis_timeout: Duration,
+    /// The shortest a Redis round trip's deadline gets: the deadline follows the latency
+    /// Redis has shown, from this up to `redis_timeout` (see `cache::deadline`); above
+    /// `redis_timeout` it is `redis_timeout`, so lowering that alone never needs this too.
+    /// `HERDSMAN_REDIS_MIN_TIMEOUT`, default 0.02 s.
+    #[serde(with = "secs")]
+    pub redis_min_timeout: Duration,
     /// Bound on each warm-up task. `STARTUP_OPERATION_TIMEOUT`, default 2 s.
     #[serde(with = "secs")]
     pub startup_operation_timeout: Duration,
@@ -262,6 +268,9 @@ settings! {
     redis_timeout, "HERDSMAN_REDIS_TIMEOUT", "redis-timeout", "SECONDS",
         "Seconds one Redis command may take before the cache falls back to memory [default: 0.25]",
         default Duration::from_millis(250), parse Raw::seconds;
+    redis_min_timeout, "HERDSMAN_REDIS_MIN_TIMEOUT", "redis-min-timeout", "SECONDS",
+        "Shortest Redis deadline: it follows Redis's observed latency from this up to HERDSMAN_REDIS_TIMEOUT [default: 0.02]",
+        default Duration::from_millis(20), parse Raw::seconds;
     startup_operation_timeout, "STARTUP_OPERATION_TIMEOUT", "startup-operation-timeout", "SECONDS",
         "Seconds each warm-up task may take [default: 2]",
         default Duration::from_secs(2), parse Raw::seconds;

@@ -1,6 +1,8 @@
 //! The durable store: Redis operations with no memory fallback, for data that must never live
 //! in one worker's memory only (users, sessions). While the breaker is open they fail at once
-//! with [`CacheError::Unavailable`], so callers can answer 503 instead of lying.
+//! with [`CacheError::Unavailable`], so callers can answer 503 instead of lying. A reply that
+//! means Redis cannot serve now (full, read-only, loading, busy, credentials refused: the table
+//! in the parent module) fails the operation and opens the breaker the same way.
 
 use std::fmt;
 use std::sync::Arc;

@@ -19,14 +19,41 @@
 //! # The circuit breaker
 //!
 //! Every Redis operation, including checking a connection out of the pool,
-//! is bounded by [`CacheConfig::operation_timeout`]. The first error or
-//! timeout *opens the breaker*: the request that saw it is answered from
-//! memory, and later requests do not touch Redis at all, so they do not each
-//! pay the timeout. A single background task then PINGs Redis with
-//! exponential back-off plus ±25% jitter (250 ms doubling up to 1 s, so a
+//! is bounded by [`CacheConfig::operation_timeout`]; a request's round trip
+//! by a tighter deadline fitted to Redis's observed latency ([`deadline`]).
+//! The first outage error or timeout *opens the breaker*: the request that
+//! saw it is answered from memory, every request of the worker still waiting
+//! on Redis is released to memory at once ([`redis_tier`]: a hang costs no
+//! more than an outage), and later requests do not touch Redis at all. A
+//! single background task then writes a probe key ([`redis_tier::PROBE_KEY`])
+//! with exponential back-off plus ±25% jitter (250 ms doubling up to 1 s, so a
 //! recovered Redis is noticed within about 1.25 s) and closes the breaker once
-//! Redis answers. Each transition is logged once: `warn!` going down (with the
-//! reason), `info!` coming back.
+//! Redis takes the write: answering PING is not enough, a full Redis, a
+//! replica or one still loading answers it. Each transition is logged once:
+//! `warn!` going down (with the reason, also in `/health`), `info!` coming back.
+//!
+//! # Error replies
+//!
+//! Every reply falls in one of two classes ([`CacheError::is_outage`]):
+//!
+//! | Redis says                                   | Means                      | Cache (`/cache`)                                  | Durable (users)                |
+//! |----------------------------------------------|----------------------------|---------------------------------------------------|--------------------------------|
+//! | connection refused or reset, no answer by the deadline | down or hung     | breaker opens: memory, writes replayed afterwards | 503 + `Retry-After`            |
+//! | `OOM` (full, `noeviction`)                   | cannot take writes now     | same                                              | same                           |
+//! | `READONLY` (a replica after a failover)      | same; reconnecting may reach the new primary | same (the pool is discarded, the probe reconnects) | same |
+//! | `LOADING` (restarted, loading its data)      | cannot serve yet           | same                                              | same                           |
+//! | `BUSY` (a long script)                       | cannot serve until it ends | same                                              | same                           |
+//! | `MISCONF` (cannot persist, refuses writes)   | cannot take writes now     | same                                              | same                           |
+//! | `NOAUTH`, `WRONGPASS`, `NOPERM` (password rotated, ACL changed) | our credentials no longer work | same; `/health` says so until `REDIS_URL` is fixed | same |
+//! | `MASTERDOWN`, `CLUSTERDOWN`, `TRYAGAIN`, `NOREPLICAS` | not now            | same                                              | same                           |
+//! | any other error (`WRONGTYPE`, `ERR ...`)     | this command is refused    | read: answered from memory; write: refused (503), memory copy dropped | the error (503) |
+//!
+//! So a write Redis did not take is never acknowledged as stored in Redis: it
+//! is kept in memory (`x-cache-tier: memory`), read back from there while the
+//! breaker is open, and replayed when Redis takes writes again; a replayed
+//! write Redis still refuses for the same reason waits for the next round
+//! instead of being dropped (an older value left in Redis would be read once
+//! the breaker closes).
 //!
 //! # Writes during an outage
 //!
@@ -35,12 +62,15 @@
 //! write wins). When Redis is back, the probe replays that map in pipelined
 //! batches *before* it closes the breaker; writes racing with the replay land
 //! in the map again and are replayed in the next round, so an older
-//! outage-write can never overwrite a newer one. A pending `set` whose TTL
-//! ran out during the outage is replayed as a `DEL`. A write that would take
-//! the held writes past [`MAX_PENDING_WRITES`] distinct keys or past their
-//! byte budget cannot be kept: it fails with [`CacheError::ReplayFull`] (the
-//! HTTP API answers `507`), its key is dropped from memory, and the count is
-//! logged at recovery. A caller is never told a write was kept when it was not.
+//! outage-write can never overwrite a newer one. Writers arriving while the
+//! replay runs wait for it (at most one fitted deadline), so a steady stream of
+//! writes to the same keys cannot keep refilling the map and the breaker open.
+//! A pending `set` whose TTL ran out during the outage is replayed as a `DEL`.
+//! A write that would take the held writes past [`MAX_PENDING_WRITES`] distinct
+//! keys or past their byte budget cannot be kept: it fails with
+//! [`CacheError::ReplayFull`] (the HTTP API answers `507`), its key is dropped
+//! from memory, and the count is logged at recovery. A caller is never told a
+//! write was kept when it was not.
 //!
 //! Caveat: each worker process has its own memory tier and its own pending
 //! map. During an outage workers do not see each other's writes, and after it
@@ -61,8 +91,9 @@
 //!
 //! # Files
 //!
-//! [`memory`] (the bounded moka tier), [`redis_tier`] (pool, breaker, probe, replay) and
-//! [`durable`] (no-fallback operations); this file is the [`Cache`] that chooses between them.
+//! [`memory`] (the bounded moka tier), [`redis_tier`] (pool, breaker, probe, replay),
+//! [`deadline`] (a round trip's deadline, fitted to Redis's latency) and [`durable`]
+//! (no-fallback operations); this file is the [`Cache`] that chooses between them.
 //!
 //! # Lifecycle
 //!
@@ -71,6 +102,7 @@
 //! fork). The connection pool is built lazily inside the runtime by
 //! [`Cache::connect`] (the warm-up task) or by the first operation.
 
+mod deadline;
 mod durable;
 mod memory;
 mod redis_tier;
@@ -108,6 +140,9 @@ pub struct CacheConfig {
     pub redis_url: Option<String>,
     /// Upper bound for any single Redis operation, pool checkout included.
     pub operation_timeout: Duration,
+    /// The shortest a request's round trip deadline gets; the deadline follows Redis's
+    /// observed latency from this up to `operation_timeout` (see [`deadline`]).
+    pub deadline_floor: Duration,
     /// Bytes (keys, values and a per-entry overhead) kept in memory at most; as much again for
     /// writes waiting for replay.
     pub memory_capacity: u64,
@@ -125,6 +160,7 @@ impl CacheConfig {
         CacheConfig {
             redis_url: config.redis_url.clone(),
             operation_timeout: config.redis_timeout,
+            deadline_floor: config.redis_min_timeout,
             memory_capacity: config.cache_max_bytes,
             tls_insecure: config.redis_tls_insecure,
             ca_cert: config.redis_ca_cert.clone(),
@@ -146,6 +182,7 @@ impl fmt::Debug for CacheConfig {
         f.debug_struct("CacheConfig")
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
             .field("operation_timeout", &self.operation_timeout)
+            .field("deadline_floor", &self.deadline_floor)
             .field("memory_capacity", &self.memory_capacity)
             .field("pool_size", &self.pool_size)
             .field("tls_insecure", &self.tls_insecure)
@@ -178,34 +215,51 @@ pub enum CacheError {
 }
 
 impl CacheError {
-    /// Whether this error means Redis is unreachable or unhealthy (trip the
-    /// breaker), as opposed to Redis answering "no" to one command (e.g.
-    /// `WRONGTYPE`, or `OOM` on a write), which says nothing about the next one.
+    /// Whether this error means Redis cannot serve us now (open the breaker), as opposed to
+    /// Redis refusing one command (`WRONGTYPE`, a generic `ERR`), which says nothing about
+    /// the next one. See "Error replies" in the module doc for the table.
     pub fn is_outage(&self) -> bool {
-        use redis::{ErrorKind, ServerErrorKind};
+        use redis::ErrorKind;
         match self {
             CacheError::InvalidUrl(_) | CacheError::InvalidConfig(_) | CacheError::ReplayFull => false,
             CacheError::Unavailable(_) | CacheError::Timeout(_) => true,
             CacheError::Redis(err) => match err.kind() {
-                // The server is there but cannot serve (failover, loading...).
-                ErrorKind::Server(
-                    ServerErrorKind::BusyLoading
-                    | ServerErrorKind::ReadOnly
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::ClusterDown
-                    | ServerErrorKind::TryAgain,
-                ) => true,
-                // Any other reply: the command was refused, Redis is fine.
-                // (`Extension` is an error code the client does not know,
-                // such as WRONGTYPE or OOM.)
-                ErrorKind::Server(_) | ErrorKind::Extension | ErrorKind::UnexpectedReturnType | ErrorKind::Parse => {
-                    false
-                }
-                // I/O, authentication, client-side failures.
+                ErrorKind::Server(_) | ErrorKind::Extension => match err.code() {
+                    Some(code) => is_outage_code(code),
+                    // A pipeline's refusals (`GET` + `PTTL`) come as a list.
+                    None => err
+                        .clone()
+                        .into_server_errors()
+                        .is_some_and(|refusals| refusals.iter().any(|(_, refusal)| is_outage_code(refusal.code()))),
+                },
+                ErrorKind::UnexpectedReturnType | ErrorKind::Parse => false,
+                // I/O, authentication at connect, client-side failures.
                 _ => true,
             },
         }
     }
+}
+
+/// The error codes of a Redis that is there but cannot take our commands now: it is full
+/// (`OOM`), a replica (`READONLY`, after a failover), loading its data (`LOADING`), running a
+/// script (`BUSY`), failing to persist (`MISCONF`), or no longer accepts our password or user
+/// (`NOAUTH`, `WRONGPASS`, `NOPERM`), or a cluster state says "later".
+fn is_outage_code(code: &str) -> bool {
+    matches!(
+        code,
+        "OOM"
+            | "READONLY"
+            | "LOADING"
+            | "BUSY"
+            | "MISCONF"
+            | "NOAUTH"
+            | "WRONGPASS"
+            | "NOPERM"
+            | "MASTERDOWN"
+            | "CLUSTERDOWN"
+            | "TRYAGAIN"
+            | "NOREPLICAS"
+    )
 }
 
 /// Where the cache is reading and writing right now.
@@ -304,7 +358,7 @@ impl Cache {
         let Some(redis) = &self.inner.redis else {
             return Ok(());
         };
-        let result = redis_tier::ping_then_replay(redis).await.map(|_| ());
+        let result = redis_tier::check_then_replay(redis).await.map(|_| ());
         if let Err(err) = &result {
             trip(&self.inner, redis, err);
         }
@@ -359,7 +413,9 @@ impl Cache {
     }
 
     /// Like [`set`](Self::set), saying which tier holds the write: `Redis`
-    /// means it reached Redis (and memory), `Memory` means memory only.
+    /// means it reached Redis (and memory), `Memory` means memory only (replayed to Redis
+    /// once it takes writes again). An error means Redis refused this very write for good
+    /// (not an outage, see "Error replies"): it is stored nowhere.
     pub async fn set_with_tier(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<Tier, CacheError> {
         // Redis expiries have millisecond resolution and reject 0.
         let ttl = ttl.map(|ttl| ttl.max(Duration::from_millis(1)));
@@ -398,6 +454,9 @@ impl Cache {
         };
         // Two rounds at most: a second one only if the breaker closed between
         // our check and `remember`, which then refused the write.
+        if !redis.is_up() {
+            redis.wait_for_replay().await;
+        }
         let mut op = op;
         for _ in 0..2 {
             if redis.is_up() {
@@ -406,11 +465,12 @@ impl Cache {
                     Ok(()) => return Ok(Tier::Redis),
                     Err(err) if err.is_outage() => trip(&self.inner, redis, &err),
                     Err(err) => {
-                        // Redis is up but said no (e.g. OOM): keep the value
-                        // in memory; replaying would be refused again.
+                        // Redis refused this one command and will refuse it again: the
+                        // write is not stored anywhere, and the caller is told so.
                         metrics::count(Event::CacheRedisRefused);
                         debug!(key, error = %err, "redis refused a cache write");
-                        return Ok(Tier::Memory);
+                        self.inner.memory.invalidate(key).await;
+                        return Err(err);
                     }
                 }
             } else {
@@ -452,7 +512,8 @@ impl Cache {
             for key in chunk {
                 redis_tier::get_with_pttl(&mut pipe, key);
             }
-            let replies: Vec<redis::Value> = match redis.query(Request::Pipe(&pipe)).await {
+            // Boot-time pipelines of many keys: the operation timeout, not a request's deadline.
+            let replies: Vec<redis::Value> = match redis.query_unfitted(Request::Pipe(&pipe)).await {
                 Ok(replies) => replies,
                 Err(err) => {
                     if err.is_outage() {
@@ -685,6 +746,31 @@ mod tests {
             Some(Pending::Set(entry)) if entry.value == Bytes::from_static(b"newest")
         ));
         assert!(matches!(shared.pending.get("k1"), Some(Pending::Delete)));
+    }
+
+    #[test]
+    fn error_replies_are_classified_as_the_table_says() {
+        let reply = |line: &str| -> CacheError {
+            let value = redis::parse_redis_value(format!("-{line}\r\n").as_bytes()).expect("a RESP error");
+            CacheError::Redis(value.extract_error().expect_err("an error reply"))
+        };
+        for line in [
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "READONLY You can't write against a read only replica.",
+            "LOADING Redis is loading the dataset in memory",
+            "BUSY Redis is busy running a script.",
+            "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
+            "NOAUTH Authentication required.",
+            "WRONGPASS invalid username-password pair or user is disabled.",
+            "NOPERM this user has no permissions to run the 'set' command",
+            "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+        ] {
+            assert!(reply(line).is_outage(), "{line}");
+        }
+        for line in ["WRONGTYPE Operation against a key holding the wrong kind of value", "ERR syntax error"] {
+            assert!(!reply(line).is_outage(), "{line}");
+        }
     }
 
     #[test]

@@ -1,5 +1,21 @@
 //! The Redis tier: the bb8 pool, the circuit breaker, the probe that closes it again and the
 //! replay of the writes made while it was open (see the parent module for the why).
+//!
+//! # A hang costs no more than an outage
+//!
+//! A Redis that refuses connections fails every request at once; one that hangs (SIGSTOP, a
+//! stalled host, a long fork or fsync) answers nothing, and every request already waiting on
+//! it would sit out its own timeout. Three things keep a hang as cheap as a refusal:
+//!
+//! - a request's round trip gets the [`Deadline`] fitted to Redis's observed latency (a few
+//!   milliseconds for a healthy Redis), not the configured timeout, which stays the bound of
+//!   the whole operation (pool checkout included) and of the probe's round trips;
+//! - the first request to run out of time opens the breaker, and opening it releases every
+//!   request of the worker still waiting on Redis ([`RedisTier::query`] races each round trip
+//!   against [`RedisTier::opened`]): they are answered from memory at once instead of each
+//!   discovering the hang on its own;
+//! - a connection is held only to clone its multiplexed handle, so no request queues behind
+//!   a stuck one in the pool.
 
 use crate::metrics::{self, Event, Level};
 use std::collections::HashMap;
@@ -12,6 +28,7 @@ use bb8_redis::redis;
 use bb8_redis::RedisConnectionManager;
 use tracing::{debug, info, warn};
 
+use super::deadline::Deadline;
 use super::memory::Entry;
 use super::{CacheConfig, CacheError, Inner, RedisStatus, KEY_PREFIX, MAX_PENDING_WRITES};
 use crate::config::{read_ca_certificates, redact_url};
@@ -34,6 +51,16 @@ const PROBE_MIN: Duration = Duration::from_millis(250);
 /// One PING a second per worker is nothing to a Redis coming back, and the return is noticed
 /// within about a second of it.
 const PROBE_MAX: Duration = Duration::from_secs(1);
+
+/// The key the probe writes: Redis is back when it takes a write, not only when it answers
+/// PING (a full Redis, a replica or one still loading answers PING and refuses writes).
+pub(super) const PROBE_KEY: &str = "herdsman:probe";
+
+/// The probe's key expires on its own: nothing has to clean it up.
+const PROBE_KEY_LIFETIME_MS: u64 = 60_000;
+
+/// Why a request waiting on Redis was given up without an answer.
+const RELEASED: &str = "the breaker opened while this request waited";
 
 /// A write made while Redis was unreachable, waiting to be replayed.
 pub(super) enum Pending {
@@ -70,6 +97,9 @@ pub(super) struct Shared {
     pub(super) pending_bytes: u64,
     /// Whether the background probe task is running.
     pub(super) probing: bool,
+    /// Whether the probe found Redis back and is replaying: writers then wait for the breaker
+    /// to close (see [`RedisTier::wait_for_replay`]) instead of refilling the pending map.
+    pub(super) replaying: bool,
 }
 
 /// The Redis side: connection pool, breaker and pending writes.
@@ -81,7 +111,11 @@ pub(super) struct RedisTier {
     connect_error: LastConnectError,
     tls: bool,
     pool_size: u32,
-    timeout: Duration,
+    deadline: Deadline,
+    /// Woken when the breaker opens: releases every request still waiting on Redis.
+    opened: tokio::sync::Notify,
+    /// Woken when the breaker closes: the writers waiting for the replay go to Redis.
+    closed: tokio::sync::Notify,
     /// Built lazily inside the runtime (bb8 spawns tasks when it is built).
     /// Built on first use; replaced after every outage (see [`RedisTier::discard_pool`]).
     pool: Mutex<Option<bb8::Pool<RedisConnectionManager>>>,
@@ -127,7 +161,9 @@ impl RedisTier {
             connect_error: LastConnectError::default(),
             tls,
             pool_size: config.pool_size.max(1),
-            timeout: config.operation_timeout,
+            deadline: Deadline::new(config.deadline_floor, config.operation_timeout),
+            opened: tokio::sync::Notify::new(),
+            closed: tokio::sync::Notify::new(),
             pool: Mutex::new(None),
             // The writes held for replay get the memory tier's byte budget again.
             pending_max_bytes: config.memory_capacity,
@@ -137,6 +173,7 @@ impl RedisTier {
                 pending_dropped: 0,
                 pending_bytes: 0,
                 probing: false,
+                replaying: false,
             }),
         })
     }
@@ -162,7 +199,7 @@ impl RedisTier {
             // everything after it use fresh connections.
             bb8::Pool::builder()
                 .max_size(self.pool_size)
-                .connection_timeout(self.timeout)
+                .connection_timeout(self.deadline.cap())
                 .test_on_check_out(false)
                 .idle_timeout(Some(POOL_IDLE_TIMEOUT))
                 .max_lifetime(Some(POOL_MAX_LIFETIME))
@@ -178,39 +215,75 @@ impl RedisTier {
         self.pool.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
-    /// One round trip, pool checkout included, bounded by the operation timeout.
+    /// A request's round trip: bounded by the fitted deadline (and, pool checkout included, by
+    /// the operation timeout), and given up at once when the breaker opens meanwhile.
     pub(super) async fn query<T: redis::FromRedisValue>(&self, request: Request<'_>) -> Result<T, CacheError> {
+        // Registered before the breaker is read, so an opening in between is not missed.
+        let opened = self.opened.notified();
+        tokio::pin!(opened);
+        opened.as_mut().enable();
+        if !self.is_up() {
+            return Err(CacheError::Unavailable(RELEASED.to_string()));
+        }
+        tokio::select! {
+            biased;
+            result = self.round_trip(request, self.deadline.current()) => result,
+            () = opened => Err(CacheError::Unavailable(RELEASED.to_string())),
+        }
+    }
+
+    /// The round trips of the probe, the replay and the warm-up: bounded by the operation
+    /// timeout alone (they open connections and send large pipelines), never released.
+    pub(super) async fn query_unfitted<T: redis::FromRedisValue>(&self, request: Request<'_>) -> Result<T, CacheError> {
+        self.round_trip(request, self.deadline.cap()).await
+    }
+
+    /// One round trip within `limit`, pool checkout included within the operation timeout.
+    /// Every round trip that succeeds is a sample of Redis's latency for the deadline.
+    async fn round_trip<T: redis::FromRedisValue>(
+        &self,
+        request: Request<'_>,
+        limit: Duration,
+    ) -> Result<T, CacheError> {
         let started = Instant::now();
         let work = async {
             // The pool's connections are multiplexed: many requests can share one in flight.
             // So a connection is held only long enough to clone its handle, and goes back to
             // the pool at once; holding it for the round trip would cap a worker at
             // `pool_size` concurrent Redis operations (measured: 0.35x of redis-benchmark's
-            // GET rate instead of 0.5x and more).
+            // GET rate instead of 0.5x and more), and queue requests behind a stuck one.
             let mut conn = {
                 let pool = self.pool();
                 let pooled = pool.get().await.map_err(|err| match err {
                     bb8::RunError::User(err) => CacheError::Redis(err),
-                    bb8::RunError::TimedOut => self.timed_out(started),
+                    bb8::RunError::TimedOut => self.timed_out(started, self.deadline.cap()),
                 })?;
                 (*pooled).clone()
             };
-            let result = match request {
-                Request::Cmd(cmd) => cmd.query_async(&mut conn).await,
-                Request::Pipe(pipe) => pipe.query_async(&mut conn).await,
+            let sent = Instant::now();
+            let reply = async {
+                match request {
+                    Request::Cmd(cmd) => cmd.query_async(&mut conn).await,
+                    Request::Pipe(pipe) => pipe.query_async(&mut conn).await,
+                }
             };
+            let result = tokio::time::timeout(limit, reply).await.map_err(|_| CacheError::Timeout(limit))?;
+            if result.is_ok() {
+                self.deadline.observe(sent.elapsed());
+            }
             result.map_err(CacheError::Redis)
         };
-        tokio::time::timeout(self.timeout, work).await.map_err(|_| self.timed_out(started))?
+        let cap = self.deadline.cap();
+        tokio::time::timeout(cap, work).await.map_err(|_| self.timed_out(started, cap))?
     }
 
     /// The error for an operation begun at `started` that ran out of time: the pool's failure
     /// to connect meanwhile if there was one (bb8's checkout only ever says "timed out", and
     /// `/health` should say "connection refused" or "invalid peer certificate"), else a timeout.
-    fn timed_out(&self, started: Instant) -> CacheError {
+    fn timed_out(&self, started: Instant, limit: Duration) -> CacheError {
         match self.connect_error.since(started) {
             Some(err) => CacheError::Redis(err),
-            None => CacheError::Timeout(self.timeout),
+            None => CacheError::Timeout(limit),
         }
     }
 
@@ -227,6 +300,23 @@ impl RedisTier {
             Breaker::Up => RedisStatus::Up,
             Breaker::Fallback { reason, since } => RedisStatus::Fallback { reason: reason.clone(), since: *since },
         }
+    }
+
+    /// While the probe replays, waits (at most one fitted deadline) for the breaker to close.
+    ///
+    /// Without this, a worker under a steady stream of writes to the same keys never
+    /// closes the breaker after an outage: every replay round trip lets those keys land in the
+    /// pending map again, and the map must be empty to close (measured: a worker stayed on
+    /// memory until the load ended, replaying 217,000 writes to 100 keys). Writers pausing for
+    /// the few round trips of the replay lets it finish; they then write to Redis themselves.
+    pub(super) async fn wait_for_replay(&self) {
+        let closed = self.closed.notified();
+        tokio::pin!(closed);
+        closed.as_mut().enable();
+        if !self.lock().replaying {
+            return;
+        }
+        let _ = tokio::time::timeout(self.deadline.current(), closed).await;
     }
 
     /// Remembers a write for replay, unless the breaker closed meanwhile (the caller must then
@@ -328,6 +418,8 @@ pub(super) fn trip(inner: &Arc<Inner>, redis: &RedisTier, err: &CacheError) {
     let mut shared = redis.lock();
     match &mut shared.breaker {
         Breaker::Up | Breaker::Connecting => {
+            // Everyone still waiting on this Redis gives up now rather than at its own deadline.
+            redis.opened.notify_waiters();
             let was_up = matches!(shared.breaker, Breaker::Up);
             shared.breaker = Breaker::Fallback { reason: err.to_string(), since: Instant::now() };
             metrics::count(Event::BreakerOpened);
@@ -339,8 +431,11 @@ pub(super) fn trip(inner: &Arc<Inner>, redis: &RedisTier, err: &CacheError) {
             }
         }
         Breaker::Fallback { reason, .. } => {
-            // Keep `since`; refresh the reason for /health.
-            *reason = err.to_string();
+            // Keep `since`; refresh the reason for /health, unless this is a request the
+            // opening released, which knows no more than the reason already there.
+            if !matches!(err, CacheError::Unavailable(_)) {
+                *reason = err.to_string();
+            }
         }
     }
     ensure_probe(inner, &mut shared);
@@ -372,7 +467,7 @@ pub(super) async fn probe(inner: Weak<Inner>, first_delay: Duration) {
         delay = (delay * 2).clamp(PROBE_MIN, PROBE_MAX);
         let Some(inner) = inner.upgrade() else { return };
         let Some(redis) = &inner.redis else { return };
-        match ping_then_replay(redis).await {
+        match check_then_replay(redis).await {
             Ok(_) => return, // `replay_and_close` cleared `probing`
             Err(err) => {
                 debug!(reason = %err, "redis probe failed");
@@ -401,6 +496,16 @@ pub(super) fn jitter(delay: Duration) -> Duration {
 /// Replays outage writes, then closes the breaker in the same critical
 /// section that sees the pending map empty, so no write can slip between.
 pub(super) async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheError> {
+    redis.lock().replaying = true;
+    let result = replay_rounds(redis).await;
+    if result.is_err() {
+        redis.lock().replaying = false;
+    }
+    result
+}
+
+/// The rounds of [`replay_and_close`], the last of which closes the breaker.
+async fn replay_rounds(redis: &RedisTier) -> Result<usize, CacheError> {
     let mut replayed = 0;
     let mut refused = 0usize;
     loop {
@@ -413,11 +518,13 @@ pub(super) async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheEr
                 }
                 let was = std::mem::replace(&mut shared.breaker, Breaker::Up);
                 shared.probing = false;
+                shared.replaying = false;
                 if matches!(was, Breaker::Fallback { .. }) {
                     metrics::count(Event::BreakerClosed);
                     metrics::set_level(Level::BreakerOpen, 0);
                 }
                 drop(shared);
+                redis.closed.notify_waiters();
                 match was {
                     Breaker::Up => {}
                     Breaker::Connecting => info!(replayed, "redis connected, cache uses redis"),
@@ -449,31 +556,57 @@ pub(super) async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheEr
             };
             pipe.add_command(write_command(key, op_now));
         }
-        match redis.query::<Vec<redis::RedisResult<redis::Value>>>(Request::Pipe(&pipe)).await {
-            Ok(results) => {
-                let failed = results.iter().filter(|result| result.is_err()).count();
-                refused += failed;
-                replayed += batch.len() - failed;
-            }
+        let results = match redis.query_unfitted::<Vec<redis::RedisResult<redis::Value>>>(Request::Pipe(&pipe)).await {
+            Ok(results) => results,
             Err(err) => {
-                // Put back what was not superseded by a newer write meanwhile.
-                let mut shared = redis.lock();
-                for (key, op) in batch {
-                    if !shared.pending.contains_key(&key) {
-                        shared.pending_bytes += pending_weight(&key, &op);
-                        shared.pending.insert(key, op);
-                    }
-                }
+                put_back(redis, batch);
                 return Err(err);
             }
+        };
+        // A write refused because Redis cannot take writes now (full, read-only, loading...)
+        // waits for the next round with the rest of its batch: dropping it would leave the
+        // older value in Redis to be read once the breaker closes.
+        let mut outage = None;
+        let mut unsent = Vec::new();
+        for ((key, op), result) in batch.into_iter().zip(results) {
+            match result.map_err(CacheError::Redis) {
+                Ok(_) => replayed += 1,
+                Err(err) if err.is_outage() => {
+                    unsent.push((key, op));
+                    outage = Some(err);
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        if let Some(err) = outage {
+            put_back(redis, unsent);
+            return Err(err);
         }
     }
 }
 
-/// PINGs Redis; when it answers, replays the pending writes and closes the breaker. Both the
-/// first connection and the probe end an outage this way.
-pub(super) async fn ping_then_replay(redis: &RedisTier) -> Result<usize, CacheError> {
-    redis.query::<String>(Request::Cmd(&redis::cmd("PING"))).await?;
+/// Puts writes whose replay failed back for the next round, unless a newer write to the same
+/// key arrived meanwhile.
+fn put_back(redis: &RedisTier, batch: Vec<(String, Pending)>) {
+    let mut shared = redis.lock();
+    for (key, op) in batch {
+        if !shared.pending.contains_key(&key) {
+            shared.pending_bytes += pending_weight(&key, &op);
+            shared.pending.insert(key, op);
+        }
+    }
+}
+
+/// Writes [`PROBE_KEY`]; when Redis takes it, replays the pending writes and closes the
+/// breaker. Both the first connection and the probe end an outage this way. A probe slower
+/// than the fitted deadline re-seeds it, so a Redis that became slower (but answers within
+/// the operation timeout) is used again instead of timing out every request.
+pub(super) async fn check_then_replay(redis: &RedisTier) -> Result<usize, CacheError> {
+    let mut probe = redis::cmd("SET");
+    probe.arg(PROBE_KEY).arg(std::process::id()).arg("PX").arg(PROBE_KEY_LIFETIME_MS);
+    let started = Instant::now();
+    redis.query_unfitted::<()>(Request::Cmd(&probe)).await?;
+    redis.deadline.reseed_if_slower(started.elapsed());
     replay_and_close(redis).await
 }
 

@@ -1,0 +1,211 @@
+//! The host's `redis-server` as a child process, for the states a container cannot easily be
+//! put in from a test (a replica, a dataset still loading, a frozen process), and a TCP proxy
+//! that delays every reply (a slow Redis).
+//!
+//! Include it with `#[path = "support/redis_server.rs"] mod redis_server;`. Without
+//! `redis-server` on the PATH, [`LocalRedis::start`] returns `None` after printing `SKIPPED`
+//! (a failure when `CI` is set, see `docker_engine::skip`).
+#![allow(dead_code)] // each test file uses a different subset of the helpers
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[path = "docker_engine.rs"]
+mod docker_engine;
+
+/// A `redis-server` on 127.0.0.1 with its own data directory, killed when dropped.
+pub struct LocalRedis {
+    child: Option<Child>,
+    pub port: u16,
+    pub url: String,
+    pub dir: PathBuf,
+    extra: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+impl LocalRedis {
+    /// Starts `redis-server` with `extra` arguments (no persistence unless they ask for it).
+    pub fn start(test: &str, extra: &[&str]) -> Option<LocalRedis> {
+        if Command::new("redis-server").arg("--version").output().is_err() {
+            docker_engine::skip(test, "redis-server (apt-get install redis-server)", "not on the PATH");
+            return None;
+        }
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "herdsman-redis-server-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create redis dir");
+        let port = free_port();
+        let mut redis = LocalRedis {
+            child: None,
+            port,
+            url: format!("redis://127.0.0.1:{port}"),
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        redis.spawn(&[]);
+        redis.wait_listening();
+        Some(redis)
+    }
+
+    fn spawn(&mut self, more: &[&str]) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra)
+            .args(more)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+    }
+
+    /// Waits until the port accepts connections (it may still answer LOADING).
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server not listening within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `SHUTDOWN NOSAVE` is not needed: the data this test saved is in `dir`. Kills the
+    /// process and starts it again on the same port with `more` arguments.
+    pub fn restart_with(&mut self, more: &[&str]) {
+        self.kill();
+        self.spawn(more);
+        self.wait_listening();
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis-server running").id();
+        let status = Command::new("kill").args([signal, &pid.to_string()]).status().expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    /// SIGSTOP: the process is frozen, its port still accepts connections; nothing answers.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    /// A plain client connection, to put the server into a state or look behind the cache.
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis-server")
+    }
+}
+
+impl Drop for LocalRedis {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A paused server would not die of SIGKILL any later, but make sure.
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+        }
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `upstream` that holds every chunk of the server's
+/// replies for [`SlowProxy::set_delay`] before passing it on; requests pass at once. Replies
+/// are delayed, not serialised: a pipeline of many replies still takes one delay.
+pub struct SlowProxy {
+    pub url: String,
+    delay_us: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowProxy {
+    pub async fn start(upstream: u16) -> SlowProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let url = format!("redis://{}", listener.local_addr().expect("proxy addr"));
+        let delay_us = Arc::new(AtomicU64::new(0));
+        let delay = delay_us.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let delay = delay.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else { return };
+                    let (mut client_read, client_write) = client.into_split();
+                    let (server_read, mut server_write) = server.into_split();
+                    let requests = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                    });
+                    delayed_copy(server_read, client_write, delay).await;
+                    requests.abort();
+                });
+            }
+        });
+        SlowProxy { url, delay_us, task }
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_us.store(u64::try_from(delay.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to`, each chunk leaving `delay` after it arrived.
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Arc<AtomicU64>,
+) {
+    let (chunks, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((at, chunk)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let at = tokio::time::Instant::now() + Duration::from_micros(delay.load(Ordering::Relaxed));
+                if chunks.send((at, buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(chunks);
+    let _ = writer.await;
+}
