@@ -145,6 +145,9 @@ pub struct Config {
     /// Bytes of values one user may hold in the cache over HTTP. `HERDSMAN_USER_MAX_BYTES`,
     /// default 16 MiB.
     pub user_max_bytes: u64,
+    /// One log line per answered request. `HERDSMAN_ACCESS_LOG`, default false: the platforms'
+    /// routers already log each request (see [`crate::http::access_log`]).
+    pub access_log: bool,
 }
 
 /// How log lines are written to stderr.
@@ -319,6 +322,9 @@ settings! {
     user_max_bytes, "HERDSMAN_USER_MAX_BYTES", "user-max-bytes", "BYTES",
         "Bytes of cache values one user may hold over HTTP [default: 16777216]",
         default 16 << 20, parse |r: &Raw| r.integer(1u64, 1 << 40);
+    access_log, "HERDSMAN_ACCESS_LOG", "access-log", "BOOL",
+        "One log line per request: method, path, status, bytes, duration, queue time, client, request ID [default: false]",
+        default false, parse Raw::boolean;
 }
 
 /// A raw value and where it came from, so a parse error can name its culprit.

@@ -38,6 +38,8 @@ pub struct InFlight {
     pub method: Method,
     uri: Uri,
     pub started: Instant,
+    /// Its `X-Request-ID`, to find it in the router's and the app's logs.
+    pub request_id: HeaderValue,
 }
 
 impl InFlight {
@@ -84,10 +86,10 @@ impl RequestTracker {
         requests
     }
 
-    pub(crate) fn register(&self, method: Method, uri: Uri) -> Registration {
+    pub(crate) fn register(&self, method: Method, uri: Uri, request_id: HeaderValue) -> Registration {
         let started = Instant::now();
         let mut map = self.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        let key = map.insert(InFlight { method, uri, started });
+        let key = map.insert(InFlight { method, uri, started, request_id });
         Registration { tracker: self.clone(), key, started }
     }
 }
@@ -133,8 +135,9 @@ mod tests {
     #[test]
     fn answered_requests_leave_the_tracker_and_diagnostics_show_no_query() {
         let tracker = RequestTracker::new(None, || {});
-        let first = tracker.register(Method::GET, "/slow?token=secret".parse().expect("a valid URI"));
-        let second = tracker.register(Method::POST, "/fast".parse().expect("a valid URI"));
+        let id = HeaderValue::from_static("req-1");
+        let first = tracker.register(Method::GET, "/slow?token=secret".parse().expect("a valid URI"), id.clone());
+        let second = tracker.register(Method::POST, "/fast".parse().expect("a valid URI"), id);
         second.finish(&mut Response::default());
         let left: Vec<_> = tracker.in_flight().into_iter().map(|(r, _)| (r.path().to_string(), r.method)).collect();
         assert_eq!(left, vec![("/slow".to_string(), Method::GET)]);

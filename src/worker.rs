@@ -157,7 +157,10 @@ async fn serve(
     let services = Services::assemble(config.clone(), cache, hasher, tracker.clone());
     spawn_abort_diagnostics(tracker.clone(), services.warmup.clone());
     let router = http::router(&services, (app.routes)(&services));
+    let request_log =
+        http::access_log::RequestLog { access_log: config.access_log, trusted_proxies: config.trusted_proxies };
     let guard = http::Guard::new(router, tracker.clone(), config.request_timeout, config.max_body_bytes)
+        .with_request_log(request_log)
         .with_metrics_token(config.metrics_token.as_deref());
 
     let http = connection_builder();
@@ -392,7 +395,13 @@ fn spawn_abort_diagnostics(tracker: RequestTracker, warmup: WarmupStatus) {
                 tracing::error!("no request was running: a task on the runtime blocked it (work spawned by a warm-up or a background task?)");
             }
             for (request, age) in in_flight {
-                tracing::error!("in flight: {} {} for {:.1}s", request.method, request.path(), age.as_secs_f64());
+                let id = request.request_id.to_str().unwrap_or("-");
+                tracing::error!(
+                    "in flight: {} {} for {:.1}s (request id {id})",
+                    request.method,
+                    request.path(),
+                    age.as_secs_f64()
+                );
             }
             std::process::exit(1);
         }

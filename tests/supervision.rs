@@ -53,10 +53,13 @@ async fn a_hung_worker_is_aborted_with_what_it_was_doing_and_replaced() {
     let server = start(&[("WEB_CONCURRENCY", "2"), ("GUNICORN_TIMEOUT", "1")]);
     server.wait_for_nth_log("ready in", 2, SECS(5));
     // Blocks one worker's runtime thread for 30 s: its heartbeat stops.
-    let hung = tokio::spawn(reqwest::get(server.url("/__test/block?ms=30000")));
+    let request =
+        reqwest::Client::new().get(server.url("/__test/block?ms=30000")).header("X-Request-ID", "hung-req-42");
+    let hung = tokio::spawn(request.send());
     let timeout_line = server.wait_for_log("WORKER TIMEOUT (pid:", SECS(10));
     let pid = timeout_line.split("(pid:").nth(1).and_then(|s| s.split(')').next()).unwrap().to_string();
-    server.wait_for_log("in flight: GET /__test/block for", SECS(5));
+    let in_flight = server.wait_for_log("in flight: GET /__test/block for", SECS(5));
+    assert!(in_flight.contains("(request id hung-req-42)"), "the diagnostics name the request: {in_flight}");
     server.wait_for_log(&format!("(pid:{pid}) exited with code 1 after its timeout abort"), SECS(5));
     server.wait_for_nth_log("ready in", 3, SECS(5));
     // The hung request's connection died with its worker; everything else is served.

@@ -1,7 +1,7 @@
 //! [`Guard`]: the service every request passes through on its way to the router, so that one
 //! bad request cannot hurt the others. In order:
-//! 1. it registers the request with the [`RequestTracker`] (method, path, age: what an aborted
-//!    worker reports) and, once answered, counts it for `MAX_REQUESTS` and adds
+//! 1. it registers the request with the [`RequestTracker`] (method, path, age, request ID: what
+//!    an aborted worker reports; the ID is answered as `X-Request-ID`, see [`super::access_log`]) and, once answered, counts it for `MAX_REQUESTS` and adds
 //!    `Connection: close` while the worker drains, so keep-alive clients move to another worker
 //!    instead of racing a closing socket;
 //! 2. a body declared larger than `HERDSMAN_MAX_BODY_BYTES` gets 413 before it is read, and any
@@ -38,6 +38,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 use tower::Service as _;
 
+use super::access_log::{self, RequestLog};
 use super::client_addr::PeerAddr;
 use super::error::ApiError;
 use super::metrics_route;
@@ -55,16 +56,31 @@ pub struct Guard {
     metrics_token: Option<Arc<str>>,
     /// The connection's peer, handed to routes as a [`PeerAddr`] extension.
     peer: Option<PeerAddr>,
+    request_log: RequestLog,
 }
 
 impl Guard {
     pub fn new(router: Router, tracker: RequestTracker, request_timeout: Duration, max_body_bytes: usize) -> Self {
-        Guard { router, tracker, request_timeout, max_body_bytes, metrics_token: None, peer: None }
+        Guard {
+            router,
+            tracker,
+            request_timeout,
+            max_body_bytes,
+            metrics_token: None,
+            peer: None,
+            request_log: RequestLog::default(),
+        }
     }
 
     /// Serves the metrics at `/metrics` to requests bearing `token`.
     pub fn with_metrics_token(mut self, token: Option<&str>) -> Self {
         self.metrics_token = token.map(Arc::from);
+        self
+    }
+
+    /// Request IDs, queue times and the access log (see [`access_log`]).
+    pub fn with_request_log(mut self, request_log: RequestLog) -> Self {
+        self.request_log = request_log;
         self
     }
 
@@ -81,16 +97,18 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
     type Future = GuardFuture;
 
     fn call(&self, request: Request<Incoming>) -> GuardFuture {
-        let registration = self.tracker.register(request.method().clone(), request.uri().clone());
+        let peer = self.peer.map(|PeerAddr(ip)| ip);
+        let entry = self.request_log.start(request.method(), request.uri(), request.headers(), peer);
+        let registration = self.tracker.register(request.method().clone(), request.uri().clone(), entry.id.clone());
         let metrics = RequestMetrics::start(request.method());
         if let Some(token) = self.metrics_token.as_deref().filter(|_| request.uri().path() == metrics_route::PATH) {
             if let Some(response) = metrics_route::answer(request.headers(), token) {
-                return GuardFuture::answered(registration, metrics, response);
+                return GuardFuture::answered((registration, entry), metrics, response);
             }
         }
         let declared = request.body().size_hint().exact();
         if declared.is_some_and(|bytes| bytes > self.max_body_bytes as u64) {
-            return GuardFuture::answered(registration, metrics, body_too_large(self.max_body_bytes));
+            return GuardFuture::answered((registration, entry), metrics, body_too_large(self.max_body_bytes));
         }
         let limit = self.max_body_bytes;
         let mut request =
@@ -102,18 +120,19 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
         // The router is an `Arc` inside: cloning it is how axum itself serves a request.
         match catch_unwind(AssertUnwindSafe(|| self.router.clone().call(request))) {
             Ok(handler) => GuardFuture {
-                registration: Some(registration),
+                registration: Some((registration, entry)),
                 metrics,
                 state: State::Running { handler, deadline, timeout: self.request_timeout, timer: None },
             },
-            Err(_) => GuardFuture::answered(registration, metrics, handler_panicked()),
+            Err(_) => GuardFuture::answered((registration, entry), metrics, handler_panicked()),
         }
     }
 }
 
 /// A request on its way through the [`Guard`].
 pub struct GuardFuture {
-    registration: Option<Registration>,
+    /// The request's place in the tracker and what the access log needs, until it is answered.
+    registration: Option<(Registration, access_log::Entry)>,
     /// Counts the request (method, route template, status, duration) and its time in flight.
     metrics: RequestMetrics,
     state: State,
@@ -134,7 +153,7 @@ enum State {
 }
 
 impl GuardFuture {
-    fn answered(registration: Registration, metrics: RequestMetrics, response: Response) -> Self {
+    fn answered(registration: (Registration, access_log::Entry), metrics: RequestMetrics, response: Response) -> Self {
         GuardFuture { registration: Some(registration), metrics, state: State::Answered(Some(response)) }
     }
 }
@@ -167,8 +186,9 @@ impl Future for GuardFuture {
         };
         // Drop the handler (a timed-out one is cancelled here), then close the books.
         this.state = State::Answered(None);
-        if let Some(registration) = this.registration.take() {
+        if let Some((registration, entry)) = this.registration.take() {
             this.metrics.finish(response.status(), registration.started());
+            entry.finish(&mut response, registration.started());
             registration.finish(&mut response);
         }
         Poll::Ready(Ok(response))

@@ -6,6 +6,7 @@
 //! [`guard`]. A connection that stays silent too long — a request head arriving too slowly, or
 //! idle past the keep-alive timeout — is closed by [`connection_deadline`].
 
+pub mod access_log;
 pub mod auth_api;
 pub mod cache_api;
 pub mod client_addr;

@@ -96,6 +96,13 @@ impl Collector for Exposed {
             MetricType::Histogram,
         )?;
         histogram(warmups, &s.warmup_durations)?;
+        let queue = encoder.encode_descriptor(
+            "herdsman_http_request_queue_seconds",
+            "Time requests waited between the platform's router (X-Request-Start) and a worker",
+            None,
+            MetricType::Histogram,
+        )?;
+        histogram(queue, &s.queue_times)?;
 
         gauge(
             &mut encoder,

@@ -89,6 +89,14 @@ pub fn warmup_took(took: std::time::Duration) {
     }
 }
 
+/// A request waited `waited` between the platform's router and this worker (see
+/// [`crate::http::queue_time`]).
+pub fn request_queued(waited: std::time::Duration) {
+    if let Some(block) = block() {
+        block.queued(u64::try_from(waited.as_micros()).unwrap_or(u64::MAX));
+    }
+}
+
 pub fn add_level(level: Level, delta: i64) {
     if let Some(block) = block() {
         block.level(level, delta);

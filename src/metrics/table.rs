@@ -69,6 +69,8 @@ pub(crate) struct Block {
     levels: [AtomicI64; Level::COUNT],
     /// How long warm-up attempts took (a timed-out one: its timeout).
     warmup_durations: Histogram,
+    /// How long requests waited between the platform's router and this worker.
+    queue_times: Histogram,
     labels: [RouteLabel; MAX_ROUTES],
     routes: [RouteStats; MAX_ROUTES],
 }
@@ -156,6 +158,7 @@ impl MetricsTable {
             into.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         retired.warmup_durations.add(&block.warmup_durations);
+        retired.queue_times.add(&block.queue_times);
         block.clear();
         flag.store(0, Ordering::Release);
         std::sync::atomic::fence(Ordering::SeqCst);
@@ -266,6 +269,10 @@ impl Block {
         self.warmup_durations.observe(micros);
     }
 
+    pub(crate) fn queued(&self, micros: u64) {
+        self.queue_times.observe(micros);
+    }
+
     pub(crate) fn in_flight(&self, delta: i64) {
         self.in_flight.fetch_add(delta, Ordering::Relaxed);
     }
@@ -286,7 +293,7 @@ impl Block {
         self.in_flight.store(0, Ordering::Relaxed);
         self.events.iter().for_each(|e| e.store(0, Ordering::Relaxed));
         self.levels.iter().for_each(|l| l.store(0, Ordering::Relaxed));
-        self.warmup_durations.counters().for_each(|c| c.store(0, Ordering::Relaxed));
+        self.warmup_durations.counters().chain(self.queue_times.counters()).for_each(|c| c.store(0, Ordering::Relaxed));
         for route in self.routes() {
             route.clear();
         }
@@ -371,6 +378,7 @@ pub struct Snapshot {
     pub events: [u64; Event::COUNT],
     pub levels: [i64; Level::COUNT],
     pub warmup_durations: Durations,
+    pub queue_times: Durations,
     pub restarts: [u64; RestartReason::COUNT],
     pub workers: u64,
     pub heartbeat_age_ms: u64,
@@ -400,6 +408,7 @@ impl Snapshot {
             *into += from.load(Ordering::Relaxed);
         }
         block.warmup_durations.add_to(&mut self.warmup_durations);
+        block.queue_times.add_to(&mut self.queue_times);
     }
 }
 
