@@ -370,7 +370,7 @@ impl Raw<'_> {
 
     fn log_filter(&self) -> Result<String, ConfigError> {
         let filter = self.value.trim().to_string();
-        tracing_subscriber::EnvFilter::try_new(&filter)
+        parse_log_filter(&filter)
             .map(|_| filter)
             .map_err(|_| self.error("a level (error, warn, info, debug, trace) or a filter such as herdsman=debug"))
     }
@@ -624,6 +624,24 @@ impl Default for Config {
         // The defaults are what an empty environment resolves to; there is one source of truth.
         Config::resolve(&Flags::default(), std::iter::empty()).expect("the defaults are valid")
     }
+}
+
+/// `LOG_LEVEL`: a level (`info`) or comma-separated `target=level` directives with an optional
+/// default (`herdsman=debug,warn`). `Targets` reads exactly that; tracing-subscriber's `EnvFilter`
+/// would also take span and field filters, at the price of a regex engine in the binary (about
+/// a megabyte of the 6 MB image).
+/// `Targets` itself is lenient (it takes `[=` as a target); each directive is checked first.
+pub fn parse_log_filter(filter: &str) -> Result<tracing_subscriber::filter::Targets, String> {
+    use tracing_subscriber::filter::LevelFilter;
+    for directive in filter.split(',').map(str::trim) {
+        let (target, level) = directive.split_once('=').unwrap_or(("herdsman", directive));
+        let target_ok =
+            !target.is_empty() && target.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-'));
+        if !target_ok || level.parse::<LevelFilter>().is_err() {
+            return Err(format!("not a level or target=level: {directive:?}"));
+        }
+    }
+    filter.parse().map_err(|e: tracing_subscriber::filter::ParseError| e.to_string())
 }
 
 /// Seconds as a setting is written (`30`, `0.5`).

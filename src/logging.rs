@@ -13,22 +13,26 @@ use std::fmt::Write as _;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
 
 /// Installs the global subscriber. Called once per process; a second call is a no-op.
 pub fn init(format: LogFormat, filter: &str, role: &'static str) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .event_format(LineFormat { format, role, pid: std::process::id() })
-        .try_init();
+    let filter =
+        crate::config::parse_log_filter(filter).unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO));
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).event_format(LineFormat {
+        format,
+        role,
+        pid: std::process::id(),
+    });
+    let _ = tracing_subscriber::registry().with(lines).with(filter).try_init();
 }
 
 struct LineFormat {

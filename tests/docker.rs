@@ -24,8 +24,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The issue's target for the image (issue 13: at most 6 MB).
-const MAX_IMAGE_BYTES: u64 = 6 * 1000 * 1000;
+/// The bound on this test's image. The release image is held to 6 MB (issue 13) by
+/// `bench/image-size.sh` on a release build (5.96 MB, measured 2026-11-27); this image's binary
+/// also carries the `test-hooks` routes and the WebSocket code they turn on (about 0.15 MB), so
+/// it gets that much more and no more: growth beyond it still fails here.
+const MAX_IMAGE_BYTES: u64 = 6_200_000;
 /// The tag the test image gets; rebuilt by every run, the previous image removed.
 const TEST_IMAGE: &str = "herdsman-test:docker-rs";
 
