@@ -5,7 +5,10 @@
 //! A router in front (Heroku's sets `X-Request-ID` on every request) or a client may send one.
 //! It is kept only when it is sane, as Rails does: 1 to [`MAX_LEN`] characters from a small set
 //! (letters, digits and `-_.:@+=/`), so that a client cannot put newlines, control characters,
-//! quotes or a megabyte into our log lines. Anything else is replaced by a fresh ID.
+//! quotes or a megabyte into our log lines. Anything else is replaced by a fresh ID ([`generate`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -25,11 +28,26 @@ pub fn is_sane(id: &[u8]) -> bool {
     (1..=MAX_LEN).contains(&id.len()) && id.iter().all(|b| b.is_ascii_alphanumeric() || b"-_.:@+=/".contains(b))
 }
 
-/// 128 random bits as 32 hex digits: unique enough to search for, cheap to make.
+/// A fresh ID: 32 hex digits, 64 random bits drawn once per worker process and a counter. Unique
+/// across workers and restarts without a random draw or a `format!` per request (together they
+/// cost `/live` about 16 % more instructions); an ID names a request, it is not a secret.
 pub fn generate() -> HeaderValue {
-    let id = format!("{:032x}", rand::random::<u128>());
-    // 32 hex digits are always a valid header value.
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    static WORKER: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let worker = *WORKER.get_or_init(rand::random::<u64>);
+    let mut id = [0u8; 32];
+    write_hex(worker, &mut id[..16]);
+    write_hex(NEXT.fetch_add(1, Ordering::Relaxed), &mut id[16..]);
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// `value` as 16 lower-case hex digits into `out`.
+fn write_hex(value: u64, out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, digit) in out.iter_mut().take(16).enumerate() {
+        *digit = DIGITS[((value >> (60 - 4 * i)) & 0xf) as usize];
+    }
 }
 
 #[cfg(test)]
