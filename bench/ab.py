@@ -21,13 +21,9 @@ import json
 import statistics
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
-import urllib.error
-import urllib.request
-
-from harness import LOOPBACK, RedisServer, Server, free_port, http_json, log, parse_wrk, redis_up
+from harness import LOOPBACK, RedisServer, Server, cache_session, free_port, log, parse_wrk, wait_workers_serving
 from measure import time_to_first_200
 
 CONNECTIONS = 32
@@ -52,36 +48,6 @@ def wrk(port: int, path: str, duration: int, headers: dict) -> dict:
     return res
 
 
-def put(port: int, path: str, body: bytes, headers: dict) -> int:
-    req = urllib.request.Request(f"http://{LOOPBACK}:{port}{path}", data=body, method="PUT", headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as err:
-        return err.code
-
-
-def session_headers(port: int) -> dict:
-    """{} when /cache is open; else the Bearer header of a fresh user."""
-    status = put(port, "/cache/k", VALUE, {})
-    if status == 204:
-        return {}
-    if status != 401:
-        raise SystemExit(f"PUT /cache/k answered {status}")
-    creds = {"username": f"ab-{uuid.uuid4().hex[:12]}", "password": "a long enough password"}
-    status, _ = http_json(port, "POST", "/auth/register", creds)
-    if status not in (200, 201):
-        raise SystemExit(f"register answered {status}")
-    status, body = http_json(port, "POST", "/auth/login", creds)
-    if status != 200 or not isinstance(body, dict) or "token" not in body:
-        raise SystemExit(f"login answered {status} {body!r}")
-    headers = {"Authorization": f"Bearer {body['token']}"}
-    status = put(port, "/cache/k", VALUE, headers)
-    if status != 204:
-        raise SystemExit(f"PUT /cache/k with a session answered {status}")
-    return headers
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("a", type=Path)
@@ -98,8 +64,8 @@ def main() -> None:
         for key, binary in binaries.items():
             srv = start(binary, {"REDIS_URL": redis.url}).__enter__()
             servers[key] = srv
-            srv.wait_http("/health", pred=redis_up)
-            headers[key] = session_headers(srv.port)
+            wait_workers_serving(srv, 2, redis=True)  # every worker: a login may land on either
+            headers[key] = cache_session(srv.port, "k", VALUE)
             wrk(srv.port, "/live", 1, {})  # warm-up, not recorded
         try:
             for round_no in range(args.rounds):

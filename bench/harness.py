@@ -235,6 +235,22 @@ def session_token(port: int, username: str, password: str = "correct horse batte
         raise BenchError(f"login {username} answered {status} {body}")
     return body["token"]
 
+
+def cache_session(port: int, key: str, value: bytes) -> dict:
+    """Stores `value` under /cache/{key}: the headers a /cache request needs from now on, `{}`
+    for a build whose /cache is open (before sessions), else a fresh user's bearer header (for
+    comparisons of builds from either side of that change)."""
+    status, _ = http_request(port, "PUT", f"/cache/{key}", value, timeout=30)
+    if status == 204:
+        return {}
+    if status != 401:
+        raise BenchError(f"PUT /cache/{key} answered {status}")
+    headers = bearer(session_token(port, f"bench-{os.getpid()}-{port}"))
+    status, _ = http_request(port, "PUT", f"/cache/{key}", value, timeout=30, headers=headers)
+    if status != 204:
+        raise BenchError(f"PUT /cache/{key} with a session answered {status}")
+    return headers
+
 # ---------------------------------------------------------------------------------------------
 # Processes: a Server context manager, process trees, memory
 # ---------------------------------------------------------------------------------------------

@@ -25,13 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import LOOPBACK, RedisServer, free_port, http_json, read_response  # noqa: E402
+from harness import LOOPBACK, RedisServer, cache_session, free_port, http_json, read_response  # noqa: E402
 
 VALUE = b"0123456789abcdef" * 4
 
@@ -51,30 +48,6 @@ def wait_health(port: int, redis: bool, timeout: float = 120.0) -> None:
             pass
         time.sleep(0.2)
     raise SystemExit(f"no healthy /health on :{port} within {timeout}s")
-
-
-def request(port: int, method: str, path: str, body: bytes | None, headers: dict) -> int:
-    req = urllib.request.Request(f"http://{LOOPBACK}:{port}{path}", data=body, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status
-    except urllib.error.HTTPError as err:
-        return err.code
-
-
-def session(port: int) -> dict:
-    """{} when /cache is open, else a fresh user's Bearer header; stores the value either way."""
-    if request(port, "PUT", "/cache/k", VALUE, {}) == 204:
-        return {}
-    creds = {"username": f"ins-{uuid.uuid4().hex[:12]}", "password": "a long enough password"}
-    http_json(port, "POST", "/auth/register", creds, timeout=30.0)
-    status, body = http_json(port, "POST", "/auth/login", creds, timeout=30.0)
-    if status != 200 or not isinstance(body, dict) or "token" not in body:
-        raise SystemExit(f"login answered {status} {body!r}")
-    headers = {"Authorization": f"Bearer {body['token']}"}
-    if request(port, "PUT", "/cache/k", VALUE, headers) != 204:
-        raise SystemExit("PUT /cache/k failed with a session")
-    return headers
 
 
 def keepalive_gets(port: int, path: str, n: int, headers: dict) -> None:
@@ -102,7 +75,7 @@ def worker_instructions(binary: Path, env: dict, path: str, n: int, redis: bool)
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             wait_health(port, redis)
-            headers = session(port) if redis else {}
+            headers = cache_session(port, "k", VALUE) if redis else {}
             if n:
                 keepalive_gets(port, path, n, headers)
         finally:
