@@ -12,17 +12,18 @@
 
 #[path = "support/docker_engine.rs"]
 mod docker_engine;
+#[path = "support/redis_server.rs"]
+mod redis_server;
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use herdsman::cache::{Cache, CacheConfig, RedisStatus, Tier};
+use redis_server::LocalRedis;
 use serde_json::Value;
 
 /// TLS handshakes on a busy 2-core machine: generous, the breaker is not under test here.
@@ -115,77 +116,6 @@ impl Pki {
     }
 }
 
-/// The host's `redis-server` serving TLS only, killed when dropped.
-struct TlsRedis {
-    child: Child,
-    port: u16,
-}
-
-impl TlsRedis {
-    fn start(test: &str, dir: &Path, (cert, key): &(PathBuf, PathBuf)) -> Option<TlsRedis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let spawned = Command::new("redis-server")
-            .args(["--port", "0", "--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
-            .arg("--tls-cert-file")
-            .arg(cert)
-            .arg("--tls-key-file")
-            .arg(key)
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match spawned {
-            Ok(child) => child,
-            Err(e) => return unavailable(test, &format!("cannot run `redis-server`: {e}")),
-        };
-        // The log goes to stdout; a configuration error (no TLS support) to stderr or stdout.
-        let (lines, seen) = mpsc::channel();
-        for stream in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    let _ = lines.send(line);
-                }
-            });
-        }
-        let mut output = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            match seen.recv_timeout(Duration::from_millis(50)) {
-                Ok(line) if line.contains("Ready to accept connections") => return Some(TlsRedis { child, port }),
-                Ok(line) => output.push(line),
-                Err(_) => {}
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                output.extend(seen.try_iter());
-                let output = output.join("\n");
-                if output.to_ascii_lowercase().contains("tls") {
-                    return unavailable(test, &format!("redis-server has no TLS support ({status}):\n{output}"));
-                }
-                panic!("redis-server exited ({status}):\n{output}");
-            }
-        }
-        let _ = child.kill();
-        panic!("redis-server not ready within 10 s:\n{}", output.join("\n"));
-    }
-
-    fn url(&self, host: &str) -> String {
-        format!("rediss://{host}:{}", self.port)
-    }
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A CA `trusted`, a CA `rogue`, and one Redis per server certificate asked for.
 struct Setup {
     pki: Pki,
@@ -201,11 +131,11 @@ impl Setup {
     }
 
     /// The CAs, and a Redis whose certificate for `sans` is signed by the CA `signer`.
-    fn with_redis(test: &str, signer: &str, sans: &str) -> Option<(Setup, TlsRedis)> {
+    fn with_redis(test: &str, signer: &str, sans: &str) -> Option<(Setup, LocalRedis)> {
         let setup = Setup::new(test)?;
         let name = format!("server-{signer}-{}", sans.replace([':', ',', '.'], "_"));
-        let pair = setup.pki.server(&name, signer, sans);
-        let redis = TlsRedis::start(test, &setup.pki.dir.0, &pair)?;
+        let (cert, key) = setup.pki.server(&name, signer, sans);
+        let redis = LocalRedis::start_tls(test, &cert, &key)?;
         Some((setup, redis))
     }
 
@@ -213,6 +143,11 @@ impl Setup {
     fn ca_value(&self) -> &str {
         self.ca.to_str().expect("UTF-8 temp path")
     }
+}
+
+/// The server's URL by `host`: the certificate checks differ by name and by address.
+fn tls_url(redis: &LocalRedis, host: &str) -> String {
+    format!("rediss://{host}:{}", redis.port)
 }
 
 /// The names the good certificates are for.
@@ -262,8 +197,8 @@ async fn put_then_get(server: &support::Herdsman, key: &str) -> (String, String)
     (put_tier, get_tier)
 }
 
-fn start_herdsman(redis: &TlsRedis, extra: &[(&str, &str)]) -> support::Herdsman {
-    let url = redis.url("localhost");
+fn start_herdsman(redis: &LocalRedis, extra: &[(&str, &str)]) -> support::Herdsman {
+    let url = tls_url(redis, "localhost");
     let mut env = vec![("REDIS_URL", url.as_str()), ("WEB_CONCURRENCY", "1"), ("HERDSMAN_REDIS_TIMEOUT", "2")];
     env.extend_from_slice(extra);
     support::start(&env)
@@ -283,7 +218,7 @@ async fn a_server_signed_by_the_configured_ca_is_used() {
 
     // The library alone, by name and by address (the certificate names both).
     for host in ["localhost", "127.0.0.1"] {
-        let cache = cache(redis.url(host), Some(&setup.ca), false);
+        let cache = cache(tls_url(&redis, host), Some(&setup.ca), false);
         cache.connect().await.unwrap_or_else(|e| panic!("{host}: {e}"));
         assert_eq!(cache.status(), RedisStatus::Up);
         let tier = cache.set_with_tier("lib", Bytes::from_static(b"v"), None).await.expect("set");
@@ -316,7 +251,7 @@ async fn an_untrusted_server_is_refused_and_the_cache_stays_in_memory() {
     assert!(check["reason"].as_str().unwrap().contains("certificate"), "{check}");
 
     // Without REDIS_CA_CERT the built-in web roots do not know this CA either.
-    let cache = cache(redis.url("localhost"), None, false);
+    let cache = cache(tls_url(&redis, "localhost"), None, false);
     let err = cache.connect().await.expect_err("refused by the web roots");
     assert!(err.to_string().contains("certificate"), "{err}");
     assert!(matches!(cache.status(), RedisStatus::Fallback { .. }));
@@ -328,7 +263,7 @@ async fn the_right_ca_for_another_name_is_refused() {
     let Some((setup, redis)) = Setup::with_redis(test, "trusted", "DNS:elsewhere.example") else { return };
 
     for host in ["localhost", "127.0.0.1"] {
-        let cache = cache(redis.url(host), Some(&setup.ca), false);
+        let cache = cache(tls_url(&redis, host), Some(&setup.ca), false);
         let err = cache.connect().await.expect_err("name mismatch");
         assert!(err.to_string().contains("certificate"), "{host}: {err}");
         match cache.status() {

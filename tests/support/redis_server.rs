@@ -7,7 +7,7 @@
 //! (a failure when `CI` is set, see `docker_engine::skip`).
 #![allow(dead_code)] // each test file uses a different subset of the helpers
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,6 +25,8 @@ pub struct LocalRedis {
     pub port: u16,
     pub url: String,
     pub dir: PathBuf,
+    /// TLS only (`--port 0 --tls-port`): [`LocalRedis::start_tls`].
+    tls: bool,
     extra: Vec<String>,
 }
 
@@ -36,6 +38,31 @@ fn free_port() -> u16 {
 impl LocalRedis {
     /// Starts `redis-server` with `extra` arguments (no persistence unless they ask for it).
     pub fn start(test: &str, extra: &[&str]) -> Option<LocalRedis> {
+        let mut redis = Self::launch(test, false, extra)?;
+        if let Err(exited) = redis.wait_listening() {
+            panic!("{exited}");
+        }
+        Some(redis)
+    }
+
+    /// Starts `redis-server` serving TLS only, with this certificate and key, clients not
+    /// asked for certificates; `url` is `rediss://127.0.0.1:PORT`. A server that exits at once
+    /// (a build without TLS) skips the test like a missing `redis-server`.
+    pub fn start_tls(test: &str, cert: &Path, key: &Path) -> Option<LocalRedis> {
+        let (cert, key) = (cert.to_str().expect("UTF-8 cert path"), key.to_str().expect("UTF-8 key path"));
+        let extra = ["--tls-auth-clients", "no", "--tls-cert-file", cert, "--tls-key-file", key];
+        let mut redis = Self::launch(test, true, &extra)?;
+        redis.url = format!("rediss://127.0.0.1:{}", redis.port);
+        match redis.wait_listening() {
+            Ok(()) => Some(redis),
+            Err(exited) => {
+                docker_engine::skip(test, "redis-server built with TLS (Debian's is)", &exited);
+                None
+            }
+        }
+    }
+
+    fn launch(test: &str, tls: bool, extra: &[&str]) -> Option<LocalRedis> {
         if Command::new("redis-server").arg("--version").output().is_err() {
             docker_engine::skip(test, "redis-server (apt-get install redis-server)", "not on the PATH");
             return None;
@@ -53,16 +80,19 @@ impl LocalRedis {
             port,
             url: format!("redis://127.0.0.1:{port}"),
             dir,
+            tls,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         redis.spawn(&[]);
-        redis.wait_listening();
         Some(redis)
     }
 
     fn spawn(&mut self, more: &[&str]) {
+        let port = self.port.to_string();
+        let ports: &[&str] = if self.tls { &["--port", "0", "--tls-port", &port] } else { &["--port", &port] };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(ports)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
             .args(&self.extra)
@@ -75,13 +105,20 @@ impl LocalRedis {
         self.child = Some(child);
     }
 
-    /// Waits until the port accepts connections (it may still answer LOADING).
-    fn wait_listening(&self) {
+    /// Waits until the port accepts connections (it may still answer LOADING); `Err` says how
+    /// the server exited if it did first.
+    fn wait_listening(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(child) = &mut self.child {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!("redis-server exited before listening ({status})"));
+                }
+            }
             assert!(Instant::now() < deadline, "redis-server not listening within 10 s");
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// `SHUTDOWN NOSAVE` is not needed: the data this test saved is in `dir`. Kills the
@@ -89,7 +126,9 @@ impl LocalRedis {
     pub fn restart_with(&mut self, more: &[&str]) {
         self.kill();
         self.spawn(more);
-        self.wait_listening();
+        if let Err(exited) = self.wait_listening() {
+            panic!("{exited}");
+        }
     }
 
     fn kill(&mut self) {
