@@ -10,8 +10,6 @@
 //! Without `redis-server` (with TLS) or `openssl` the Redis tests print `SKIPPED` and pass,
 //! unless `CI` is set: there they fail, so a CI machine cannot silently test nothing.
 
-#[path = "support/docker_engine.rs"]
-mod docker_engine;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 mod support;
@@ -23,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use herdsman::cache::{Cache, CacheConfig, RedisStatus, Tier};
-use redis_server::LocalRedis;
+use redis_server::{docker_engine, LocalRedis};
 use serde_json::Value;
 
 /// TLS handshakes on a busy 2-core machine: generous, the breaker is not under test here.

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 #[path = "docker_engine.rs"]
-mod docker_engine;
+pub mod docker_engine;
 
 /// A `redis-server` on 127.0.0.1 with its own data directory, killed when dropped.
 pub struct LocalRedis {
