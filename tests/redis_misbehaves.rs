@@ -23,8 +23,11 @@ use redis_server::{LocalRedis, SlowProxy};
 /// The bound of every operation: far above the fitted deadline, so a request that paid it
 /// shows.
 const OP_TIMEOUT: Duration = Duration::from_secs(1);
-/// The fitted deadline's floor in these tests.
-const FLOOR: Duration = Duration::from_millis(20);
+/// The fitted deadline's floor in these tests: above the default 20 ms, because a healthy
+/// Redis's reply can wait that long for a core on a 2-core machine running builds beside the
+/// tests (seen: the warm-up writes opened the breaker at a load average of 19), and what is
+/// under test is the deadline's effect, not its floor.
+const FLOOR: Duration = Duration::from_millis(50);
 
 fn cache_at(url: &str) -> Cache {
     Cache::new(CacheConfig {
