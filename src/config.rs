@@ -189,6 +189,9 @@ macro_rules! settings {
         /// `(variable, Config field)` for every setting, in table order.
         const VARIABLES: &[(&str, &str)] = &[$(($var, stringify!($field))),*];
 
+        /// `(variable, flag)` for every setting, in table order.
+        const FLAG_NAMES: &[(&str, &str)] = &[$(($var, $flag)),*];
+
         fn resolve_table(
             flags: &Flags,
             env: &HashMap<String, String>,
@@ -455,6 +458,26 @@ fn pick<'a>(
     }
 }
 
+/// Which of `vars` a cross-setting error names, and how: the first one given as a flag or a
+/// variable, else the first one fitted to the platform, else the first; as `--flag`, `VAR` or
+/// `VAR (fitted to the platform)`, the names [`pick`] gives a parse error.
+fn blame(sources: &[(&'static str, Source)], vars: &[&'static str]) -> (&'static str, String) {
+    let source = |var: &str| sources.iter().find(|(name, _)| *name == var).map(|(_, source)| source);
+    let given = |var: &&str| matches!(source(var), Some(Source::Flag | Source::Environment));
+    let fitted = |var: &&str| matches!(source(var), Some(Source::Platform(_)));
+    let first = vars.first().copied().unwrap_or("setting");
+    let var = vars.iter().copied().find(given).or_else(|| vars.iter().copied().find(fitted)).unwrap_or(first);
+    let name = match source(var) {
+        Some(Source::Flag) => match FLAG_NAMES.iter().find(|(name, _)| *name == var) {
+            Some((_, flag)) => format!("--{flag}"),
+            None => var.to_string(),
+        },
+        Some(Source::Platform(_)) => format!("{var} (fitted to the platform)"),
+        _ => var.to_string(),
+    };
+    (var, name)
+}
+
 /// Where a setting's value came from, as `herdsman check` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -523,7 +546,7 @@ impl Config {
         let platform = platform::detect(&env);
         let fits = platform.as_ref().map(|p| p.fits(&host())).unwrap_or_default();
         let (config, sources) = resolve_table(flags, &env, &fits)?;
-        config.validate()?;
+        config.validate_given(&sources)?;
         let mut resolution = Resolution { config, platform, sources, warnings: Vec::new() };
         if let Some(platform) = &resolution.platform {
             let explicit = matches!(resolution.source("GRACEFUL_TIMEOUT"), Some(Source::Environment | Source::Flag));
@@ -532,34 +555,50 @@ impl Config {
         Ok(resolution)
     }
 
-    /// The checks that concern the settings together rather than one value: run once, by
-    /// [`Config::resolve_on`], so the master refuses a configuration before it binds and the
-    /// workers, which receive the resolved `Config`, never meet an invalid one.
+    /// The checks that concern the settings together rather than one value, for a `Config`
+    /// built by hand: an error names the variable. [`Config::resolve_on`] runs them with the
+    /// sources instead, so that the master refuses a configuration before it binds, naming the
+    /// setting the user gave, and the workers, which receive the resolved `Config`, never meet
+    /// an invalid one.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_given(&[])
+    }
+
+    /// [`Config::validate`], blaming whichever of two conflicting settings was given (a flag or
+    /// a variable) rather than one left at its default: `HERDSMAN_CACHE_MAX_TTL=60` alone is
+    /// the culprit against the default TTL, not the default it contradicts.
+    fn validate_given(&self, sources: &[(&'static str, Source)]) -> Result<(), ConfigError> {
+        let culprit = |vars: &[&'static str]| blame(sources, vars);
         if let Some(url) = &self.redis_url {
             // The one full parse of the URL: the cache builds its connections from the same
             // string in each worker.
             if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
                 return Err(ConfigError {
-                    source_name: "REDIS_URL".into(),
+                    source_name: culprit(&["REDIS_URL"]).1,
                     value: redact_url(url),
                     expected: format!("a redis:// or rediss:// URL that parses ({})", e.category()),
                 });
             }
         }
         if self.cache_default_ttl > self.cache_max_ttl {
-            return Err(ConfigError {
-                source_name: "HERDSMAN_CACHE_DEFAULT_TTL".into(),
-                value: format_seconds(self.cache_default_ttl),
-                expected: format!(
-                    "at most HERDSMAN_CACHE_MAX_TTL ({} s): a value stored without ?ttl= must be storable",
-                    format_seconds(self.cache_max_ttl)
-                ),
+            let (default_ttl, max_ttl) = (format_seconds(self.cache_default_ttl), format_seconds(self.cache_max_ttl));
+            let why = "a value stored without ?ttl= must be storable";
+            return Err(match culprit(&["HERDSMAN_CACHE_DEFAULT_TTL", "HERDSMAN_CACHE_MAX_TTL"]) {
+                ("HERDSMAN_CACHE_MAX_TTL", source_name) => ConfigError {
+                    source_name,
+                    value: max_ttl,
+                    expected: format!("at least HERDSMAN_CACHE_DEFAULT_TTL ({default_ttl} s): {why}"),
+                },
+                (_, source_name) => ConfigError {
+                    source_name,
+                    value: default_ttl,
+                    expected: format!("at most HERDSMAN_CACHE_MAX_TTL ({max_ttl} s): {why}"),
+                },
             });
         }
         if self.metrics_port.is_some_and(|metrics| metrics != 0 && metrics == self.port) {
             return Err(ConfigError {
-                source_name: "HERDSMAN_METRICS_PORT".into(),
+                source_name: culprit(&["HERDSMAN_METRICS_PORT"]).1,
                 value: self.port.to_string(),
                 expected: "a port other than PORT: the metrics have a port of their own".into(),
             });
@@ -776,6 +815,26 @@ mod tests {
         assert!(line.starts_with("invalid HERDSMAN_CACHE_DEFAULT_TTL=\"7200\""), "{line}");
         assert!(line.contains("HERDSMAN_CACHE_MAX_TTL (60 s)"), "{line}");
         assert!(resolve_env(&[("HERDSMAN_CACHE_DEFAULT_TTL", "60"), ("HERDSMAN_CACHE_MAX_TTL", "60")]).is_ok());
+    }
+
+    /// Found by the `config` fuzz target: a maximum given alone was blamed on the default it
+    /// contradicts, a setting the user never gave.
+    #[test]
+    fn a_contradiction_names_the_setting_that_was_given() {
+        let line = resolve_env(&[("HERDSMAN_CACHE_MAX_TTL", "1")]).unwrap_err().to_string();
+        assert_eq!(
+            line,
+            "invalid HERDSMAN_CACHE_MAX_TTL=\"1\": expected at least HERDSMAN_CACHE_DEFAULT_TTL (3600 s): \
+             a value stored without ?ttl= must be storable"
+        );
+        let flags = Flags { cache_max_ttl: Some("1".into()), ..Flags::default() };
+        let err = Config::resolve(&flags, env(&[])).unwrap_err();
+        assert_eq!(err.source_name, "--cache-max-ttl");
+        let flags = Flags { cache_default_ttl: Some("7200".into()), ..Flags::default() };
+        let err = Config::resolve(&flags, env(&[("HERDSMAN_CACHE_MAX_TTL", "60")])).unwrap_err();
+        assert_eq!(err.source_name, "--cache-default-ttl", "both given: the default TTL is blamed");
+        let flags = Flags { metrics_port: Some("9000".into()), port: Some("9000".into()), ..Flags::default() };
+        assert_eq!(Config::resolve(&flags, env(&[])).unwrap_err().source_name, "--metrics-port");
     }
 
     #[test]
