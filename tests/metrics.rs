@@ -307,11 +307,13 @@ async fn redis_reads_and_the_breaker_are_counted_through_an_outage() {
 }
 
 /// Whether `name` is a counter's sample (or a histogram's, whose samples only grow too).
+#[cfg(feature = "test-hooks")]
 fn only_grows(name: &str) -> bool {
     ["_total", "_count", "_sum", "_bucket"].iter().any(|suffix| name.split('{').next().unwrap().ends_with(suffix))
 }
 
 /// Whether the peer closed `stream` (its worker died), without waiting for a reply.
+#[cfg(feature = "test-hooks")]
 fn closed(stream: &mut TcpStream) -> bool {
     stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let mut byte = [0u8; 1];
