@@ -22,7 +22,7 @@
 //! not succeed keeps `/ready` at 503 with the reason and is tried again with back-off (1 s
 //! doubling up to `HERDSMAN_WARMUP_RETRY_MAX`), never two attempts of one task at once.
 
-use crate::metrics::{self, Event};
+use crate::metrics::{WarmupMetrics, WarmupOutcome};
 use std::fmt::Display;
 use std::future::Future;
 use std::pin::Pin;
@@ -110,19 +110,20 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 pub fn spawn_all(status: &WarmupStatus, tasks: Vec<WarmupTask>, services: &Services, policy: RunPolicy) {
     for task in tasks {
         status.update(&task.name, task.required, |_| {});
-        tokio::spawn(run(status.clone(), task, services.clone(), policy));
+        let metrics = WarmupMetrics::of(&task.name);
+        tokio::spawn(run(status.clone(), task, metrics, services.clone(), policy));
     }
 }
 
 /// Runs one task to success, or to its last failure when it is not required.
-async fn run(status: WarmupStatus, task: WarmupTask, services: Services, policy: RunPolicy) {
+async fn run(status: WarmupStatus, task: WarmupTask, metrics: WarmupMetrics, services: Services, policy: RunPolicy) {
     if !task.jitter.is_zero() {
         tokio::time::sleep(task.jitter.mul_f64(rand::random::<f64>())).await;
     }
     let timeout = task.timeout.unwrap_or(policy.default_timeout);
     let mut backoff = Backoff::new(FIRST_RETRY, policy.retry_max);
     loop {
-        let state = attempt(&status, &task, &services, timeout).await;
+        let state = attempt(&status, &task, metrics, &services, timeout).await;
         if matches!(state, TaskState::Ok { .. }) || !task.required {
             return;
         }
@@ -138,7 +139,13 @@ async fn run(status: WarmupStatus, task: WarmupTask, services: Services, policy:
 }
 
 /// One attempt on a thread of its own; returns the state it ended in.
-async fn attempt(status: &WarmupStatus, task: &WarmupTask, services: &Services, timeout: Duration) -> TaskState {
+async fn attempt(
+    status: &WarmupStatus,
+    task: &WarmupTask,
+    metrics: WarmupMetrics,
+    services: &Services,
+    timeout: Duration,
+) -> TaskState {
     let name = task.name.as_str();
     status.update(name, task.required, |entry| {
         entry.state = TaskState::Pending;
@@ -156,13 +163,11 @@ async fn attempt(status: &WarmupStatus, task: &WarmupTask, services: &Services, 
             let state = outcome(finished, started);
             match &state {
                 TaskState::Ok { duration_ms } => {
-                    metrics::count(Event::WarmupOk);
-                    metrics::warmup_took(Duration::from_millis(*duration_ms));
+                    metrics.attempt(WarmupOutcome::Ok, Duration::from_millis(*duration_ms));
                     tracing::info!("warm-up {name} done in {duration_ms} ms")
                 }
                 TaskState::Failed { duration_ms, reason } => {
-                    metrics::count(Event::WarmupFailed);
-                    metrics::warmup_took(Duration::from_millis(*duration_ms));
+                    metrics.attempt(WarmupOutcome::Failed, Duration::from_millis(*duration_ms));
                     tracing::warn!("warm-up {name} failed after {duration_ms} ms: {reason}")
                 }
                 TaskState::Pending | TaskState::TimedOut { .. } => {}
@@ -171,8 +176,7 @@ async fn attempt(status: &WarmupStatus, task: &WarmupTask, services: &Services, 
         }
         Err(_) => {
             let after_ms = timeout.as_millis() as u64;
-            metrics::count(Event::WarmupTimedOut);
-            metrics::warmup_took(timeout);
+            metrics.attempt(WarmupOutcome::TimedOut, timeout);
             tracing::warn!(
                 "warm-up {name} timed out after {after_ms} ms; abandoned (its thread runs on, serving is not affected)"
             );

@@ -162,6 +162,10 @@ async fn serve(
     let guard = http::Guard::new(router, tracker.clone(), config.request_timeout, config.max_body_bytes)
         .with_request_log(request_log)
         .with_metrics_token(config.metrics_token.as_deref());
+    let guard = match http::metrics_readable(&config) {
+        true => guard.with_route_labels(),
+        false => guard,
+    };
 
     let http = connection_builder();
     let silence = SilenceLimits { header: config.header_timeout, keep_alive: config.keepalive_timeout };

@@ -1,5 +1,6 @@
 //! Prometheus metrics, proven on the real binary: counts match the requests sent, survive a
-//! worker's SIGKILL exactly, restarts are counted by reason, the main port's `/metrics` is
+//! worker's SIGKILL exactly while its gauges drop to what the live workers hold, restarts are
+//! counted by reason, warm-up attempts by task and outcome, the main port's `/metrics` is
 //! invisible without the token, and garbage on the metrics port does not hurt the master.
 
 #[path = "support/redis.rs"]
@@ -258,8 +259,11 @@ fn warm_ups_are_counted_and_requests_under_route_templates() {
     assert_eq!(get(server.port, "/cache/k2"), 401);
     let samples = scrape(port);
     assert_eq!(requests(&samples, "GET", "/cache/{key}", "4xx"), 2.0, "the template, not the key");
-    assert_eq!(samples["herdsman_warmup_attempts_total{outcome=\"ok}"], 1.0);
-    assert_eq!(samples["herdsman_warmup_duration_seconds_count"], 1.0, "the bcrypt prewarm's one attempt");
+    assert_eq!(samples["herdsman_warmup_attempts_total{outcome=\"ok,task=\"bcrypt_prewarm}"], 1.0);
+    assert_eq!(
+        samples["herdsman_warmup_duration_seconds_count{task=\"bcrypt_prewarm}"], 1.0,
+        "the bcrypt prewarm's one attempt"
+    );
     // A gauge: the prewarm's hash has left the queue by now, or does within moments.
     wait_until("the bcrypt queue is empty", SECS(5), || scrape(port)["herdsman_bcrypt_queue_depth"] == 0.0);
     assert_eq!(samples["herdsman_redis_breaker_open_workers"], 0.0);
@@ -300,4 +304,118 @@ async fn redis_reads_and_the_breaker_are_counted_through_an_outage() {
         scrape(port)["herdsman_redis_breaker_transitions_total{to=\"closed}"] == 1.0
     });
     assert_eq!(scrape(port)["herdsman_redis_breaker_open_workers"], 0.0);
+}
+
+/// Whether `name` is a counter's sample (or a histogram's, whose samples only grow too).
+#[cfg(feature = "test-hooks")]
+fn only_grows(name: &str) -> bool {
+    ["_total", "_count", "_sum", "_bucket"].iter().any(|suffix| name.split('{').next().unwrap().ends_with(suffix))
+}
+
+/// Whether the peer closed `stream` (its worker died), without waiting for a reply.
+#[cfg(feature = "test-hooks")]
+fn closed(stream: &mut TcpStream) -> bool {
+    stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => panic!("a sleeping request answered early"),
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+#[test]
+fn a_killed_workers_gauges_drop_to_the_live_workers_and_no_counter_goes_back() {
+    let (server, port) = two_workers_after_gets_of_live(10);
+    // Requests that stay in flight for a minute, on connections of their own.
+    let sleep = "GET /__test/sleep?ms=60000 HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut stream = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+            stream.write_all(sleep.as_bytes()).unwrap();
+            stream
+        })
+        .collect();
+    wait_until("both requests in flight", SECS(10), || scrape(port)["herdsman_http_requests_in_flight"] == 2.0);
+    let before = scrape(port);
+
+    // Kill one worker; if it held neither request, kill the other too, so that at least one
+    // request dies in flight with its worker.
+    let workers = server.workers();
+    let mut killed = 0;
+    for pid in workers {
+        kill(pid, Signal::SIGKILL).unwrap();
+        killed += 1;
+        wait_until("the kill reaped", SECS(10), || restarts(&scrape(port), "killed") == killed as f64);
+        if held.iter_mut().any(closed) {
+            break;
+        }
+    }
+    let still_held = held.iter_mut().map(closed).filter(|gone| !gone).count();
+    assert!(still_held < 2, "a killed worker held a request");
+    server.wait_for_nth_log("ready in", 2 + killed, SECS(10));
+    wait_until("both workers serving again", SECS(10), || scrape(port)["herdsman_workers"] == 2.0);
+
+    let after = scrape(port);
+    assert_eq!(
+        after["herdsman_http_requests_in_flight"], still_held as f64,
+        "in flight: only what the live workers hold, not the dead worker's request"
+    );
+    assert_eq!(after["herdsman_redis_breaker_open_workers"], 0.0);
+    // The replacements' own bcrypt pre-warm may still be queued; then nothing is.
+    wait_until("no hash queued", SECS(10), || scrape(port)["herdsman_bcrypt_queue_depth"] == 0.0);
+    assert!(after["herdsman_worker_heartbeat_age_seconds"] < 5.0);
+    assert_eq!(requests(&after, "GET", "/live", "2xx"), 10.0, "the answered requests, exactly");
+    for (series, value) in before.iter().filter(|(series, _)| only_grows(series)) {
+        let now = after.get(series).copied().unwrap_or_else(|| panic!("{series} vanished"));
+        assert!(now >= *value, "{series} went back from {value} to {now}");
+    }
+    drop(held);
+}
+
+#[cfg(feature = "test-hooks")]
+#[test]
+fn warm_up_attempts_are_counted_by_task_and_outcome() {
+    let (server, port) = start_with_metrics(&[
+        ("WEB_CONCURRENCY", "1"),
+        ("BCRYPT_COST", "4"),
+        // Required, fails twice (retried after 1 s, then 2 s), then succeeds.
+        ("HERDSMAN_TEST_WARMUP_FAIL_TIMES", "2"),
+        // Blocks its thread for 3 s against a 1 s timeout.
+        ("HERDSMAN_TEST_WARMUP_BLOCK_MS", "3000"),
+        ("STARTUP_OPERATION_TIMEOUT", "1"),
+    ]);
+    server.wait_for_log("warm-up test_flaky done", SECS(20));
+    server.wait_for_log("warm-up test_blocking finished late", SECS(10));
+    let samples = scrape(port);
+    let attempts = |task: &str, outcome: &str| {
+        samples[&format!("herdsman_warmup_attempts_total{{outcome=\"{outcome},task=\"{task}}}")]
+    };
+    assert_eq!(
+        [attempts("test_flaky", "failed"), attempts("test_flaky", "ok"), attempts("test_flaky", "timed_out")],
+        [2.0, 1.0, 0.0]
+    );
+    assert_eq!(
+        [attempts("test_blocking", "timed_out"), attempts("test_blocking", "ok"), attempts("test_blocking", "failed")],
+        [1.0, 0.0, 0.0],
+        "a late finish is logged, not counted as a second attempt"
+    );
+    assert_eq!(attempts("bcrypt_prewarm", "ok"), 1.0);
+    let duration =
+        |task: &str, what: &str| samples[&format!("herdsman_warmup_duration_seconds_{what}{{task=\"{task}}}")];
+    assert_eq!(duration("test_flaky", "count"), 3.0);
+    assert_eq!(duration("test_blocking", "count"), 1.0);
+    assert_eq!(duration("test_blocking", "sum"), 1.0, "a timed-out attempt counts its timeout");
+    let tasks: std::collections::BTreeSet<&str> = samples
+        .keys()
+        .filter_map(|k| k.strip_prefix("herdsman_warmup_attempts_total{"))
+        .filter_map(|labels| labels.split("task=\"").nth(1))
+        .map(|task| task.trim_end_matches('}'))
+        .collect();
+    assert_eq!(
+        tasks.into_iter().collect::<Vec<_>>(),
+        ["bcrypt_prewarm", "test_blocking", "test_flaky"],
+        "the tasks this worker registered, and no `other`"
+    );
 }

@@ -11,7 +11,9 @@
 //! 4. a panicking handler answers 500 and the worker lives on (the panic hook in
 //!    [`crate::worker`] logs it as one line);
 //! 5. it counts the request for the metrics: in flight until answered, then by method, route
-//!    template, status class and duration (see [`crate::metrics`]).
+//!    template, status class and duration (see [`crate::metrics`]); the route is found here,
+//!    from the path, before the router sees the request ([`RouteLabels`]), and only when
+//!    someone can read the metrics.
 //!
 //! Why one hand-written service and not four tower layers: `Router::layer` wraps every route in
 //! each layer separately, so each request paid for cloning and boxing four nested services, and
@@ -42,6 +44,7 @@ use super::access_log::{self, RequestLog};
 use super::client_addr::PeerAddr;
 use super::error::ApiError;
 use super::metrics_route;
+use crate::metrics::routes::RouteLabels;
 use crate::metrics::RequestMetrics;
 use crate::tracker::{Registration, RequestTracker};
 
@@ -57,6 +60,9 @@ pub struct Guard {
     /// The connection's peer, handed to routes as a [`PeerAddr`] extension.
     peer: Option<PeerAddr>,
     request_log: RequestLog,
+    /// The router's templates, when requests are counted by route (someone can read the
+    /// metrics); without, requests are only counted as served.
+    route_labels: Option<Arc<RouteLabels>>,
 }
 
 impl Guard {
@@ -69,7 +75,15 @@ impl Guard {
             metrics_token: None,
             peer: None,
             request_log: RequestLog::default(),
+            route_labels: None,
         }
+    }
+
+    /// Counts requests by route template and duration, not only as served (see
+    /// [`crate::metrics`]): for when the metrics can be read.
+    pub fn with_route_labels(mut self) -> Self {
+        self.route_labels = Some(Arc::new(RouteLabels::of(&self.router)));
+        self
     }
 
     /// Serves the metrics at `/metrics` to requests bearing `token`.
@@ -100,7 +114,7 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
         let peer = self.peer.map(|PeerAddr(ip)| ip);
         let entry = self.request_log.start(request.method(), request.uri(), request.headers(), peer);
         let registration = self.tracker.register(request.method().clone(), request.uri().clone(), entry.id.clone());
-        let metrics = RequestMetrics::start(request.method());
+        let mut metrics = RequestMetrics::start(request.method(), self.route_labels.is_some());
         if let Some(token) = self.metrics_token.as_deref().filter(|_| request.uri().path() == metrics_route::PATH) {
             if let Some(response) = metrics_route::answer(request.headers(), token) {
                 return GuardFuture::answered((registration, entry), metrics, response);
@@ -115,6 +129,9 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
             request.map(|body| if body.is_end_stream() { Body::empty() } else { Body::new(Limited::new(body, limit)) });
         if let Some(peer) = self.peer {
             request.extensions_mut().insert(peer);
+        }
+        if let Some(labels) = &self.route_labels {
+            metrics.matched(labels.index(request.uri().path()));
         }
         let deadline = Instant::from_std(registration.started()) + self.request_timeout;
         // The router is an `Arc` inside: cloning it is how axum itself serves a request.
@@ -168,9 +185,7 @@ impl Future for GuardFuture {
         let mut response = match &mut this.state {
             State::Answered(response) => response.take().unwrap_or_else(handler_panicked),
             State::Running { handler, deadline, timeout, timer } => {
-                let polled =
-                    this.metrics.noting_route(|| catch_unwind(AssertUnwindSafe(|| Pin::new(&mut *handler).poll(cx))));
-                match polled {
+                match catch_unwind(AssertUnwindSafe(|| Pin::new(&mut *handler).poll(cx))) {
                     Ok(Poll::Ready(Ok(response))) => response,
                     Ok(Poll::Ready(Err(never))) => match never {},
                     Err(_panic) => handler_panicked(),

@@ -33,18 +33,25 @@ pub const MAX_CACHE_KEY_BYTES: usize = 512;
 
 /// The whole router of a worker: the health routes, then the app's (see [`crate::App`]).
 pub fn router(services: &Services, app_routes: Router) -> Router {
-    let router = Router::new().merge(health::routes(services.clone())).merge(app_routes);
-    #[cfg(feature = "test-hooks")]
-    let router = router.merge(test_hooks::routes(services));
-    // Last, so that it wraps every route: it names the route template each request matched.
-    // Only when someone can read the metrics: the layer costs each request a boxed service
-    // (about 900 instructions of 15,500 on /live, see BENCHMARKS.md), and without it requests
-    // are still counted (for `herdsman status`), under the route `unmatched`.
-    let config = &services.config;
-    match config.metrics_port.is_some() || config.metrics_token.is_some() {
-        true => router.route_layer(crate::metrics::RouteLabelLayer),
-        false => router,
-    }
+    with_test_hooks(Router::new().merge(health::routes(services.clone())).merge(app_routes), services)
+}
+
+#[cfg(feature = "test-hooks")]
+fn with_test_hooks(router: Router, services: &Services) -> Router {
+    router.merge(test_hooks::routes(services))
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn with_test_hooks(router: Router, _: &Services) -> Router {
+    router
+}
+
+/// Whether anyone can read the metrics (`HERDSMAN_METRICS_PORT` or `HERDSMAN_METRICS_TOKEN`):
+/// only then are requests counted by route and duration; otherwise only what `herdsman status`
+/// shows (served, in flight), which costs a request a few atomic additions (see
+/// [`crate::metrics`]).
+pub fn metrics_readable(config: &crate::config::Config) -> bool {
+    config.metrics_port.is_some() || config.metrics_token.is_some()
 }
 
 /// `/cache/{key}` over the worker's cache (opt-in: [`crate::App::with_cache_api`]).

@@ -7,8 +7,8 @@ use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::labels::{Event, Level, RestartReason, CLASS_NAMES, METHOD_NAMES};
-use super::table::{Durations, Snapshot, DURATION_BOUNDS_US};
+use super::labels::{Event, Level, RestartReason, WarmupOutcome, CLASS_NAMES, METHOD_NAMES};
+use super::table::{Durations, Snapshot, TaskTotals, DURATION_BOUNDS_US, OTHER_TASK};
 
 /// The `Content-Type` of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -89,13 +89,30 @@ impl Collector for Exposed {
             let labels = vec![("route", route.as_str())];
             histogram(durations.encode_family(&labels)?, &totals.duration)?;
         }
-        let warmups = encoder.encode_descriptor(
+        // Every task the app registered, from the start; `other` only once something is in it.
+        let tasks: Vec<(&String, &TaskTotals)> = s
+            .warmups
+            .iter()
+            .filter(|(name, totals)| name.as_str() != OTHER_TASK || totals.outcomes.iter().any(|&n| n > 0))
+            .collect();
+        let mut warmups = encoder.encode_descriptor(
             "herdsman_warmup_duration_seconds",
-            "How long warm-up task attempts took (a timed-out one: its timeout), all tasks",
+            "How long warm-up task attempts took (a timed-out one: its timeout), by task",
             None,
             MetricType::Histogram,
         )?;
-        histogram(warmups, &s.warmup_durations)?;
+        for (task, totals) in &tasks {
+            histogram(warmups.encode_family(&vec![("task", task.as_str())])?, &totals.duration)?;
+        }
+        let attempts: Vec<_> = tasks
+            .iter()
+            .flat_map(|(task, totals)| {
+                WarmupOutcome::ALL.iter().map(|outcome| {
+                    (vec![("task", task.as_str()), ("outcome", outcome.as_str())], totals.outcomes[*outcome as usize])
+                })
+            })
+            .collect();
+        counter(&mut encoder, "herdsman_warmup_attempts", "Warm-up task attempts by task and outcome", &attempts)?;
         let queue = encoder.encode_descriptor(
             "herdsman_http_request_queue_seconds",
             "Time requests waited between the platform's router (X-Request-Start) and a worker",

@@ -100,9 +100,6 @@ indexed_enum! {
         BreakerOpened,
         BreakerClosed,
         BcryptRefused,
-        WarmupOk,
-        WarmupFailed,
-        WarmupTimedOut,
         /// Logins refused by throttling. Ready to be counted: throttling is built elsewhere.
         LoginThrottled,
     }
@@ -119,8 +116,6 @@ const CACHE_OPS: &str = "herdsman_cache_operations";
 const CACHE_OPS_HELP: &str = "Cache operations by tier (redis, memory) and result";
 const BREAKER: &str = "herdsman_redis_breaker_transitions";
 const BREAKER_HELP: &str = "Redis circuit breaker transitions (opened: fell back to memory; closed: Redis back)";
-const WARMUP: &str = "herdsman_warmup_attempts";
-const WARMUP_HELP: &str = "Warm-up task attempts by outcome";
 
 impl Event {
     pub fn series(self) -> Series {
@@ -151,12 +146,29 @@ impl Event {
             Event::BcryptRefused => {
                 ("herdsman_bcrypt_refused", "Password hashes refused because the hashing queue was full (503)", &[])
             }
-            Event::WarmupOk => (WARMUP, WARMUP_HELP, &[("outcome", "ok")]),
-            Event::WarmupFailed => (WARMUP, WARMUP_HELP, &[("outcome", "failed")]),
-            Event::WarmupTimedOut => (WARMUP, WARMUP_HELP, &[("outcome", "timed_out")]),
             Event::LoginThrottled => ("herdsman_logins_throttled", "Logins refused by throttling", &[]),
         };
         Series { metric, help, labels }
+    }
+}
+
+indexed_enum! {
+    /// How a warm-up attempt ended, as `herdsman_warmup_attempts_total{task,outcome}` counts it
+    /// (the task label is the task's name, see [`super::table::MAX_TASKS`]).
+    pub enum WarmupOutcome {
+        Ok,
+        Failed,
+        TimedOut,
+    }
+}
+
+impl WarmupOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WarmupOutcome::Ok => "ok",
+            WarmupOutcome::Failed => "failed",
+            WarmupOutcome::TimedOut => "timed_out",
+        }
     }
 }
 

@@ -13,8 +13,9 @@
 //! bulk data on a pipe whose job is to prove liveness. With shared memory a SIGKILLed worker
 //! loses nothing, since its counts live outside it, and counting costs a few uncontended
 //! atomic additions per request. The price is a fixed layout: routes are told apart by their
-//! axum route *template* (`MatchedPath`), at most [`table::MAX_ROUTES`] per worker, and any
-//! beyond are counted as `other`; methods and status classes are fixed lists
+//! axum route *template* (found without axum's `MatchedPath`, see [`routes`]), at most
+//! [`table::MAX_ROUTES`] per worker, and any beyond are counted as `other`; warm-up tasks by
+//! name, at most [`table::MAX_TASKS`]; methods and status classes are fixed lists
 //! ([`labels`]). Nothing a client sends can create a series. The table reserves a block
 //! of 48 KiB for each of the [`crate::balance::SLOT_COUNT`] slots (about 50 MB of address
 //! space), but a page is allocated only when written: a worker that serves a handful of routes
@@ -30,27 +31,35 @@
 //! # How a worker counts
 //!
 //! A worker [`install`]s its block once; the request guard ([`crate::http::Guard`]) counts each
-//! answered request and its duration, and the cache, the hasher and the warm-ups count their
-//! [`Event`]s and [`Level`]s through [`count`] and [`add_level`], which do nothing in a
-//! process without a block (tests, the master).
+//! answered request through [`RequestMetrics`], the warm-ups each attempt through
+//! [`WarmupMetrics`], and the cache and the hasher their [`Event`]s and [`Level`]s through
+//! [`count`] and [`add_level`]; all do nothing in a process without a block (tests, the master).
+//!
+//! # What a request costs
+//!
+//! Counting is on the path of every request, so it is kept to a few instructions (measured
+//! with callgrind, see BENCHMARKS.md): the route is found by [`routes::RouteLabels`] from the
+//! path with the same matcher axum uses, with no allocation, no hashing and no extra service
+//! per route; a request's duration reuses the instant the tracker took when it arrived, so it
+//! costs one more clock read; and when nobody can read the metrics (neither
+//! `HERDSMAN_METRICS_PORT` nor `HERDSMAN_METRICS_TOKEN` set) a request costs three atomic
+//! additions, for what `herdsman status` shows (served, in flight), and no clock read.
 
 pub mod exposition;
 pub mod labels;
+pub mod routes;
 pub mod server;
 pub mod table;
 
-use std::cell::{Cell, RefCell};
 use std::sync::OnceLock;
-use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use axum::extract::MatchedPath;
-use axum::http::{Method, Request, StatusCode};
+use axum::http::{Method, StatusCode};
 
-pub use labels::{Event, Level, RestartReason};
+pub use labels::{Event, Level, RestartReason, WarmupOutcome};
 pub use table::{MetricsTable, Snapshot};
 
-use table::{Block, OTHER_INDEX, UNMATCHED_INDEX};
+use table::{Block, UNMATCHED_INDEX};
 
 /// This worker's place in the shared table.
 struct Recorder {
@@ -82,18 +91,15 @@ pub fn count(event: Event) {
     }
 }
 
-/// A warm-up attempt ended after `took` (a timed-out one: after its timeout).
-pub fn warmup_took(took: std::time::Duration) {
-    if let Some(block) = block() {
-        block.warmup_took(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
-    }
+fn micros(took: Duration) -> u64 {
+    u64::try_from(took.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// A request waited `waited` between the platform's router and this worker (see
 /// [`crate::http::queue_time`]).
-pub fn request_queued(waited: std::time::Duration) {
+pub fn request_queued(waited: Duration) {
     if let Some(block) = block() {
-        block.queued(u64::try_from(waited.as_micros()).unwrap_or(u64::MAX));
+        block.queued(micros(waited));
     }
 }
 
@@ -109,71 +115,26 @@ pub fn set_level(level: Level, value: i64) {
     }
 }
 
-thread_local! {
-    /// The route the request being polled on this thread matched, set by [`RouteLabel`].
-    static MATCHED_ROUTE: Cell<Option<usize>> = const { Cell::new(None) };
-    /// Route template → index in this worker's block. axum hands every request of a route the
-    /// same shared string (an `Arc<str>` its router keeps), so the lookup compares the text's
-    /// address first and its bytes to be sure: no hashing per request.
-    static ROUTE_INDICES: RefCell<Vec<(usize, Box<str>, usize)>> = const { RefCell::new(Vec::new()) };
+/// One warm-up task's series: `herdsman_warmup_attempts_total{task,outcome}` and
+/// `herdsman_warmup_duration_seconds{task}`.
+#[derive(Debug, Clone, Copy)]
+pub struct WarmupMetrics {
+    task: Option<usize>,
 }
 
-fn route_index(template: &str) -> usize {
-    let Some(block) = block() else { return UNMATCHED_INDEX };
-    let address = template.as_ptr() as usize;
-    ROUTE_INDICES.with_borrow_mut(|indices| {
-        let same = |(a, text, _): &&(usize, Box<str>, usize)| *a == address && **text == *template;
-        let equal = |(_, text, _): &&(usize, Box<str>, usize)| **text == *template;
-        if let Some((_, _, index)) = indices.iter().find(same).or_else(|| indices.iter().find(equal)) {
-            return *index;
-        }
-        let index = block.route_index(template).unwrap_or(OTHER_INDEX);
-        // As many as the block tells apart; any further one is looked up in the block.
-        if indices.len() < 4 * table::MAX_ROUTES {
-            indices.push((address, template.into(), index));
-        }
-        index
-    })
-}
-
-/// A layer on every route ([`axum::Router::route_layer`]) that notes which route template
-/// matched, for the request guard to read after polling the handler. The guard sits outside
-/// the router and never sees the request's `MatchedPath`; passing the route through a
-/// thread-local costs no allocation, and is exact because a worker's single runtime thread
-/// polls one request at a time and the route's service is called during that poll.
-#[derive(Clone)]
-pub struct RouteLabel<S> {
-    inner: S,
-}
-
-/// Adds [`RouteLabel`] to each route.
-#[derive(Clone, Copy, Default)]
-pub struct RouteLabelLayer;
-
-impl<S> tower::Layer<S> for RouteLabelLayer {
-    type Service = RouteLabel<S>;
-    fn layer(&self, inner: S) -> RouteLabel<S> {
-        RouteLabel { inner }
-    }
-}
-
-impl<S, B> tower::Service<Request<B>> for RouteLabel<S>
-where
-    S: tower::Service<Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
+impl WarmupMetrics {
+    /// The series of the task named `name` (sanitised, see [`table::sanitise`]), labelled now so
+    /// that every task the app registered is shown from the start, at zero.
+    pub fn of(name: &str) -> WarmupMetrics {
+        let task = block().map(|block| block.task_index(&table::sanitise(name)).unwrap_or(0));
+        WarmupMetrics { task }
     }
 
-    fn call(&mut self, request: Request<B>) -> S::Future {
-        if let Some(path) = request.extensions().get::<MatchedPath>() {
-            MATCHED_ROUTE.set(Some(route_index(path.as_str())));
+    /// An attempt ended as `outcome` after `took` (a timed-out one: after its timeout).
+    pub fn attempt(self, outcome: WarmupOutcome, took: Duration) {
+        if let (Some(block), Some(task)) = (block(), self.task) {
+            block.warmup(task, outcome, micros(took));
         }
-        self.inner.call(request)
     }
 }
 
@@ -182,33 +143,37 @@ where
 pub struct RequestMetrics {
     block: Option<&'static Block>,
     method: usize,
+    /// The route's index when every series is counted; `None` when only `herdsman status`'s
+    /// counts are kept.
     route: Option<usize>,
 }
 
 impl RequestMetrics {
-    pub fn start(method: &Method) -> RequestMetrics {
+    /// `labelled`: whether the request is counted by route with its duration (someone can read
+    /// the metrics), or only as served. It counts as `unmatched` until [`Self::matched`].
+    pub fn start(method: &Method, labelled: bool) -> RequestMetrics {
         let block = block();
         if let Some(block) = block {
             block.in_flight(1);
         }
-        RequestMetrics { block, method: labels::method_index(method), route: None }
+        let route = labelled.then_some(UNMATCHED_INDEX);
+        RequestMetrics { block, method: labels::method_index(method), route }
     }
 
-    /// Runs `poll` (one poll of the handler) and notes the route it matched, if not known yet.
-    pub fn noting_route<T>(&mut self, poll: impl FnOnce() -> T) -> T {
-        if self.block.is_none() || self.route.is_some() {
-            return poll();
+    /// The request matched the route with this index (see [`routes::RouteLabels::index`]).
+    pub fn matched(&mut self, route: usize) {
+        if self.route.is_some() {
+            self.route = Some(route);
         }
-        MATCHED_ROUTE.set(None);
-        let result = poll();
-        self.route = MATCHED_ROUTE.take();
-        result
     }
 
+    /// The request is answered; `started` is when it arrived.
     pub fn finish(&self, status: StatusCode, started: Instant) {
-        if let Some(block) = self.block {
-            let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-            block.record(self.route.unwrap_or(UNMATCHED_INDEX), self.method, labels::class_index(status), micros);
+        let Some(block) = self.block else { return };
+        let class = labels::class_index(status);
+        match self.route {
+            Some(route) => block.record(route, self.method, class, micros(started.elapsed())),
+            None => block.served(self.method, class),
         }
     }
 }
