@@ -8,7 +8,7 @@ use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpg
 use axum::extract::{Query, State};
 use axum::response::sse::{Event, Sse};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
@@ -20,6 +20,14 @@ use crate::shutdown::Shutdown;
 struct Length {
     ms: u64,
 }
+
+#[derive(Deserialize)]
+struct Leak {
+    mb: usize,
+}
+
+/// The most one leak request keeps.
+const MAX_LEAK_MB: usize = 1024;
 
 pub fn routes(services: &Services) -> Router {
     Router::new()
@@ -45,6 +53,9 @@ pub fn routes(services: &Services) -> Router {
             }),
         )
         .route("/__test/panic", get(|| async { panic_on_purpose() }))
+        // Keeps `mb` MiB of written (resident, private) memory for the rest of the worker's
+        // life, as a leaking handler does: what HERDSMAN_MAX_WORKER_MEMORY is for.
+        .route("/__test/leak", post(|Query(Leak { mb }): Query<Leak>| async move { leak(mb) }))
         // Leaves an orphan process behind (a shell that exits before its `sleep`), as apps that
         // shell out do; the master must reap it.
         .route(
@@ -106,6 +117,18 @@ async fn ticks_until_drain(State(shutdown): State<Shutdown>) -> Sse<impl Stream<
         Some((Ok(Event::default().data(n.to_string())), n + 1))
     });
     Sse::new(ticks.take_until(shutdown.draining()))
+}
+
+fn leak(mb: usize) -> Response {
+    use axum::response::IntoResponse;
+    if !(1..=MAX_LEAK_MB).contains(&mb) {
+        let why = format!("mb must be from 1 to {MAX_LEAK_MB}");
+        return (axum::http::StatusCode::BAD_REQUEST, why).into_response();
+    }
+    // Every byte written, so every page is resident; never freed.
+    let kept: &'static mut [u8] = Vec::leak(vec![0xA5u8; mb << 20]);
+    std::hint::black_box(kept);
+    format!("leaked {mb} MiB in pid {}", std::process::id()).into_response()
 }
 
 fn panic_on_purpose() -> &'static str {

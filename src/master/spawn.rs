@@ -63,6 +63,7 @@ impl Master {
                 slot,
                 served: false,
                 aborted: false,
+                memory_at_start: None,
             },
         );
         self.listen_to(pid, read_end)?;
