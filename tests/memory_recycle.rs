@@ -1,7 +1,8 @@
 //! `HERDSMAN_MAX_WORKER_MEMORY` on the real binary: a worker that leaks (`POST /__test/leak`)
 //! past the line is replaced the way `MAX_REQUESTS` replaces one, with no failed request under
 //! load, a log line that gives the figure, the restart counted as `reason="memory"`, and the
-//! line and each worker's own memory in `herdsman status`.
+//! line and each worker's own memory in `herdsman status`; and pages the workers share (`POST
+//! /__test/share`) counted once, not once per worker.
 
 mod support;
 
@@ -122,4 +123,67 @@ fn check_shows_the_line_and_a_bad_one_is_refused_at_start() {
     assert_eq!(status.code(), Some(2), "{output}");
     let first = output.lines().next().unwrap_or_default();
     assert!(first.contains("invalid HERDSMAN_MAX_WORKER_MEMORY=\"lots\": expected off, a size"), "{output}");
+}
+
+/// Maps the whole of `path` (made `len` bytes of data) into this process and reads every page,
+/// so that each page of it is shared with this process too; unmapped when dropped.
+fn map_shared(path: &std::path::Path, len: usize) -> herdsman::shared_memory::SharedMemory {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).unwrap();
+    file.write_all_at(&vec![0x5Au8; len], 0).unwrap();
+    let memory = herdsman::shared_memory::SharedMemory::from_inherited(file.into(), len, "the shared file").unwrap();
+    for offset in (0..len).step_by(4096) {
+        // SAFETY: within the `len` bytes mapped; a read of plain bytes.
+        std::hint::black_box(unsafe { std::ptr::read_volatile(memory.start().as_ptr().add(offset)) });
+    }
+    memory
+}
+
+/// A field of a process's `smaps_rollup` (`Rss`, `Pss`), in bytes.
+fn rollup(pid: i32, field: &str) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).expect("smaps_rollup");
+    let kib = rollup
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok());
+    kib.map(|kib: u64| kib << 10).unwrap_or_else(|| panic!("no {field} line"))
+}
+
+/// What a killer that reads RSS (puma_worker_killer) would replace and herdsman does not: the
+/// workers and this test map the same 64 MiB, so each worker's RSS passes the 48 MiB line while
+/// its PSS (a third of the 64 MiB, and its own few MiB) stays under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_the_workers_share_count_once_not_once_per_worker() {
+    let server = start(&[("WEB_CONCURRENCY", "2"), ("HERDSMAN_MAX_WORKER_MEMORY", "48MiB")]);
+    server.wait_for_nth_log("ready in", 2, SECS(5));
+    let dir = std::path::Path::new("/dev/shm");
+    let dir = if dir.is_dir() { dir.to_path_buf() } else { std::env::temp_dir() };
+    let path = dir.join(format!("herdsman-test-shared-{}", server.pid()));
+    // This process maps the file first: at any instant a worker's PSS holds half of it at most.
+    let ours = map_shared(&path, 64 << 20);
+    let before = server.worker_processes();
+    let mut sharing = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        // A new connection each: the workers take turns.
+        let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+        let answer = client.post(server.url("/__test/share?mb=64")).send().await.expect("share");
+        assert_eq!(answer.status(), 200);
+        let text = answer.text().await.expect("share answer");
+        sharing.insert(text.rsplit(' ').next().and_then(|p| p.parse::<i32>().ok()).expect("a pid"));
+        if sharing.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(sharing.len(), 2, "both workers mapped the file");
+    // Several memory checks later (every 250 ms): RSS passes the line, PSS does not.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for &pid in &sharing {
+        let (rss, pss) = (rollup(pid, "Rss"), rollup(pid, "Pss"));
+        assert!(rss > 64 << 20, "RSS counts the 64 MiB in full in each worker: {rss}");
+        assert!(pss < 40 << 20, "PSS counts a third of it in each: {pss}");
+    }
+    assert_eq!(server.count_logs("over HERDSMAN_MAX_WORKER_MEMORY"), 0, "{}", server.logs().join("\n"));
+    assert!(before.iter().all(|p| p.state().is_some()), "no worker replaced");
+    drop(ours);
+    let _ = std::fs::remove_file(path);
 }

@@ -14,8 +14,11 @@
 //! `/proc/PID/statm` (resident minus file-backed and shared pages) stands in: a worker is
 //! exec'd, not forked from a preloaded master, so its anonymous pages are its own.
 //!
-//! `smaps_rollup` walks the worker's mappings under its memory-map lock, so it is read every
-//! [`MEMORY_CHECK_EVERY`] rather than on each 100 ms tick (BENCHMARKS.md has its cost).
+//! Reading `smaps_rollup` walks the worker's page tables: its cost grows with the worker's
+//! resident memory (BENCHMARKS.md has the figures), too much to pay for every worker every few
+//! hundred milliseconds. PSS is never above RSS, which `/proc/PID/statm` gives for a few
+//! microseconds whatever the size: a worker whose RSS is under the line is under it, and only
+//! one whose RSS passes the line has its PSS read, every [`MEMORY_CHECK_EVERY`].
 
 use std::time::Duration;
 
@@ -25,9 +28,9 @@ use tokio::time::Instant;
 use super::{Master, Stage};
 use crate::metrics::RestartReason;
 
-/// How often each serving worker's memory is read. A worker leaking 20 MiB/s passes its line by
+/// How often each serving worker's memory is read. A worker leaking 40 MiB/s passes its line by
 /// at most 10 MiB before the master sees it.
-pub(super) const MEMORY_CHECK_EVERY: Duration = Duration::from_millis(500);
+pub(super) const MEMORY_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// What a worker's own memory was read as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +93,28 @@ impl Master {
         );
     }
 
-    /// Every [`MEMORY_CHECK_EVERY`], reads each serving worker's own memory and marks the one
+    /// Reads a worker's memory as it says it is ready, before it serves: one over the line
+    /// then is never replaced for it (its successor would start over it too), and the log says
+    /// the line is too low.
+    pub(super) fn note_memory_at_ready(&mut self, pid: Pid) {
+        let Some(line) = self.config.max_worker_memory else { return };
+        let limit = line.per_worker(self.target);
+        let over = own_memory(pid.as_raw()).filter(|(own, _)| *own > limit);
+        let Some(worker) = self.workers.get_mut(&pid) else { return };
+        worker.started_over_line = Some(over.is_some());
+        if let Some((bytes, measure)) = over.filter(|_| !self.memory_line_too_low_told) {
+            self.memory_line_too_low_told = true;
+            tracing::warn!(
+                "Worker {} (pid:{pid}) uses {:.1} MiB of its own memory ({}) as soon as it is ready, over HERDSMAN_MAX_WORKER_MEMORY {:.1} MiB: the line is too low; workers that start over it are not replaced",
+                worker.serial,
+                mib(bytes),
+                measure.name(),
+                mib(limit)
+            );
+        }
+    }
+
+    /// Every [`MEMORY_CHECK_EVERY`], reads each serving worker's memory and marks the one
     /// furthest over the line for replacement, unless a worker is already being replaced for
     /// its memory (marked, or draining): one at a time, never a burst of new workers.
     pub(super) fn check_memory(&mut self, now: Instant) {
@@ -99,41 +123,24 @@ impl Master {
             return;
         }
         self.next_memory_check = now + MEMORY_CHECK_EVERY;
-        let limit = line.per_worker(self.target);
         let busy = self.workers.values().any(|w| {
             (w.in_service() && w.replace.is_some())
                 || (matches!(w.stage, Stage::Draining { .. }) && w.retired_for == Some(RestartReason::Memory))
         });
-        let mut worst: Option<(Pid, u64, Measure)> = None;
-        for (&pid, worker) in self.workers.iter_mut() {
-            if !worker.in_service() || worker.ready_at.is_none() || worker.replace.is_some() {
-                continue;
-            }
-            let first_reading = worker.memory_at_start.is_none();
-            if busy && !first_reading {
-                continue;
-            }
-            let Some((bytes, measure)) = own_memory(pid.as_raw()) else { continue };
-            if first_reading {
-                worker.memory_at_start = Some(bytes);
-                if bytes > limit && !self.memory_line_too_low_told {
-                    self.memory_line_too_low_told = true;
-                    tracing::warn!(
-                        "Worker {} (pid:{pid}) uses {:.1} MiB of its own memory ({}) as soon as it is ready, over HERDSMAN_MAX_WORKER_MEMORY {:.1} MiB: the line is too low; workers that start over it are not replaced",
-                        worker.serial,
-                        mib(bytes),
-                        measure.name(),
-                        mib(limit)
-                    );
-                }
-            }
-            // A worker that started over the line would only be replaced by another one.
-            let started_over = worker.memory_at_start.is_some_and(|start| start > limit);
-            if bytes > limit && !started_over && worst.is_none_or(|(_, most, _)| bytes > most) {
-                worst = Some((pid, bytes, measure));
-            }
+        if busy {
+            return;
         }
-        let Some((pid, bytes, measure)) = worst.filter(|_| !busy) else { return };
+        let limit = line.per_worker(self.target);
+        let candidates = self.workers.iter().filter(|(_, w)| {
+            w.in_service() && w.ready_at.is_some() && w.replace.is_none() && w.started_over_line != Some(true)
+        });
+        // RSS bounds PSS from above: only a worker whose RSS passes the line costs a walk.
+        let worst = candidates
+            .filter(|(pid, _)| crate::operator::rss_bytes(pid.as_raw()).is_some_and(|rss| rss > limit))
+            .filter_map(|(&pid, _)| Some((pid, own_memory(pid.as_raw())?)))
+            .filter(|(_, (own, _))| *own > limit)
+            .max_by_key(|(_, (own, _))| *own);
+        let Some((pid, (bytes, measure))) = worst else { return };
         if let Some(worker) = self.workers.get_mut(&pid) {
             tracing::warn!(
                 "Worker {} (pid:{pid}) uses {:.1} MiB of its own memory ({}), over HERDSMAN_MAX_WORKER_MEMORY {:.1} MiB: replacing it",

@@ -124,8 +124,9 @@ struct WorkerState {
     served: bool,
     /// The master aborted it for silence.
     aborted: bool,
-    /// Its own memory at the first reading after it was ready (when a memory line is set).
-    memory_at_start: Option<u64>,
+    /// Whether its own memory was over the memory line when it said it was ready, before it
+    /// served anything; none without a line.
+    started_over_line: Option<bool>,
 }
 
 impl WorkerState {
@@ -411,6 +412,7 @@ impl Master {
                     if self.phase == Phase::Starting {
                         self.set_phase(Phase::Running);
                     }
+                    self.note_memory_at_ready(pid);
                 }
             }
             Message::Recycle => {

@@ -63,7 +63,7 @@ impl Master {
                 slot,
                 served: false,
                 aborted: false,
-                memory_at_start: None,
+                started_over_line: None,
             },
         );
         self.listen_to(pid, read_end)?;
