@@ -25,7 +25,7 @@ use std::time::Duration;
 use nix::unistd::Pid;
 use tokio::time::Instant;
 
-use super::{Master, Stage};
+use super::Master;
 use crate::metrics::RestartReason;
 
 /// How often each serving worker's memory is read. A worker leaking 40 MiB/s passes its line by
@@ -115,19 +115,17 @@ impl Master {
     }
 
     /// Every [`MEMORY_CHECK_EVERY`], reads each serving worker's memory and marks the one
-    /// furthest over the line for replacement, unless a worker is already being replaced for
-    /// its memory (marked, or draining): one at a time, never a burst of new workers.
+    /// furthest over the line for replacement, unless a worker marked for replacement still
+    /// waits for its successor: one new worker at a time, never a burst. A worker draining
+    /// does not hold the next one back: it takes no new requests, so it no longer grows, while
+    /// the others take its share of them and grow faster.
     pub(super) fn check_memory(&mut self, now: Instant) {
         let Some(line) = self.config.max_worker_memory else { return };
         if now < self.next_memory_check {
             return;
         }
         self.next_memory_check = now + MEMORY_CHECK_EVERY;
-        let busy = self.workers.values().any(|w| {
-            (w.in_service() && w.replace.is_some())
-                || (matches!(w.stage, Stage::Draining { .. }) && w.retired_for == Some(RestartReason::Memory))
-        });
-        if busy {
+        if self.workers.values().any(|w| w.in_service() && w.replace.is_some()) {
             return;
         }
         let limit = line.per_worker(self.target);
