@@ -118,7 +118,7 @@ fn check_shows_the_line_and_a_bad_one_is_refused_at_start() {
         &[("WEB_CONCURRENCY", "8"), ("HERDSMAN_MAX_WORKER_MEMORY", "0.5GB"), ("PORT", "0")],
     );
     assert!(status.success(), "{output}");
-    assert!(output.contains("HERDSMAN_MAX_WORKER_MEMORY"), "check lists the setting: {output}");
+    assert!(output.contains("HERDSMAN_MAX_WORKER_MEMORY = 500000000  (environment)"), "check lists the line: {output}");
     let (status, output) = support::run_to_exit(&[], &[("HERDSMAN_MAX_WORKER_MEMORY", "lots"), ("PORT", "0")]);
     assert_eq!(status.code(), Some(2), "{output}");
     let first = output.lines().next().unwrap_or_default();
