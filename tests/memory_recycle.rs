@@ -119,6 +119,13 @@ fn check_shows_the_line_and_a_bad_one_is_refused_at_start() {
     );
     assert!(status.success(), "{output}");
     assert!(output.contains("HERDSMAN_MAX_WORKER_MEMORY = 500000000  (environment)"), "check lists the line: {output}");
+    // A share of the memory limit (here the machine's memory, with no cgroup limit) among the
+    // workers, each one's share shown.
+    let (status, output) =
+        support::run_to_exit(&["check"], &[("WEB_CONCURRENCY", "4"), ("HERDSMAN_MAX_WORKER_MEMORY", "50%")]);
+    assert!(status.success(), "{output}");
+    let line = output.lines().find(|l| l.starts_with("HERDSMAN_MAX_WORKER_MEMORY = 50% of ")).expect("the line");
+    assert!(line.contains(" / 4 workers = ") && line.ends_with(" MiB each  (environment)"), "{line}");
     let (status, output) = support::run_to_exit(&[], &[("HERDSMAN_MAX_WORKER_MEMORY", "lots"), ("PORT", "0")]);
     assert_eq!(status.code(), Some(2), "{output}");
     let first = output.lines().next().unwrap_or_default();
