@@ -166,6 +166,7 @@ async fn pages_the_workers_share_count_once_not_once_per_worker() {
     let dir = std::path::Path::new("/dev/shm");
     let dir = if dir.is_dir() { dir.to_path_buf() } else { std::env::temp_dir() };
     let path = dir.join(format!("herdsman-test-shared-{}", server.pid()));
+    let _removed = RemovedOnDrop(path.clone());
     // This process maps the file first: at any instant a worker's PSS holds half of it at most.
     let ours = map_shared(&path, 64 << 20);
     let before = server.worker_processes();
@@ -192,5 +193,13 @@ async fn pages_the_workers_share_count_once_not_once_per_worker() {
     assert_eq!(server.count_logs("over HERDSMAN_MAX_WORKER_MEMORY"), 0, "{}", server.logs().join("\n"));
     assert!(before.iter().all(|p| p.state().is_some()), "no worker replaced");
     drop(ours);
-    let _ = std::fs::remove_file(path);
+}
+
+/// A file removed when the test ends, passed or failed: the shared file is 64 MiB of memory.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
