@@ -115,8 +115,8 @@ def ws_table(result: dict) -> tuple[str, list[str], list[list[str]], list[str]] 
 
 
 def recovery_cell(x: dict, runs: int) -> str:
-    if not x["runs"][0]["events"]:
-        return "—"  # nothing to recover from (max-requests)
+    if not x["runs"][0]["events"] or x["runs"][0].get("continuous"):
+        return "—"  # nothing to recover from (max-requests, memory-leak)
     if x["recovered_runs"] == 0:
         return "not within the run"
     cell = fmt_spread(x["recovery_ms"], " ms", 0)
@@ -130,6 +130,8 @@ def scenario_note(name: str, runs: list[dict]) -> str:
         return "; ".join(f"slow {r['slow_completed']}/{r['slow_total']} completed, exit "
                          f"{r['exit_status']}, {r['failed_after_signal']} refused after the signal"
                          for r in runs[:1]) + (" (run 1)" if len(runs) > 1 else "")
+    if name == "memory-leak":
+        return "; ".join(memory_note(r) for r in runs[:1]) + (" (run 1)" if len(runs) > 1 else "")
     if name == "max-requests":
         return "workers recycled per run: " + ", ".join(str(r["recycled"]) for r in runs)
     if name == "redis":
@@ -140,6 +142,15 @@ def scenario_note(name: str, runs: list[dict]) -> str:
                 + ", ".join(str(r["lost_writes"]) for r in runs)
                 + " (keys read back per run: " + ", ".join(str(r["requests"]) for r in runs) + ")")
     return "new workers per run: " + ", ".join(str(r["new_workers"]) for r in runs) + stalls(runs)
+
+
+def memory_note(r: dict) -> str:
+    limit = "no limit (no memory cgroup here)" if r["limit_mib"] is None else f"limit {r['limit_mib']} MiB"
+    line = "" if r["line_mib"] is None else f", line {r['line_mib']:.0f} MiB"
+    oom = "" if r["oom_kills"] is None else f", {r['oom_kills']} OOM kill(s)"
+    return (f"{limit}{line}: worker peak {r['worker_peak_mib']:.0f} MiB (PSS), all processes peak "
+            f"{fmt(r['cgroup_peak_mib'], ' MiB', 0)}{oom}, {r['workers_killed']} worker(s) lost to a "
+            f"signal, {r['new_workers']} new worker(s); leaks answered {r['leaks_answered']}/{r['leaks_sent']}")
 
 
 def stalls(runs: list[dict]) -> str:

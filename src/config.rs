@@ -56,6 +56,10 @@ pub struct Config {
     /// Up to this many requests are added at random to `max_requests` per worker, so that workers
     /// do not all recycle at once. `MAX_REQUESTS_JITTER`, default 0.
     pub max_requests_jitter: u64,
+    /// A worker whose own memory (PSS) passes this line is replaced the way `max_requests`
+    /// replaces one. `HERDSMAN_MAX_WORKER_MEMORY`, default unset (off); fitted to 80 % of the
+    /// memory limit where a platform and a limit are detected (see [`MemoryLine`]).
+    pub max_worker_memory: Option<MemoryLine>,
     /// A handler running longer is answered 503. `HERDSMAN_REQUEST_TIMEOUT`, default 30 s
     /// (Heroku's router gives up at 30 s anyway).
     #[serde(with = "secs")]
@@ -158,6 +162,93 @@ pub enum LogFormat {
     Json,
 }
 
+/// The smallest per-worker memory line accepted: a fresh worker uses a few MiB of its own, and a
+/// line it starts above would replace every worker as soon as it is ready.
+pub const MIN_WORKER_MEMORY: u64 = 16 << 20;
+
+/// `HERDSMAN_MAX_WORKER_MEMORY`: how much of its own memory a worker may use before it is
+/// replaced. Travels to the workers (and shows in `herdsman check`) as text: `512MiB`,
+/// `80% of 1GiB`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum MemoryLine {
+    /// The same line for every worker.
+    Bytes(u64),
+    /// `percent` of the container's memory (`limit` bytes: its cgroup limit, else the machine's
+    /// memory), shared equally among the workers running: scaling changes each one's line.
+    Share { percent: f64, limit: u64 },
+}
+
+impl MemoryLine {
+    /// The line for each of `workers` workers.
+    pub fn per_worker(self, workers: usize) -> u64 {
+        match self {
+            MemoryLine::Bytes(bytes) => bytes,
+            MemoryLine::Share { percent, limit } => (limit as f64 * percent / 100.0 / workers.max(1) as f64) as u64,
+        }
+    }
+}
+
+impl From<MemoryLine> for String {
+    fn from(line: MemoryLine) -> String {
+        match line {
+            MemoryLine::Bytes(bytes) => format_size(bytes),
+            MemoryLine::Share { percent, limit } => format!("{percent}% of {}", format_size(limit)),
+        }
+    }
+}
+
+impl TryFrom<String> for MemoryLine {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<MemoryLine, String> {
+        let bad = || format!("not a memory line: {text:?}");
+        match text.split_once("% of ") {
+            Some((percent, limit)) => Ok(MemoryLine::Share {
+                percent: percent.parse().map_err(|_| bad())?,
+                limit: parse_size(limit).ok_or_else(bad)?,
+            }),
+            None => parse_size(&text).map(MemoryLine::Bytes).ok_or_else(bad),
+        }
+    }
+}
+
+/// A size in bytes: a number, optionally decimal, and a unit: none or `B`; `K`, `M`, `G`, `T`
+/// (with or without a `B`) are powers of 1000, `Ki`, `Mi`, `Gi`, `Ti` (with or without a `B`)
+/// powers of 1024, as Kubernetes writes them. Case does not matter.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit.strip_suffix('b').unwrap_or(&unit);
+    let scale: f64 = match unit {
+        "" => 1.0,
+        "k" => 1e3,
+        "m" => 1e6,
+        "g" => 1e9,
+        "t" => 1e12,
+        "ki" => 1024.0,
+        "mi" => 1024.0 * 1024.0,
+        "gi" => 1024.0 * 1024.0 * 1024.0,
+        "ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    let bytes = number * scale;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
+/// Bytes as [`parse_size`] reads them back: whole MiB or GiB with their unit, else plain bytes.
+pub fn format_size(bytes: u64) -> String {
+    match bytes {
+        0 => "0".into(),
+        b if b % (1 << 30) == 0 => format!("{}GiB", b >> 30),
+        b if b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+        b => b.to_string(),
+    }
+}
+
 /// A setting whose value could not be accepted. Displayed as the single line the process prints.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {source_name}={value:?}: expected {expected}")]
@@ -241,6 +332,9 @@ settings! {
     max_requests_jitter, "MAX_REQUESTS_JITTER", "max-requests-jitter", "N",
         "Up to this many extra requests per worker, at random [default: 0]",
         default 0, parse |r: &Raw| r.integer(0u64, u64::MAX / 2);
+    max_worker_memory, "HERDSMAN_MAX_WORKER_MEMORY", "max-worker-memory", "SIZE",
+        "Replace a worker whose own memory (PSS) passes this: bytes (512MiB, 400M) or a percentage of the memory limit shared among the workers (80%); off = never [default: off]",
+        default None, parse Raw::memory_line;
     request_timeout, "HERDSMAN_REQUEST_TIMEOUT", "request-timeout", "SECONDS",
         "Seconds a handler may run before the client gets 503 [default: 30]",
         default Duration::from_secs(30), parse Raw::seconds;
@@ -425,6 +519,27 @@ impl Raw<'_> {
         }
     }
 
+    /// `HERDSMAN_MAX_WORKER_MEMORY`: `off`/`0`, a size, or a percentage whose memory limit
+    /// [`Config::resolve_on`] fills in.
+    fn memory_line(&self) -> Result<Option<MemoryLine>, ConfigError> {
+        const EXPECTED: &str = "off, a size from 16MiB to 1TiB such as 512MiB, 400M or 536870912, \
+                                or a percentage of the memory limit from 1% to 100% such as 80%";
+        let value = self.value.trim();
+        if matches!(value.to_ascii_lowercase().as_str(), "off" | "0") {
+            return Ok(None);
+        }
+        if let Some(percent) = value.strip_suffix('%') {
+            return match percent.trim().parse::<f64>() {
+                Ok(p) if (1.0..=100.0).contains(&p) => Ok(Some(MemoryLine::Share { percent: p, limit: 0 })),
+                _ => Err(self.error(EXPECTED)),
+            };
+        }
+        match parse_size(value) {
+            Some(bytes) if (MIN_WORKER_MEMORY..=1 << 40).contains(&bytes) => Ok(Some(MemoryLine::Bytes(bytes))),
+            _ => Err(self.error(EXPECTED)),
+        }
+    }
+
     fn list(&self) -> Result<Vec<String>, ConfigError> {
         Ok(self.value.split(',').map(str::trim).filter(|k| !k.is_empty()).map(String::from).collect())
     }
@@ -543,9 +658,25 @@ impl Config {
                 value: e.to_string(),
                 expected: "variables holding UTF-8 text".into(),
             })?;
+        // The host is read once, and only when something needs it: a platform's fits, or a
+        // memory line given as a share of the memory limit.
+        let mut read_host = Some(host);
+        let mut known_host: Option<Host> = None;
+        let mut host = move || -> Host {
+            *known_host.get_or_insert_with(|| read_host.take().map_or_else(Host::this_process, |read| read()))
+        };
         let platform = platform::detect(&env);
         let fits = platform.as_ref().map(|p| p.fits(&host())).unwrap_or_default();
-        let (config, sources) = resolve_table(flags, &env, &fits)?;
+        let (mut config, sources) = resolve_table(flags, &env, &fits)?;
+        if let Some(MemoryLine::Share { percent, .. }) = config.max_worker_memory {
+            let limit = host().limits.memory_bytes.or_else(machine_memory).ok_or_else(|| ConfigError {
+                source_name: blame(&sources, &["HERDSMAN_MAX_WORKER_MEMORY"]).1,
+                value: format!("{percent}%"),
+                expected: "a size such as 512MiB: this process has no memory limit and /proc/meminfo is unreadable"
+                    .into(),
+            })?;
+            config.max_worker_memory = Some(MemoryLine::Share { percent, limit });
+        }
         config.validate_given(&sources)?;
         let mut resolution = Resolution { config, platform, sources, warnings: Vec::new() };
         if let Some(platform) = &resolution.platform {
@@ -596,6 +727,21 @@ impl Config {
                 },
             });
         }
+        if let Some(line) = self.max_worker_memory {
+            let each = line.per_worker(self.workers);
+            if each < MIN_WORKER_MEMORY {
+                return Err(ConfigError {
+                    source_name: culprit(&["HERDSMAN_MAX_WORKER_MEMORY"]).1,
+                    value: String::from(line),
+                    expected: format!(
+                        "a line of at least {} per worker (this one gives each of the {} workers {})",
+                        format_size(MIN_WORKER_MEMORY),
+                        self.workers,
+                        format_size(each)
+                    ),
+                });
+            }
+        }
         if self.metrics_port.is_some_and(|metrics| metrics != 0 && metrics == self.port) {
             return Err(ConfigError {
                 source_name: culprit(&["HERDSMAN_METRICS_PORT"]).1,
@@ -636,6 +782,18 @@ impl Config {
                     None | Some(serde_json::Value::Null) => "(unset)".to_string(),
                     Some(serde_json::Value::String(s)) if var == "REDIS_URL" => redact_url(s),
                     Some(serde_json::Value::String(_)) if var == "HERDSMAN_METRICS_TOKEN" => "***".to_string(),
+                    Some(serde_json::Value::String(s)) if var == "HERDSMAN_MAX_WORKER_MEMORY" => {
+                        match self.max_worker_memory {
+                            Some(line @ MemoryLine::Share { .. }) => {
+                                format!(
+                                    "{s} / {} workers = {:.1} MiB each",
+                                    self.workers,
+                                    line.per_worker(self.workers) as f64 / (1u64 << 20) as f64
+                                )
+                            }
+                            _ => s.clone(),
+                        }
+                    }
                     Some(serde_json::Value::String(s)) => s.clone(),
                     Some(serde_json::Value::Array(items)) => {
                         items.iter().filter_map(|i| i.as_str()).collect::<Vec<_>>().join(",")
@@ -691,6 +849,13 @@ fn format_seconds(d: Duration) -> String {
 /// The CPUs this process may use; std reads the cgroup quota, so a 0.5-CPU container gets 1.
 fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_WORKERS)
+}
+
+/// The machine's memory (`MemTotal`), what a process without a cgroup limit may use.
+fn machine_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = meminfo.lines().find_map(|line| line.strip_prefix("MemTotal:"))?.split_whitespace().next()?;
+    kib.parse::<u64>().ok().map(|kib| kib << 10)
 }
 
 /// Reads a PEM file of CA certificates and checks that each one is usable as a trust anchor,
@@ -900,6 +1065,50 @@ mod tests {
         let config = resolve_env(&[("HERDSMAN_METRICS_TOKEN", "correct-horse-battery-staple")]).unwrap();
         assert!(!format!("{config:?}").contains("correct-horse"), "{config:?}");
         assert_eq!(config.metrics_token.as_deref(), Some("correct-horse-battery-staple"));
+    }
+
+    #[test]
+    fn the_memory_line_takes_sizes_and_shares_of_the_limit() {
+        use crate::platform::{Host, Limits};
+        let line = |value: &str| resolve_env(&[("HERDSMAN_MAX_WORKER_MEMORY", value)]).map(|c| c.max_worker_memory);
+        assert_eq!(line("512MiB"), Ok(Some(MemoryLine::Bytes(512 << 20))));
+        assert_eq!(line("400M"), Ok(Some(MemoryLine::Bytes(400_000_000))));
+        assert_eq!(line("1.5 GiB"), Ok(Some(MemoryLine::Bytes(3 << 29))));
+        assert_eq!(line("67108864"), Ok(Some(MemoryLine::Bytes(64 << 20))));
+        assert_eq!(line("off"), Ok(None));
+        assert_eq!(resolve_env(&[]).unwrap().max_worker_memory, None, "off by default");
+        for bad in ["lots", "512XB", "-5M", "1M", "0%", "150%", "80 %%", "2TiB", "NaN%"] {
+            let err = line(bad).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("invalid HERDSMAN_MAX_WORKER_MEMORY={bad:?}: expected")), "{err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+
+        let limited = || Host { visible_cpus: 2, limits: Limits { cpus: None, memory_bytes: Some(1 << 30) } };
+        let pairs = env(&[("HERDSMAN_MAX_WORKER_MEMORY", "80%"), ("WEB_CONCURRENCY", "4")]);
+        let share = Config::resolve_on(&Flags::default(), pairs, limited).unwrap().config;
+        assert_eq!(share.max_worker_memory, Some(MemoryLine::Share { percent: 80.0, limit: 1 << 30 }));
+        assert_eq!(share.max_worker_memory.unwrap().per_worker(4), (1u64 << 30) / 5);
+        let shown = share.describe().into_iter().find(|(var, _)| *var == "HERDSMAN_MAX_WORKER_MEMORY").unwrap().1;
+        assert_eq!(shown, "80% of 1GiB / 4 workers = 204.8 MiB each");
+        let json = serde_json::to_string(&share).unwrap();
+        assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), share);
+
+        let pairs = env(&[("HERDSMAN_MAX_WORKER_MEMORY", "2%"), ("WEB_CONCURRENCY", "4")]);
+        let err = Config::resolve_on(&Flags::default(), pairs, limited).unwrap_err().to_string();
+        assert!(err.contains("at least 16MiB per worker") && err.contains("each of the 4 workers"), "{err}");
+    }
+
+    #[test]
+    fn a_platform_with_a_memory_limit_fits_the_line_and_off_overrides_it() {
+        use crate::platform::{Host, Limits};
+        let dyno = || Host { visible_cpus: 8, limits: Limits { cpus: None, memory_bytes: Some(512 << 20) } };
+        let fitted = Config::resolve_on(&Flags::default(), env(&[("DYNO", "web.1")]), dyno).unwrap();
+        assert_eq!(fitted.config.max_worker_memory, Some(MemoryLine::Share { percent: 80.0, limit: 512 << 20 }));
+        assert!(matches!(fitted.source("HERDSMAN_MAX_WORKER_MEMORY"), Some(Source::Platform(_))));
+        let pairs = env(&[("DYNO", "web.1"), ("HERDSMAN_MAX_WORKER_MEMORY", "off")]);
+        let off = Config::resolve_on(&Flags::default(), pairs, dyno).unwrap();
+        assert_eq!(off.config.max_worker_memory, None);
+        assert_eq!(off.source("HERDSMAN_MAX_WORKER_MEMORY"), Some(&Source::Environment));
     }
 
     #[test]

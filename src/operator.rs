@@ -58,6 +58,9 @@ pub struct StatusReport {
     /// The worker count the master keeps (`WEB_CONCURRENCY`, then `scale` and SIGTTIN/SIGTTOU).
     pub target_workers: usize,
     pub workers: Vec<WorkerReport>,
+    /// Each worker's memory line (`HERDSMAN_MAX_WORKER_MEMORY`) in bytes; none when it is off.
+    #[serde(default)]
+    pub memory_line_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +77,9 @@ pub struct WorkerReport {
     pub heartbeat_age_seconds: f64,
     /// Resident memory, from `/proc`; none if it could not be read.
     pub rss_bytes: Option<u64>,
+    /// Its own memory (PSS), as the memory line measures it; none if it could not be read.
+    #[serde(default)]
+    pub own_memory_bytes: Option<u64>,
 }
 
 /// Why a command could not be carried out.
@@ -164,14 +170,18 @@ pub fn format_status(report: &StatusReport) -> String {
         report.workers.len(),
         report.target_workers
     );
-    out.push_str(&format!(
-        "{:>6} {:>8} {:<9} {:>9} {:>9} {:>9} {:>9} {:>10}\n",
-        "SERIAL", "PID", "STATE", "AGE", "REQUESTS", "IN-FLIGHT", "HEARTBEAT", "RSS"
-    ));
     let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64);
+    if let Some(line) = report.memory_line_bytes {
+        out.push_str(&format!("workers over {} of their own memory (PSS) are replaced\n", mib(line)));
+    }
+    out.push_str(&format!(
+        "{:>6} {:>8} {:<9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}\n",
+        "SERIAL", "PID", "STATE", "AGE", "REQUESTS", "IN-FLIGHT", "HEARTBEAT", "RSS", "PSS"
+    ));
     for w in &report.workers {
         out.push_str(&format!(
-            "{:>6} {:>8} {:<9} {:>8.1}s {:>9} {:>9} {:>8.1}s {:>10}\n",
+            "{:>6} {:>8} {:<9} {:>8.1}s {:>9} {:>9} {:>8.1}s {:>10} {:>10}\n",
             w.serial,
             w.pid,
             w.state,
@@ -179,7 +189,8 @@ pub fn format_status(report: &StatusReport) -> String {
             or_dash(w.requests_served.map(|n| n.to_string())),
             or_dash(w.in_flight.map(|n| n.to_string())),
             w.heartbeat_age_seconds,
-            or_dash(w.rss_bytes.map(|b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))),
+            or_dash(w.rss_bytes.map(mib)),
+            or_dash(w.own_memory_bytes.map(mib)),
         ));
     }
     out

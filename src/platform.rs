@@ -139,7 +139,13 @@ const FITS: &[FitRow] = &[
     FitRow { variable: "GRACEFUL_TIMEOUT", fit: grace_below_kill_timeout },
     FitRow { variable: "WEB_CONCURRENCY", fit: workers_within_limits },
     FitRow { variable: "HERDSMAN_TRUSTED_PROXIES", fit: one_router_hop },
+    FitRow { variable: "HERDSMAN_MAX_WORKER_MEMORY", fit: memory_line_below_limit },
 ];
+
+/// Share of a known memory limit the workers' own memory may reach in all before one is
+/// replaced: the rest is the master's, the kernel's (page cache, sockets) and what a worker
+/// grows between two readings.
+const WORKER_MEMORY_SHARE: &str = "80%";
 
 /// The platform found in the environment.
 #[derive(Debug, Clone, PartialEq)]
@@ -253,6 +259,20 @@ fn one_router_hop(platform: &Detected, _: &Host) -> Option<Fit> {
     matches!(platform.kind, Kind::Heroku | Kind::Render | Kind::Railway | Kind::Fly | Kind::CloudRun).then(|| Fit {
         value: "1".into(),
         why: format!("{}'s router appends the client's address to X-Forwarded-For", platform.kind.name()),
+    })
+}
+
+/// Where the platform puts the container under a memory limit, a leaking worker is replaced
+/// before the limit's OOM killer (Heroku's R14/R15) takes one with its requests.
+fn memory_line_below_limit(platform: &Detected, host: &Host) -> Option<Fit> {
+    let limit = host.limits.memory_bytes?;
+    Some(Fit {
+        value: WORKER_MEMORY_SHARE.into(),
+        why: format!(
+            "{} memory limit {} MiB: workers are replaced before its OOM killer takes one",
+            platform.kind.name(),
+            limit >> 20
+        ),
     })
 }
 
@@ -378,6 +398,16 @@ mod tests {
         assert!(!heroku.fits(&unlimited(8)).contains_key("WEB_CONCURRENCY"));
         let tiny = Host { visible_cpus: 4, limits: Limits { cpus: None, memory_bytes: Some(100 << 20) } };
         assert_eq!(heroku.fits(&tiny)["WEB_CONCURRENCY"].value, "1");
+    }
+
+    #[test]
+    fn the_memory_line_is_fitted_only_under_a_known_limit() {
+        let fly = detect(&env(&[("FLY_APP_NAME", "a")])).unwrap();
+        let fits = fly.fits(&Host { visible_cpus: 1, limits: Limits { cpus: Some(1.0), memory_bytes: Some(1 << 30) } });
+        let line = &fits["HERDSMAN_MAX_WORKER_MEMORY"];
+        assert_eq!(line.value, "80%");
+        assert!(line.why.starts_with("fly memory limit 1024 MiB"), "{}", line.why);
+        assert!(!fly.fits(&unlimited(8)).contains_key("HERDSMAN_MAX_WORKER_MEMORY"));
     }
 
     #[test]

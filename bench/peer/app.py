@@ -427,6 +427,17 @@ if _env_bool("PEER_TEST_HOOKS"):
         await asyncio.sleep(ms / 1000)
         return PlainTextResponse("slept")
 
+    _leaked: list[bytes] = []
+
+    @app.post("/__test/leak")
+    async def test_leak(mb: int) -> PlainTextResponse:
+        # Keeps mb MiB of written memory for the worker's life, as a leaking handler does
+        # (herdsman's /__test/leak): gunicorn has no memory line (benoitc/gunicorn #1299).
+        if not 1 <= mb <= 1024:
+            return PlainTextResponse("mb must be from 1 to 1024", status_code=400)
+        _leaked.append(b"\xa5" * (mb << 20))
+        return PlainTextResponse(f"leaked {mb} MiB in pid {os.getpid()}")
+
     @app.websocket("/__test/ws")
     async def test_ws(websocket: WebSocket) -> None:
         # An echo as FastAPI's docs write one: nothing of its own for a shutdown, which is

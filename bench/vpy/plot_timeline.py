@@ -1,7 +1,8 @@
 """Latency over time of a chaos scenario, one panel per server: answered requests as dots, 404s
 on an existing key as orange squares, failures as red crosses at the time they were sent, events
 as dashed lines, new workers as dotted ones; for WebSocket scenarios, each connection's close as a
-triangle at 1 ms, coloured by close code.
+triangle at 1 ms, coloured by close code; for the memory-leak scenario, each worker's PSS and the
+memory lines on a second axis.
 
     bench/.venv/bin/python bench/vpy/plot_timeline.py DATA.json OUT.png
 
@@ -41,6 +42,20 @@ for ax, tl in zip(axes[:, 0], tls):
         ax.axvline(t, color="black", linestyle="--", linewidth=1)
         ax.annotate(label, (t, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
                     textcoords="offset points", fontsize=8)
+    # The memory-leak scenario: each worker's own memory (PSS) on a second axis, with the lines.
+    if tl.get("memory"):
+        mem = ax.twinx()
+        pids = sorted({pid for _, by_pid in tl["memory"] for pid in by_pid})
+        for pid in pids:
+            points = [(t, by_pid[pid]) for t, by_pid in tl["memory"] if pid in by_pid]
+            mem.plot([p[0] for p in points], [p[1] for p in points], linewidth=1, color="tab:purple", alpha=0.7)
+        for label, mib in tl.get("memory_lines", []):
+            mem.axhline(mib, color="tab:red" if label == "limit" else "tab:purple", linestyle="-.",
+                        linewidth=1)
+            mem.annotate(f"{label} {mib:.0f} MiB", (0, mib), xycoords=("axes fraction", "data"),
+                         xytext=(3, 2), textcoords="offset points", fontsize=7)
+        mem.set_ylabel("each worker's PSS (MiB), purple")
+        mem.set_ylim(bottom=0)
     ax.set_yscale("log")
     ax.set_ylabel(f"{tl['target']}: latency (ms)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)

@@ -12,12 +12,13 @@
 //! ended, [`policy`] decides what to start, retire and abort. The master's [`Phase`] is logged
 //! at each change and can be watched ([`Master::phases`]).
 //!
-//! Replacing a worker (SIGHUP, `MAX_REQUESTS`) is "start the new one, wait until it serves, then
+//! Replacing a worker (SIGHUP, `MAX_REQUESTS`, [`memory`] over `HERDSMAN_MAX_WORKER_MEMORY`) is "start the new one, wait until it serves, then
 //! drain the old one", so capacity never dips and no request is dropped.
 //!
 //! The master is often PID 1 in a container: it reaps every child, not only its workers
 //! (children of workers re-parented to it are reaped quietly).
 
+mod memory;
 mod operator;
 mod policy;
 mod reap;
@@ -123,6 +124,9 @@ struct WorkerState {
     served: bool,
     /// The master aborted it for silence.
     aborted: bool,
+    /// Whether its own memory was over the memory line when it said it was ready, before it
+    /// served anything; none without a line.
+    started_over_line: Option<bool>,
 }
 
 impl WorkerState {
@@ -170,6 +174,10 @@ pub struct Master {
     port: u16,
     operator_tx: mpsc::Sender<operator::OperatorCall>,
     operator_rx: mpsc::Receiver<operator::OperatorCall>,
+    /// When the workers' memory is read next (see [`memory`]).
+    next_memory_check: Instant,
+    /// Whether the log said that the memory line is below a fresh worker's memory.
+    memory_line_too_low_told: bool,
 }
 
 /// Binds the socket and runs the master, driven by signals, until it stops.
@@ -271,6 +279,8 @@ impl Master {
             port: local.port(),
             operator_tx,
             operator_rx,
+            next_memory_check: now,
+            memory_line_too_low_told: false,
         })
     }
 
@@ -294,6 +304,7 @@ impl Master {
             return Exit::Failure;
         }
         self.serve_operator();
+        self.announce_memory_line();
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -401,6 +412,7 @@ impl Master {
                     if self.phase == Phase::Starting {
                         self.set_phase(Phase::Running);
                     }
+                    self.note_memory_at_ready(pid);
                 }
             }
             Message::Recycle => {

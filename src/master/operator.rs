@@ -81,6 +81,7 @@ impl Master {
                     in_flight: counts.map(|(_, in_flight)| in_flight),
                     heartbeat_age_seconds: now.saturating_duration_since(w.last_heartbeat).as_secs_f64(),
                     rss_bytes: operator::rss_bytes(pid.as_raw()),
+                    own_memory_bytes: super::memory::own_memory(pid.as_raw()).map(|(bytes, _)| bytes),
                 }
             })
             .collect();
@@ -89,6 +90,7 @@ impl Master {
             phase: self.phase.name().into(),
             target_workers: self.target,
             workers,
+            memory_line_bytes: self.config.max_worker_memory.map(|line| line.per_worker(self.target)),
         }
     }
 }

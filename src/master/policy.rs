@@ -1,7 +1,7 @@
 //! Policy: what the master does about what it sees, decided on every tick by [`Master::step`]
 //! comparing what is with what should be: abort silent workers, kill those past their
-//! deadline, retire surplus or replaced ones once their successors serve, start missing ones
-//! one at a time and after the back-off.
+//! deadline, mark one over the memory line (see [`super::memory`]), retire surplus or replaced
+//! ones once their successors serve, start missing ones one at a time and after the back-off.
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -36,6 +36,7 @@ impl Master {
             return Some(Exit::NoWorkerBooted);
         }
         self.enforce_deadlines(now);
+        self.check_memory(now);
         self.retire_surplus(now);
         self.spawn_missing(now);
         None

@@ -63,6 +63,7 @@ impl Master {
                 slot,
                 served: false,
                 aborted: false,
+                started_over_line: None,
             },
         );
         self.listen_to(pid, read_end)?;

@@ -68,6 +68,8 @@ indexed_enum! {
         Reload,
         /// Retired because the worker count went down (SIGTTOU).
         Scale,
+        /// Replaced because its own memory passed `HERDSMAN_MAX_WORKER_MEMORY`.
+        Memory,
     }
 }
 
@@ -81,6 +83,7 @@ impl RestartReason {
             RestartReason::MaxRequests => "max_requests",
             RestartReason::Reload => "reload",
             RestartReason::Scale => "scale",
+            RestartReason::Memory => "memory",
         }
     }
 }
