@@ -172,12 +172,10 @@ async fn put_value(
         // 413 for an oversized body, 400 for one that could not be read.
         Err(rejection) => return error(rejection.status(), rejection.body_text()),
     };
-    if let Err(err) = state.quotas.reserve(&username, &key, value.len(), ttl).await {
-        return err.into_response();
-    }
-    match state.cache.set_with_tier(&cache_key, value, Some(ttl)).await {
-        Ok(tier) => with_tier(StatusCode::NO_CONTENT.into_response(), tier),
-        Err(err) => cache_error(err),
+    match state.quotas.store(&state.cache, (&username, &key), &cache_key, value, ttl).await {
+        Ok(Ok(tier)) => with_tier(StatusCode::NO_CONTENT.into_response(), tier),
+        Ok(Err(err)) => cache_error(err),
+        Err(refused) => refused.into_response(),
     }
 }
 
