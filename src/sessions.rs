@@ -225,7 +225,7 @@ impl Sessions {
             _ => {}
         }
         if store.is_available() {
-            match self.ask_redis(store, digest).await {
+            match self.ask_redis(store, digest, known.as_ref()).await {
                 Ok(found) => return found,
                 // The breaker has logged the outage; memory answers below.
                 Err(err) => tracing::debug!(error = %err, "session check fell back to memory"),
@@ -239,17 +239,31 @@ impl Sessions {
     }
 
     /// One round trip to Redis, bounded by the cache's fitted deadline; what Redis said is
-    /// remembered. `Err` when Redis did not answer in time or is away.
+    /// remembered (`seen`: what this worker knew before asking). `Err` when Redis did not
+    /// answer in time or is away.
     async fn ask_redis(
         &self,
         store: &DurableStore,
         digest: [u8; 32],
+        seen: Option<&Known>,
     ) -> Result<Result<Session, SessionError>, CacheError> {
         match store.get_with_ttl(&session_key(&digest)).await? {
             Some((username, ttl)) => {
                 let username: Arc<str> = String::from_utf8_lossy(&username).into();
                 let expires_in = ttl.unwrap_or(self.ttl).min(self.ttl);
-                self.remember(digest, username.clone(), expires_in).await;
+                // Without local trust every request lands here: refresh the memory only now
+                // and then (an insert costs more than the read that found it fresh).
+                let fresh = |known: &Known| match known {
+                    Known::Verified(known) => {
+                        self.recheck.is_zero()
+                            && known.username == username
+                            && Instant::now().saturating_duration_since(known.checked_at) < REFRESH_EVERY
+                    }
+                    Known::Revoked => false,
+                };
+                if !seen.is_some_and(fresh) {
+                    self.remember(digest, username.clone(), expires_in).await;
+                }
                 Ok(Ok(Session { username, expires_in }))
             }
             None => {
@@ -272,7 +286,7 @@ impl Sessions {
                 flag.store(false, Ordering::Release);
                 return;
             }
-            if let Err(err) = sessions.ask_redis(&store, digest).await {
+            if let Err(err) = sessions.ask_redis(&store, digest, None).await {
                 // Late or away: the trust runs out, and the next check is the request's own.
                 tracing::debug!(error = %err, "background session check failed");
                 flag.store(false, Ordering::Release);
@@ -280,23 +294,14 @@ impl Sessions {
         });
     }
 
-    /// Notes a session Redis just vouched for, unless the token was logged out here meanwhile
-    /// (or, without local trust, it was noted lately for the same user).
+    /// Notes a session Redis just vouched for, unless the token was logged out here meanwhile.
     async fn remember(&self, digest: [u8; 32], username: Arc<str>, expires_in: Duration) {
         let now = Instant::now();
-        let recheck = self.recheck;
         self.known
             .entry(digest)
             .and_compute_with(|current| {
                 let op = match current.as_ref().map(|entry| entry.value()) {
                     Some(Known::Revoked) => Op::Nop,
-                    Some(Known::Verified(known))
-                        if recheck.is_zero()
-                            && known.username == username
-                            && now.saturating_duration_since(known.checked_at) < REFRESH_EVERY =>
-                    {
-                        Op::Nop
-                    }
                     _ => Op::Put(Known::Verified(Verified {
                         username,
                         expires_at: now + expires_in,

@@ -386,6 +386,26 @@ async fn a_verified_session_is_trusted_for_the_recheck_interval_and_a_logout_her
     assert_eq!(sessions.count(), 0, "both logouts reached Redis");
 }
 
+#[tokio::test]
+async fn with_no_local_trust_a_logout_elsewhere_takes_effect_at_once() {
+    let Some(redis) = TestRedis::start().await else { return };
+    let tune = |c: &mut Config| {
+        c.session_recheck = Duration::ZERO;
+        c.redis_timeout = Duration::from_secs(1);
+        c.redis_min_timeout = Duration::from_millis(500);
+    };
+    let (_here, here) = worker(&redis, tune).await;
+    let (_elsewhere, elsewhere) = worker(&redis, tune).await;
+    let token = login(&here, "liz").await;
+    let before = redis_calls(&redis, "pttl").await;
+    for _ in 0..5 {
+        assert_eq!(send(&elsewhere, Method::GET, "/auth/me", Some(&token), "").await.status, StatusCode::OK);
+    }
+    assert_eq!(redis_calls(&redis, "pttl").await - before, 5, "every request asks Redis");
+    assert_eq!(send(&here, Method::POST, "/auth/logout", Some(&token), "").await.status, StatusCode::NO_CONTENT);
+    assert_401_bearer(&send(&elsewhere, Method::GET, "/auth/me", Some(&token), "").await, "logged out elsewhere");
+}
+
 // --- The real binary -----------------------------------------------------------------------
 
 async fn login_attempt(

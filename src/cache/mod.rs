@@ -48,12 +48,12 @@
 //! | `MASTERDOWN`, `CLUSTERDOWN`, `TRYAGAIN`, `NOREPLICAS` | not now            | same                                              | same                           |
 //! | any other error (`WRONGTYPE`, `ERR ...`)     | this command is refused    | read: answered from memory; write: refused (503), memory copy dropped | the error (503) |
 //!
-//! The HTTP API's session and quota checks ([`crate::sessions`], `http::quota`) are durable
-//! round trips with the same fitted deadline: one that runs out opens the breaker like any
-//! other. The session is then answered from the worker's memory of the sessions it verified (a
-//! remembered one works, an unknown token is 503 + `Retry-After`), and a write whose quota
-//! could not be checked takes the outage path below (memory and replay, 507 when full), its
-//! quota unchecked.
+//! The HTTP API's session check ([`crate::sessions`]) is a durable round trip, and its quota
+//! check is made by Redis in the write's own round trip ([`Cache::set_checked`]); both have the
+//! same fitted deadline, and one that runs out opens the breaker like any other. The session is
+//! then answered from the worker's memory of the sessions it verified (a remembered one works,
+//! an unknown token is 503 + `Retry-After`), and a write whose quota could not be checked takes
+//! the outage path below (memory and replay, 507 when full), its quota unchecked.
 //!
 //! So a write Redis did not take is never acknowledged as stored in Redis: it
 //! is kept in memory (`x-cache-tier: memory`), read back from there while the

@@ -19,6 +19,13 @@
 //! crafted (`../bob/k`, `%2F`, anything), can reach another user's namespace: the username
 //! comes from the session, never from the request.
 //!
+//! # Round trips
+//! A session this worker verified lately is trusted without asking Redis
+//! (`HERDSMAN_SESSION_RECHECK`, [`crate::sessions`]), and a `PUT`'s quota check is made by Redis
+//! in the write's own round trip: a `GET`, `PUT` or `DELETE` costs the cache's round trip (a
+//! `DELETE` one more to release its quota entry), so a slow Redis slows it once, not two or
+//! three times.
+//!
 //! # Limits
 //! Per-user quotas of keys and bytes ([`super::quota`]) are `403` naming the quota. While Redis
 //! is away, a write this worker cannot hold for replay is `507 Insufficient Storage` with
