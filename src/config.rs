@@ -28,6 +28,10 @@ use crate::platform::{self, Detected, Fit, Host};
 /// The highest `WEB_CONCURRENCY` accepted: a typo such as `100000` must not fork-bomb a container.
 pub const MAX_WORKERS: usize = 512;
 
+/// The longest `HERDSMAN_SESSION_RECHECK`: how long a worker remembers a session at all
+/// (`sessions::OUTAGE_GRACE` is this), so trust cannot outlive that memory.
+pub const MAX_SESSION_RECHECK: Duration = Duration::from_secs(300);
+
 /// The resolved settings of a herdsman process, master and workers alike. Its `Debug` is
 /// `herdsman check`'s view: secrets redacted.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -135,6 +139,11 @@ pub struct Config {
     /// is good for an hour at most, and a client logs in again at the cost of one bcrypt.
     #[serde(with = "secs")]
     pub session_ttl: Duration,
+    /// How long a worker trusts a session it verified in Redis before asking again
+    /// (`crate::sessions`): a logout through another worker reaches this one within it.
+    /// `HERDSMAN_SESSION_RECHECK`, default 1 s; 0 asks Redis on every request.
+    #[serde(with = "secs")]
+    pub session_recheck: Duration,
     /// Proxies in front of this server that append to `X-Forwarded-For` (see
     /// [`crate::http::client_addr`]). `HERDSMAN_TRUSTED_PROXIES`, default 0: the TCP peer.
     pub trusted_proxies: usize,
@@ -404,6 +413,9 @@ settings! {
     session_ttl, "HERDSMAN_SESSION_TTL", "session-ttl", "SECONDS",
         "How long a login token stays valid [default: 3600]",
         default Duration::from_secs(3600), parse Raw::seconds;
+    session_recheck, "HERDSMAN_SESSION_RECHECK", "session-recheck", "SECONDS",
+        "Seconds a worker trusts a session it verified in Redis; a logout elsewhere reaches it within this, 0 = ask Redis every request [default: 1]",
+        default Duration::from_secs(1), parse Raw::recheck_seconds;
     trusted_proxies, "HERDSMAN_TRUSTED_PROXIES", "trusted-proxies", "N",
         "Proxies in front that append to X-Forwarded-For; 0 = use the TCP peer [default: 0]",
         default 0, parse |r: &Raw| r.integer(0usize, 16);
@@ -449,6 +461,15 @@ impl Raw<'_> {
         match self.value.trim().parse::<f64>() {
             Ok(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
             _ => Err(self.error(EXPECTED)),
+        }
+    }
+
+    /// Seconds from 0 up to [`MAX_SESSION_RECHECK`].
+    fn recheck_seconds(&self) -> Result<Duration, ConfigError> {
+        let max = MAX_SESSION_RECHECK.as_secs();
+        match self.value.trim().parse::<f64>() {
+            Ok(s) if s.is_finite() && (0.0..=max as f64).contains(&s) => Ok(Duration::from_secs_f64(s)),
+            _ => Err(self.error(format!("a number of seconds from 0 to {max}, such as 1 or 0.5"))),
         }
     }
 
@@ -951,6 +972,8 @@ mod tests {
             ("LOG_LEVEL", "[="),
             ("REDIS_REQUIRED", "maybe"),
             ("BCRYPT_COST", "3"),
+            ("HERDSMAN_SESSION_RECHECK", "-1"),
+            ("HERDSMAN_SESSION_RECHECK", "301"),
         ];
         for (var, value) in cases {
             let err = resolve_env(&[(var, value)]).unwrap_err();
@@ -958,6 +981,15 @@ mod tests {
             assert!(line.contains(var) && line.contains(value) && line.contains("expected"), "{line}");
             assert!(!line.contains('\n'), "one line: {line}");
         }
+    }
+
+    #[test]
+    fn the_session_recheck_may_be_zero_but_not_outlive_the_sessions_memory() {
+        assert_eq!(Config::default().session_recheck, Duration::from_secs(1));
+        let zero = resolve_env(&[("HERDSMAN_SESSION_RECHECK", "0")]).expect("0 asks Redis every request");
+        assert_eq!(zero.session_recheck, Duration::ZERO);
+        let most = resolve_env(&[("HERDSMAN_SESSION_RECHECK", "300")]).expect("up to the sessions' memory");
+        assert_eq!(most.session_recheck, MAX_SESSION_RECHECK);
     }
 
     #[test]

@@ -44,7 +44,7 @@ impl Services {
     /// so do harnesses outside the crate (the fuzz targets), which cannot name the tracker.
     #[doc(hidden)]
     pub fn assemble(config: Arc<Config>, cache: Cache, hasher: Hasher, tracker: RequestTracker) -> Services {
-        let sessions = Sessions::new(cache.durable(), config.session_ttl);
+        let sessions = Sessions::new(cache.durable(), config.session_ttl).with_recheck(config.session_recheck);
         let throttle = Throttle::new(cache.durable());
         Services {
             config,

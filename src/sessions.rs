@@ -11,26 +11,45 @@
 //! digest, which does not help to find a token. Tokens never appear in a log line; [`Token`]'s
 //! `Debug` hides them.
 //!
-//! # During a Redis outage
-//! The cache promises that an outage never makes a request wait or fail needlessly, so each
-//! worker remembers the sessions it verified in Redis (at most [`VERIFIED_CAPACITY`] digests, a
-//! few hundred kilobytes). While Redis cannot be asked, a remembered session keeps working until
-//! its own expiry or until [`OUTAGE_GRACE`] after this worker last verified it in Redis (give or
-//! take [`REFRESH_EVERY`]), whichever is first; an unknown token is `503` with `Retry-After` (it
-//! may be valid, nobody can tell). The price: a session revoked elsewhere (another worker's
-//! logout) just before or during an outage keeps working in this worker for up to
-//! [`OUTAGE_GRACE`]. While Redis answers, every request is checked there, and a logout takes
-//! effect at once everywhere.
+//! # What a worker remembers of the sessions it verified
+//! Each worker keeps one bounded memory of the sessions Redis vouched for lately (at most
+//! [`VERIFIED_CAPACITY`] digests, a few hundred kilobytes), and of the tokens logged out through
+//! it. It serves three purposes:
+//!
+//! - **Short local trust** (`HERDSMAN_SESSION_RECHECK`, default 1 s): a session this worker
+//!   verified in Redis less than that long ago is accepted without asking Redis again, so a
+//!   `/cache` request costs no session round trip, and a Redis that is slow but up does not slow
+//!   every request by its latency. A session in use is re-checked in the background once half
+//!   of that has passed (one re-check at a time per session), so its requests do not wait for
+//!   Redis either; one used after the whole interval is checked before it is answered.
+//!   **The price**: a session revoked through *another* worker (its logout, or its expiry being
+//!   cut short) keeps working in this one for up to `HERDSMAN_SESSION_RECHECK` after this worker
+//!   last verified it. A logout through *this* worker takes effect here at once: the token is
+//!   remembered as revoked and refused without asking Redis. `HERDSMAN_SESSION_RECHECK=0` asks
+//!   Redis on every request (every logout then reaches every worker at once, at the cost of a
+//!   round trip per request).
+//! - **A Redis that does not answer in time**: a session check is one round trip bounded by the
+//!   cache's fitted deadline ([`crate::cache`]); when it runs out (or Redis is away) the outage
+//!   policy below answers, so no request waits longer than that deadline for its session.
+//! - **During a Redis outage**: the cache promises that an outage never makes a request wait or
+//!   fail needlessly. While Redis cannot be asked, a remembered session keeps working until its
+//!   own expiry or until [`OUTAGE_GRACE`] after this worker last verified it in Redis (give or
+//!   take [`REFRESH_EVERY`] with `HERDSMAN_SESSION_RECHECK=0`), whichever is first; an unknown
+//!   token is `503` with `Retry-After` (it may be valid, nobody can tell). The price: a session
+//!   revoked elsewhere just before or during an outage keeps working in this worker for up to
+//!   [`OUTAGE_GRACE`].
 //!
 //! Without `REDIS_URL` there are no sessions at all: every check is refused with a message that
 //! says so.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap};
 use moka::future::Cache as MemoryCache;
+use moka::ops::compute::Op;
 use sha2::{Digest, Sha256};
 
 use crate::cache::{CacheError, DurableStore};
@@ -40,15 +59,19 @@ pub const SESSION_PREFIX: &str = "herdsman:session:";
 
 /// How long after its last check in Redis a worker still trusts a session while Redis is away:
 /// long enough to ride out a failover or a restart (seconds to a couple of minutes on the
-/// platforms' Redis offers), short enough that a revocation is not outlived by much.
-pub const OUTAGE_GRACE: Duration = Duration::from_secs(300);
+/// platforms' Redis offers), short enough that a revocation is not outlived by much. Also how
+/// long a token logged out through this worker is remembered as revoked.
+/// `HERDSMAN_SESSION_RECHECK` is at most this, since nothing is remembered longer.
+pub const OUTAGE_GRACE: Duration = crate::config::MAX_SESSION_RECHECK;
 
-/// Verified sessions a worker remembers for outages (about 100 bytes each).
+/// Sessions (and revoked tokens) a worker remembers (about 100 bytes each).
 pub const VERIFIED_CAPACITY: u64 = 10_000;
 
-/// A remembered session is refreshed at most this often: an insert costs more than a read, and
-/// a busy session is verified many times a second. So [`OUTAGE_GRACE`] counts from a moment at
-/// most this long before the last verification.
+/// With `HERDSMAN_SESSION_RECHECK=0` every request asks Redis, and the remembered session is
+/// refreshed at most this often: an insert costs more than a read, and a busy session is
+/// verified many times a second. So [`OUTAGE_GRACE`] counts from a moment at most this long
+/// before the last verification. With a recheck interval every check refreshes it (there is at
+/// most one a half-interval per session).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
 
 /// Random bytes in a token.
@@ -94,12 +117,30 @@ pub enum SessionError {
     Unavailable,
 }
 
+/// What a worker remembers of a token's digest.
+#[derive(Clone)]
+enum Known {
+    /// Redis vouched for it.
+    Verified(Verified),
+    /// Logged out through this worker: refused here without asking Redis, and never trusted
+    /// again by a check that was in flight during the logout.
+    Revoked,
+}
+
 #[derive(Clone)]
 struct Verified {
     username: Arc<str>,
     expires_at: Instant,
-    /// When it was last written to the memory of verified sessions.
-    refreshed_at: Instant,
+    /// When Redis last vouched for it (give or take [`REFRESH_EVERY`] without local trust).
+    checked_at: Instant,
+    /// Set while a background re-check of this session runs: one at a time.
+    rechecking: Arc<AtomicBool>,
+}
+
+impl Verified {
+    fn session(&self, now: Instant) -> Session {
+        Session { username: self.username.clone(), expires_in: self.expires_at.saturating_duration_since(now) }
+    }
 }
 
 /// The session store of one worker. Cheap to clone: every clone shares the same state.
@@ -107,21 +148,31 @@ struct Verified {
 pub struct Sessions {
     store: Option<DurableStore>,
     ttl: Duration,
-    /// Digests verified in Redis lately, for outages only (see the module doc).
-    verified: MemoryCache<[u8; 32], Verified>,
+    /// How long a session verified in Redis is trusted without asking again.
+    recheck: Duration,
+    /// Digests verified in Redis lately, or logged out here (see the module doc).
+    known: MemoryCache<[u8; 32], Known>,
 }
 
 impl fmt::Debug for Sessions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sessions").field("ttl", &self.ttl).finish_non_exhaustive()
+        f.debug_struct("Sessions").field("ttl", &self.ttl).field("recheck", &self.recheck).finish_non_exhaustive()
     }
 }
 
 impl Sessions {
-    /// `store` is `None` without `REDIS_URL`; `ttl` is `HERDSMAN_SESSION_TTL`.
+    /// `store` is `None` without `REDIS_URL`; `ttl` is `HERDSMAN_SESSION_TTL`. The local trust
+    /// is `HERDSMAN_SESSION_RECHECK`'s default until [`with_recheck`](Self::with_recheck).
     pub fn new(store: Option<DurableStore>, ttl: Duration) -> Sessions {
-        let verified = MemoryCache::builder().max_capacity(VERIFIED_CAPACITY).time_to_live(OUTAGE_GRACE).build();
-        Sessions { store, ttl, verified }
+        let known = MemoryCache::builder().max_capacity(VERIFIED_CAPACITY).time_to_live(OUTAGE_GRACE).build();
+        Sessions { store, ttl, recheck: crate::config::Config::default().session_recheck, known }
+    }
+
+    /// Trusts a session verified in Redis for `recheck` without asking again (zero: ask on
+    /// every request). See the module doc for what this trades.
+    pub fn with_recheck(mut self, recheck: Duration) -> Sessions {
+        self.recheck = recheck;
+        self
     }
 
     /// How long a new session lives.
@@ -141,9 +192,7 @@ impl Sessions {
         let token = new_token();
         let digest = digest(&token.0);
         store.set_ex(&session_key(&digest), username.as_bytes(), self.ttl).await?;
-        let now = Instant::now();
-        let verified = Verified { username: username.into(), expires_at: now + self.ttl, refreshed_at: now };
-        self.verified.insert(digest, verified).await;
+        self.remember(digest, username.into(), self.ttl).await;
         Ok(token)
     }
 
@@ -155,55 +204,137 @@ impl Sessions {
         self.verify(token).await
     }
 
-    /// Whose `token` is: asked of Redis, or during an outage of this worker's memory of it.
+    /// Whose `token` is: from this worker's memory while it is trusted, else asked of Redis,
+    /// else (Redis away or late) from this worker's memory of it.
     pub async fn verify(&self, token: &str) -> Result<Session, SessionError> {
         let store = self.store()?;
         let digest = digest(token);
+        let now = Instant::now();
+        let known = self.known.get(&digest).await;
+        match &known {
+            Some(Known::Revoked) => return Err(SessionError::Invalid),
+            Some(Known::Verified(verified)) if verified.expires_at > now => {
+                let age = now.saturating_duration_since(verified.checked_at);
+                if age < self.recheck {
+                    if age >= self.recheck / 2 {
+                        self.recheck_in_background(digest, verified);
+                    }
+                    return Ok(verified.session(now));
+                }
+            }
+            _ => {}
+        }
         if store.is_available() {
-            match store.get_with_ttl(&session_key(&digest)).await {
-                Ok(Some((username, ttl))) => {
-                    let username: Arc<str> = String::from_utf8_lossy(&username).into();
-                    let expires_in = ttl.unwrap_or(self.ttl).min(self.ttl);
-                    self.remember(digest, &username, expires_in).await;
-                    return Ok(Session { username, expires_in });
-                }
-                Ok(None) => {
-                    self.verified.invalidate(&digest).await;
-                    return Err(SessionError::Invalid);
-                }
+            match self.ask_redis(store, digest, known.as_ref()).await {
+                Ok(found) => return found,
                 // The breaker has logged the outage; memory answers below.
                 Err(err) => tracing::debug!(error = %err, "session check fell back to memory"),
             }
         }
-        let now = Instant::now();
-        match self.verified.get(&digest).await {
-            Some(known) if known.expires_at > now => {
-                Ok(Session { username: known.username, expires_in: known.expires_at - now })
-            }
+        match known {
+            Some(Known::Verified(verified)) if verified.expires_at > now => Ok(verified.session(now)),
             Some(_) => Err(SessionError::Invalid),
             None => Err(SessionError::Unavailable),
         }
     }
 
-    /// Notes a session Redis just vouched for, unless it was noted lately for the same user.
-    async fn remember(&self, digest: [u8; 32], username: &Arc<str>, expires_in: Duration) {
-        let now = Instant::now();
-        let fresh = self.verified.get(&digest).await.is_some_and(|known| {
-            known.username == *username && now.saturating_duration_since(known.refreshed_at) < REFRESH_EVERY
-        });
-        if !fresh {
-            let verified = Verified { username: username.clone(), expires_at: now + expires_in, refreshed_at: now };
-            self.verified.insert(digest, verified).await;
+    /// One round trip to Redis, bounded by the cache's fitted deadline; what Redis said is
+    /// remembered (`seen`: what this worker knew before asking). `Err` when Redis did not
+    /// answer in time or is away.
+    async fn ask_redis(
+        &self,
+        store: &DurableStore,
+        digest: [u8; 32],
+        seen: Option<&Known>,
+    ) -> Result<Result<Session, SessionError>, CacheError> {
+        match store.get_with_ttl(&session_key(&digest)).await? {
+            Some((username, ttl)) => {
+                let username: Arc<str> = String::from_utf8_lossy(&username).into();
+                let expires_in = ttl.unwrap_or(self.ttl).min(self.ttl);
+                // Without local trust every request lands here: refresh the memory only now
+                // and then (an insert costs more than the read that found it fresh).
+                let fresh = |known: &Known| match known {
+                    Known::Verified(known) => {
+                        self.recheck.is_zero()
+                            && known.username == username
+                            && Instant::now().saturating_duration_since(known.checked_at) < REFRESH_EVERY
+                    }
+                    Known::Revoked => false,
+                };
+                if !seen.is_some_and(fresh) {
+                    self.remember(digest, username.clone(), expires_in).await;
+                }
+                Ok(Ok(Session { username, expires_in }))
+            }
+            None => {
+                self.forget_unless_revoked(digest).await;
+                Ok(Err(SessionError::Invalid))
+            }
         }
     }
 
-    /// Ends the session of `token`: `Invalid` if there was none. This worker forgets it at
-    /// once, even when Redis cannot be reached (then `Unavailable`: the client must retry for
+    /// Starts a re-check of a trusted session in Redis, unless one is running: its requests
+    /// keep being answered meanwhile, and a revoked session is forgotten when Redis says so.
+    fn recheck_in_background(&self, digest: [u8; 32], verified: &Verified) {
+        let Some(store) = self.store.clone() else { return };
+        if verified.rechecking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (sessions, flag) = (self.clone(), verified.rechecking.clone());
+        tokio::spawn(async move {
+            if !store.is_available() {
+                flag.store(false, Ordering::Release);
+                return;
+            }
+            if let Err(err) = sessions.ask_redis(&store, digest, None).await {
+                // Late or away: the trust runs out, and the next check is the request's own.
+                tracing::debug!(error = %err, "background session check failed");
+                flag.store(false, Ordering::Release);
+            }
+        });
+    }
+
+    /// Notes a session Redis just vouched for, unless the token was logged out here meanwhile.
+    async fn remember(&self, digest: [u8; 32], username: Arc<str>, expires_in: Duration) {
+        let now = Instant::now();
+        self.known
+            .entry(digest)
+            .and_compute_with(|current| {
+                let op = match current.as_ref().map(|entry| entry.value()) {
+                    Some(Known::Revoked) => Op::Nop,
+                    _ => Op::Put(Known::Verified(Verified {
+                        username,
+                        expires_at: now + expires_in,
+                        checked_at: now,
+                        rechecking: Arc::default(),
+                    })),
+                };
+                std::future::ready(op)
+            })
+            .await;
+    }
+
+    /// Forgets a session Redis no longer has; a revoked mark stays.
+    async fn forget_unless_revoked(&self, digest: [u8; 32]) {
+        self.known
+            .entry(digest)
+            .and_compute_with(|current| {
+                let op = match current.as_ref().map(|entry| entry.value()) {
+                    Some(Known::Verified(_)) => Op::Remove,
+                    _ => Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+    }
+
+    /// Ends the session of `token`: `Invalid` if there was none. This worker refuses it from
+    /// now on, even when Redis cannot be reached (then `Unavailable`: the client must retry for
     /// the other workers' sake).
     pub async fn revoke(&self, token: &str) -> Result<(), SessionError> {
         let store = self.store()?;
         let digest = digest(token);
-        self.verified.invalidate(&digest).await;
+        self.known.insert(digest, Known::Revoked).await;
         match store.delete(&session_key(&digest)).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(SessionError::Invalid),

@@ -14,7 +14,8 @@ use bytes::Bytes;
 use super::redis_tier::{ensure_probe, trip, RedisTier, Request};
 use super::{unavailable_reason, CacheError, Inner, RedisStatus};
 
-/// A Lua script for [`DurableStore::eval`]: its source and its SHA-1, computed once.
+/// A Lua script for [`DurableStore::eval`] and [`super::Cache::set_checked`]: its source and
+/// its SHA-1, computed once.
 pub struct Script {
     source: &'static str,
     sha1: redis::Script,
@@ -23,6 +24,24 @@ pub struct Script {
 impl Script {
     pub fn new(source: &'static str) -> Script {
         Script { source, sha1: redis::Script::new(source) }
+    }
+
+    /// Runs it by its SHA-1 (`EVALSHA`), loading it with `EVAL` when this Redis has not seen it
+    /// yet (a fresh or restarted server). `invoke(verb, body)` builds the command; `run` sends it.
+    pub(super) async fn run<T, F>(
+        &self,
+        invoke: impl Fn(&str, &str) -> redis::Cmd,
+        run: impl Fn(redis::Cmd) -> F,
+    ) -> Result<T, CacheError>
+    where
+        F: std::future::Future<Output = Result<T, CacheError>>,
+    {
+        match run(invoke("EVALSHA", self.sha1.get_hash())).await {
+            Err(CacheError::Redis(err)) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                run(invoke("EVAL", self.source)).await
+            }
+            other => other,
+        }
     }
 }
 
@@ -130,12 +149,7 @@ impl DurableStore {
         invoke: impl Fn(&str, &str) -> redis::Cmd,
         script: &Script,
     ) -> Result<T, CacheError> {
-        match self.run(invoke("EVALSHA", script.sha1.get_hash())).await {
-            Err(CacheError::Redis(err)) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                self.run(invoke("EVAL", script.source)).await
-            }
-            other => other,
-        }
+        script.run(invoke, |cmd| async move { self.run(cmd).await }).await
     }
 
     /// `HDEL key field`.

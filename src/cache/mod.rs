@@ -48,6 +48,13 @@
 //! | `MASTERDOWN`, `CLUSTERDOWN`, `TRYAGAIN`, `NOREPLICAS` | not now            | same                                              | same                           |
 //! | any other error (`WRONGTYPE`, `ERR ...`)     | this command is refused    | read: answered from memory; write: refused (503), memory copy dropped | the error (503) |
 //!
+//! The HTTP API's session check ([`crate::sessions`]) is a durable round trip, and its quota
+//! check is made by Redis in the write's own round trip ([`Cache::set_checked`]); both have the
+//! same fitted deadline, and one that runs out opens the breaker like any other. The session is
+//! then answered from the worker's memory of the sessions it verified (a remembered one works,
+//! an unknown token is 503 + `Retry-After`), and a write whose quota could not be checked takes
+//! the outage path below (memory and replay, 507 when full), its quota unchecked.
+//!
 //! So a write Redis did not take is never acknowledged as stored in Redis: it
 //! is kept in memory (`x-cache-tier: memory`), read back from there while the
 //! breaker is open, and replayed when Redis takes writes again; a replayed
@@ -301,6 +308,28 @@ impl Serialize for RedisStatus {
     }
 }
 
+/// A condition Redis checks in the same round trip as a write (the HTTP API's per-user quota),
+/// for [`Cache::set_checked`]: a Lua script that gets `keys` and then the value's Redis key as
+/// KEYS, `field`, `args`, the value and its lifetime in milliseconds as ARGV, and either writes
+/// the value itself (`SET KEYS[#KEYS] value PX ms`) and returns 0, or writes nothing and returns
+/// another number.
+pub struct WriteCheck<'a> {
+    pub script: &'a Script,
+    pub keys: &'a [String],
+    pub field: &'a str,
+    pub args: &'a [i64],
+}
+
+/// What [`Cache::set_checked`] did with a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checked {
+    /// Stored in this tier: Redis after the check passed, or memory (held for replay) with the
+    /// check not made because Redis was away or late.
+    Stored(Tier),
+    /// The check refused it with this code; nothing was written anywhere.
+    Refused(i64),
+}
+
 /// Which tier answered an operation (exposed as `x-cache-tier` by the HTTP API).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tier {
@@ -424,6 +453,52 @@ impl Cache {
         self.write(key, Pending::Set(entry)).await
     }
 
+    /// Like [`set_with_tier`](Self::set_with_tier), with `check` run by Redis in the same round
+    /// trip, atomically: a write costs one round trip, not one for the check and one for the
+    /// write. While Redis is away, or when it does not answer within the fitted deadline (which
+    /// opens the breaker), the check is not made and the write takes the outage path (memory,
+    /// held for replay; [`CacheError::ReplayFull`] when that budget is spent). A refused write
+    /// leaves both tiers as they were.
+    pub async fn set_checked(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+        check: &WriteCheck<'_>,
+    ) -> Result<Checked, CacheError> {
+        let ttl = ttl.max(Duration::from_millis(1));
+        if let Some(redis) = &self.inner.redis {
+            if !redis.is_up() {
+                redis.wait_for_replay().await;
+            }
+            if redis.is_up() {
+                let mut keys = check.keys.to_vec();
+                keys.push(redis_tier::redis_key(key));
+                let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+                let invoke = |verb: &str, body: &str| {
+                    let mut cmd = redis::cmd(verb);
+                    cmd.arg(body).arg(keys.len()).arg(&keys).arg(check.field).arg(check.args);
+                    cmd.arg(value.as_ref()).arg(ms);
+                    cmd
+                };
+                let result: Result<i64, CacheError> =
+                    check.script.run(invoke, |cmd| async move { redis.query(Request::Cmd(&cmd)).await }).await;
+                match result {
+                    Ok(0) => {
+                        memory::insert(&self.inner.memory, key.to_string(), Entry::new(value, Some(ttl))).await;
+                        metrics::count(Event::CacheWriteRedis);
+                        return Ok(Checked::Stored(Tier::Redis));
+                    }
+                    Ok(code) => return Ok(Checked::Refused(code)),
+                    Err(err) if err.is_outage() => trip(&self.inner, redis, &err),
+                    Err(err) => return Err(self.refused_write(key, err).await),
+                }
+            }
+        }
+        // Away or late: unchecked, like every write of an outage.
+        self.set_with_tier(key, value, Some(ttl)).await.map(Checked::Stored)
+    }
+
     /// Removes a key from both tiers.
     pub async fn delete(&self, key: &str) -> Result<(), CacheError> {
         self.delete_with_tier(key).await.map(|_| ())
@@ -464,14 +539,7 @@ impl Cache {
                 match redis.query::<()>(Request::Cmd(&cmd)).await {
                     Ok(()) => return Ok(Tier::Redis),
                     Err(err) if err.is_outage() => trip(&self.inner, redis, &err),
-                    Err(err) => {
-                        // Redis refused this one command and will refuse it again: the
-                        // write is not stored anywhere, and the caller is told so.
-                        metrics::count(Event::CacheRedisRefused);
-                        debug!(key, error = %err, "redis refused a cache write");
-                        self.inner.memory.invalidate(key).await;
-                        return Err(err);
-                    }
+                    Err(err) => return Err(self.refused_write(key, err).await),
                 }
             } else {
                 ensure_probe(&self.inner, &mut redis.lock());
@@ -487,6 +555,15 @@ impl Cache {
             }
         }
         Ok(Tier::Memory)
+    }
+
+    /// Redis refused this one write and will refuse it again: it is stored nowhere (the memory
+    /// copy goes too), and the caller is told so.
+    async fn refused_write(&self, key: &str, err: CacheError) -> CacheError {
+        metrics::count(Event::CacheRedisRefused);
+        debug!(key, error = %err, "redis refused a cache write");
+        self.inner.memory.invalidate(key).await;
+        err
     }
 
     /// The write to retry, rebuilt from memory (`remember` consumed the original).

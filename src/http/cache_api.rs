@@ -19,6 +19,13 @@
 //! crafted (`../bob/k`, `%2F`, anything), can reach another user's namespace: the username
 //! comes from the session, never from the request.
 //!
+//! # Round trips
+//! A session this worker verified lately is trusted without asking Redis
+//! (`HERDSMAN_SESSION_RECHECK`, [`crate::sessions`]), and a `PUT`'s quota check is made by Redis
+//! in the write's own round trip: a `GET`, `PUT` or `DELETE` costs the cache's round trip (a
+//! `DELETE` one more to release its quota entry), so a slow Redis slows it once, not two or
+//! three times.
+//!
 //! # Limits
 //! Per-user quotas of keys and bytes ([`super::quota`]) are `403` naming the quota. While Redis
 //! is away, a write this worker cannot hold for replay is `507 Insufficient Storage` with
@@ -172,12 +179,10 @@ async fn put_value(
         // 413 for an oversized body, 400 for one that could not be read.
         Err(rejection) => return error(rejection.status(), rejection.body_text()),
     };
-    if let Err(err) = state.quotas.reserve(&username, &key, value.len(), ttl).await {
-        return err.into_response();
-    }
-    match state.cache.set_with_tier(&cache_key, value, Some(ttl)).await {
-        Ok(tier) => with_tier(StatusCode::NO_CONTENT.into_response(), tier),
-        Err(err) => cache_error(err),
+    match state.quotas.store(&state.cache, (&username, &key), &cache_key, value, ttl).await {
+        Ok(Ok(tier)) => with_tier(StatusCode::NO_CONTENT.into_response(), tier),
+        Ok(Err(err)) => cache_error(err),
+        Err(refused) => refused.into_response(),
     }
 }
 
