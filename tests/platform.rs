@@ -1,7 +1,9 @@
 //! Platform detection on the real binary: the environment a platform sets goes in, `herdsman
 //! check` shows the platform and the source of every value; an explicit setting beats the fitted
-//! one and is warned about once; and Cloud Run's stop contract (SIGTERM, SIGKILL 10 s later)
-//! loses no in-flight request shorter than the fitted grace period.
+//! one and is warned about once; and each platform's stop contract (SIGTERM, then SIGKILL: Cloud
+//! Run 10 s later, Heroku 30 s, Fly 5 s, Railway its draining seconds) run end to end: no
+//! in-flight request shorter than the grace period is lost, a longer one is cut at the grace
+//! period, and the master exits 0 before the kill.
 
 mod support;
 
@@ -93,36 +95,133 @@ fn an_explicit_grace_period_beats_the_platform_and_is_warned_about_once() {
     assert_eq!(server.count_logs("GRACEFUL_TIMEOUT=20 is not below the 10 s cloudrun"), 1, "{:?}", server.logs());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cloud_run_stop_contract_loses_no_request_shorter_than_the_fitted_grace() {
-    let mut server = start(&[("K_SERVICE", "api"), ("WEB_CONCURRENCY", "2")]);
+/// What a platform does when it stops an instance: the environment it runs herdsman with, the
+/// grace period herdsman fits to it, and how long after SIGTERM it SIGKILLs what is left.
+struct StopContract {
+    env: &'static [(&'static str, &'static str)],
+    /// The `GRACEFUL_TIMEOUT` in force on this platform (fitted or herdsman's default).
+    grace: Duration,
+    kill_after: Duration,
+    /// How long the in-flight requests that must all be answered take: shorter than `grace`.
+    in_flight: Duration,
+}
+
+/// Runs a platform's stop against the real binary: three requests of `in_flight` and one longer
+/// than the platform waits are running when SIGTERM comes, and a stand-in for the platform
+/// SIGKILLs the master and its workers `kill_after` later if they are still there. The three are
+/// answered 200, the long one is cut at the grace period (not by the SIGKILL), and the master
+/// exits 0 before the kill. The stand-in stops waiting once the master is gone, so a run takes
+/// about `grace`, not `kill_after`.
+async fn platform_stop_loses_no_request_shorter_than_the_grace(platform: StopContract) {
+    let StopContract { env, grace, kill_after, in_flight } = platform;
+    assert!(in_flight < grace && grace < kill_after, "not a stop contract: {in_flight:?}, {grace:?}, {kill_after:?}");
+    let mut server = start(&[env, &[("WEB_CONCURRENCY", "2")]].concat());
     server.wait_for_nth_log("ready in", 2, Duration::from_secs(10));
+    // The running master has the grace period `check` shows for this platform.
+    assert_eq!(server.count_logs(&format!("graceful timeout {}s", grace.as_secs_f64())), 1, "{:?}", server.logs());
     let master = server.pid();
     let workers = server.workers();
     let client = reqwest::Client::new();
-    // 5 s: well inside the fitted 8 s, and past herdsman's 1 s close of idle connections.
-    let in_flight: Vec<_> =
-        (0..3).map(|_| tokio::spawn(client.get(server.url("/__test/sleep?ms=5000")).send())).collect();
+    let request = |length: Duration| {
+        let sent = client.get(server.url(&format!("/__test/sleep?ms={}", length.as_millis()))).send();
+        tokio::spawn(async move {
+            let outcome = match sent.await {
+                Ok(response) => Ok((response.status(), response.text().await)),
+                Err(error) => Err(error),
+            };
+            (outcome, Instant::now())
+        })
+    };
+    let answered: Vec<_> = (0..3).map(|_| request(in_flight)).collect();
+    let cut = request(kill_after + Duration::from_secs(5));
     tokio::time::sleep(Duration::from_millis(400)).await;
 
-    // Cloud Run: SIGTERM, then SIGKILL to whatever is left 10 s later.
     let sent_term = Instant::now();
     server.signal(Signal::SIGTERM);
+    let (master_exited, platform_waits) = std::sync::mpsc::channel::<()>();
     let platform = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(10));
-        for pid in std::iter::once(master).chain(workers) {
-            let _ = kill(pid, Signal::SIGKILL);
+        if platform_waits.recv_timeout(kill_after.saturating_sub(sent_term.elapsed())).is_err() {
+            for pid in std::iter::once(master).chain(workers) {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
         }
     });
 
-    for request in in_flight {
-        let response = request.await.unwrap().expect("an in-flight request was lost");
-        assert_eq!(response.status(), 200);
-        assert_eq!(response.text().await.unwrap(), "slept");
+    for request in answered {
+        let (outcome, _) = request.await.expect("request task");
+        let (status, body) = outcome.expect("an in-flight request shorter than the grace period was lost");
+        assert_eq!(status, 200);
+        assert_eq!(body.expect("its body").as_str(), "slept");
     }
-    let status = server.wait_exit(Duration::from_secs(15));
+    let (outcome, cut_at) = cut.await.expect("request task");
+    let cut_after = cut_at.duration_since(sent_term);
+    match outcome {
+        Ok((status, Err(_))) if status == 200 => {} // headers came, the body was cut
+        Ok((status, body)) => panic!("the request longer than the grace period was answered {status}: {body:?}"),
+        Err(_) => {}
+    }
+    assert!(
+        cut_after >= grace && cut_after < kill_after,
+        "the long request was cut {cut_after:?} after SIGTERM: not at the {grace:?} grace period, before the {kill_after:?} kill"
+    );
+    let status = server.wait_exit(kill_after + Duration::from_secs(5));
     let exited_after = sent_term.elapsed();
+    let _ = master_exited.send(());
+    platform.join().expect("the platform's thread");
     assert_eq!(status.code(), Some(0), "killed instead of exiting on its own: {status:?}");
-    assert!(exited_after < Duration::from_secs(10), "exited {exited_after:?} after SIGTERM, past the SIGKILL");
-    platform.join().unwrap();
+    assert!(exited_after < kill_after, "exited {exited_after:?} after SIGTERM, past the {kill_after:?} SIGKILL");
+}
+
+/// Cloud Run: SIGKILL 10 s after SIGTERM, fixed; herdsman fits 8 s.
+const CLOUD_RUN: StopContract = StopContract {
+    env: &[("K_SERVICE", "api")],
+    grace: Duration::from_secs(8),
+    kill_after: Duration::from_secs(10),
+    in_flight: Duration::from_secs(7),
+};
+
+/// Heroku: SIGKILL 30 s after SIGTERM, fixed; herdsman's 25 s default stands. The longest run
+/// here (25 s): a request longer than the grace period has to run into it.
+const HEROKU: StopContract = StopContract {
+    env: &[("DYNO", "web.1")],
+    grace: Duration::from_secs(25),
+    kill_after: Duration::from_secs(30),
+    in_flight: Duration::from_secs(24),
+};
+
+/// Fly: SIGKILL 5 s after SIGTERM unless fly.toml raises `kill_timeout`; herdsman fits 4 s.
+const FLY: StopContract = StopContract {
+    env: &[("FLY_APP_NAME", "herdsman"), ("FLY_REGION", "ams")],
+    grace: Duration::from_secs(4),
+    kill_after: Duration::from_secs(5),
+    in_flight: Duration::from_secs(3),
+};
+
+/// Railway: SIGKILL `RAILWAY_DEPLOYMENT_DRAINING_SECONDS` after SIGTERM (5 s, the shortest a
+/// service that drains would set); herdsman fits 80 % of it.
+const RAILWAY: StopContract = StopContract {
+    env: &[("RAILWAY_PROJECT_ID", "p"), ("RAILWAY_DEPLOYMENT_DRAINING_SECONDS", "5")],
+    grace: Duration::from_secs(4),
+    kill_after: Duration::from_secs(5),
+    in_flight: Duration::from_secs(3),
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_run_stop_contract() {
+    platform_stop_loses_no_request_shorter_than_the_grace(CLOUD_RUN).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heroku_stop_contract() {
+    platform_stop_loses_no_request_shorter_than_the_grace(HEROKU).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fly_stop_contract() {
+    platform_stop_loses_no_request_shorter_than_the_grace(FLY).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn railway_stop_contract() {
+    platform_stop_loses_no_request_shorter_than_the_grace(RAILWAY).await;
 }
