@@ -9,7 +9,7 @@ use std::path::Path;
 #[test]
 #[cfg_attr(
     not(feature = "test-hooks"),
-    ignore = "cargo skipped the http, supervision, warmup, platform, long_lived, h2c suites: they need `--features test-hooks`"
+    ignore = "cargo skipped the http, supervision, warmup, platform, long_lived, h2c, memory_recycle suites: they need `--features test-hooks`"
 )]
 fn suites_that_need_test_hooks() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
