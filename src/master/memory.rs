@@ -56,9 +56,22 @@ pub fn own_memory(pid: i32) -> Option<(u64, Measure)> {
     if let Some(pss) = std::fs::read_to_string(proc.join("smaps_rollup")).ok().as_deref().and_then(pss_bytes) {
         return Some((pss, Measure::Pss));
     }
-    let statm = std::fs::read_to_string(proc.join("statm")).ok()?;
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
-    Some((anonymous_pages(&statm)? * page as u64, Measure::AnonymousRss))
+    let (resident, shared) = statm_bytes(pid)?;
+    Some((resident.saturating_sub(shared), Measure::AnonymousRss))
+}
+
+/// A process's resident memory (RSS), from `/proc/PID/statm`: a few microseconds whatever its
+/// size, so it is read first and bounds the PSS from above. `None` when the process is gone.
+pub fn resident_bytes(pid: i32) -> Option<u64> {
+    statm_bytes(pid).map(|(resident, _)| resident)
+}
+
+/// Resident and shared (file-backed and shmem) memory of `/proc/PID/statm`, in bytes.
+fn statm_bytes(pid: i32) -> Option<(u64, u64)> {
+    let statm = std::fs::read_to_string(std::path::Path::new("/proc").join(pid.to_string()).join("statm")).ok()?;
+    let (resident, shared) = statm_pages(&statm)?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()?? as u64;
+    Some((resident * page, shared * page))
 }
 
 /// The `Pss:` line of `smaps_rollup`, in bytes (the file gives kB).
@@ -67,11 +80,10 @@ fn pss_bytes(smaps_rollup: &str) -> Option<u64> {
     kib.parse::<u64>().ok().map(|kib| kib << 10)
 }
 
-/// Resident minus shared (file-backed and shmem) pages of `statm`: size, resident, shared, ...
-fn anonymous_pages(statm: &str) -> Option<u64> {
+/// The resident and shared pages of `statm`: size, resident, shared, ...
+fn statm_pages(statm: &str) -> Option<(u64, u64)> {
     let mut fields = statm.split_whitespace().skip(1).map(|field| field.parse::<u64>().ok());
-    let (resident, shared) = (fields.next()??, fields.next()??);
-    Some(resident.saturating_sub(shared))
+    Some((fields.next()??, fields.next()??))
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -134,7 +146,7 @@ impl Master {
         });
         // RSS bounds PSS from above: only a worker whose RSS passes the line costs a walk.
         let worst = candidates
-            .filter(|(pid, _)| crate::operator::rss_bytes(pid.as_raw()).is_some_and(|rss| rss > limit))
+            .filter(|(pid, _)| resident_bytes(pid.as_raw()).is_some_and(|rss| rss > limit))
             .filter_map(|(&pid, _)| Some((pid, own_memory(pid.as_raw())?)))
             .filter(|(_, (own, _))| *own > limit)
             .max_by_key(|(_, (own, _))| *own);
@@ -161,8 +173,8 @@ mod tests {
         let rollup = "55d0-7ffc ---p 00000000 00:00 0  [rollup]\nRss:  1692 kB\nPss:  274 kB\nPss_Dirty: 108 kB\n";
         assert_eq!(pss_bytes(rollup), Some(274 << 10));
         assert_eq!(pss_bytes("Rss: 12 kB\n"), None);
-        assert_eq!(anonymous_pages("765 410 382 5 0 123 0\n"), Some(28));
-        assert_eq!(anonymous_pages("765"), None);
+        assert_eq!(statm_pages("765 410 382 5 0 123 0\n"), Some((410, 382)));
+        assert_eq!(statm_pages("765"), None);
     }
 
     #[test]

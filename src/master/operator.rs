@@ -80,7 +80,7 @@ impl Master {
                     requests_served: counts.map(|(served, _)| served),
                     in_flight: counts.map(|(_, in_flight)| in_flight),
                     heartbeat_age_seconds: now.saturating_duration_since(w.last_heartbeat).as_secs_f64(),
-                    rss_bytes: operator::rss_bytes(pid.as_raw()),
+                    rss_bytes: super::memory::resident_bytes(pid.as_raw()),
                     own_memory_bytes: super::memory::own_memory(pid.as_raw()).map(|(bytes, _)| bytes),
                 }
             })
