@@ -583,35 +583,36 @@ fn pick<'a>(
     var: &str,
     fits: &'a HashMap<&'static str, Fit>,
 ) -> (Option<Raw<'a>>, Source) {
-    match (flag, env, fits.get(var)) {
-        (Some(value), _, _) => (Some(Raw { source_name: format!("--{flag_name}"), value }), Source::Flag),
-        (None, Some(value), _) => (Some(Raw { source_name: var.to_string(), value }), Source::Environment),
-        (None, None, Some(fit)) => (
-            Some(Raw { source_name: format!("{var} (fitted to the platform)"), value: &fit.value }),
-            Source::Platform(fit.why.clone()),
-        ),
-        (None, None, None) => (None, Source::Default),
+    let (value, source) = match (flag, env, fits.get(var)) {
+        (Some(value), _, _) => (value, Source::Flag),
+        (None, Some(value), _) => (value, Source::Environment),
+        (None, None, Some(fit)) => (&fit.value, Source::Platform(fit.why.clone())),
+        (None, None, None) => return (None, Source::Default),
+    };
+    (Some(Raw { source_name: source_name(var, flag_name, &source), value }), source)
+}
+
+/// How an error names a setting's value by where it came from: `--flag`, `VAR`, or
+/// `VAR (fitted to the platform)`.
+fn source_name(var: &str, flag: &str, source: &Source) -> String {
+    match source {
+        Source::Flag => format!("--{flag}"),
+        Source::Platform(_) => format!("{var} (fitted to the platform)"),
+        Source::Environment | Source::Default => var.to_string(),
     }
 }
 
 /// Which of `vars` a cross-setting error names, and how: the first one given as a flag or a
-/// variable, else the first one fitted to the platform, else the first; as `--flag`, `VAR` or
-/// `VAR (fitted to the platform)`, the names [`pick`] gives a parse error.
+/// variable, else the first one fitted to the platform, else the first; named by
+/// [`source_name`], as [`pick`] names a parse error's culprit.
 fn blame(sources: &[(&'static str, Source)], vars: &[&'static str]) -> (&'static str, String) {
     let source = |var: &str| sources.iter().find(|(name, _)| *name == var).map(|(_, source)| source);
     let given = |var: &&str| matches!(source(var), Some(Source::Flag | Source::Environment));
     let fitted = |var: &&str| matches!(source(var), Some(Source::Platform(_)));
     let first = vars.first().copied().unwrap_or("setting");
     let var = vars.iter().copied().find(given).or_else(|| vars.iter().copied().find(fitted)).unwrap_or(first);
-    let name = match source(var) {
-        Some(Source::Flag) => match FLAG_NAMES.iter().find(|(name, _)| *name == var) {
-            Some((_, flag)) => format!("--{flag}"),
-            None => var.to_string(),
-        },
-        Some(Source::Platform(_)) => format!("{var} (fitted to the platform)"),
-        _ => var.to_string(),
-    };
-    (var, name)
+    let flag = FLAG_NAMES.iter().find(|(name, _)| *name == var).map_or(var, |(_, flag)| *flag);
+    (var, source_name(var, flag, source(var).unwrap_or(&Source::Default)))
 }
 
 /// Where a setting's value came from, as `herdsman check` shows it.
