@@ -48,8 +48,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap};
-use moka::future::Cache as MemoryCache;
-use moka::ops::compute::Op;
+use quick_cache::sync::{Cache as MemoryCache, EntryAction, EntryResult};
 use sha2::{Digest, Sha256};
 
 use crate::cache::{CacheError, DurableStore};
@@ -65,7 +64,7 @@ pub const SESSION_PREFIX: &str = "herdsman:session:";
 pub const OUTAGE_GRACE: Duration = crate::config::MAX_SESSION_RECHECK;
 
 /// Sessions (and revoked tokens) a worker remembers (about 100 bytes each).
-pub const VERIFIED_CAPACITY: u64 = 10_000;
+pub const VERIFIED_CAPACITY: usize = 10_000;
 
 /// With `HERDSMAN_SESSION_RECHECK=0` every request asks Redis, and the remembered session is
 /// refreshed at most this often: an insert costs more than a read, and a busy session is
@@ -127,6 +126,13 @@ enum Known {
     Revoked,
 }
 
+/// What a worker remembers of a digest, and since when: forgotten [`OUTAGE_GRACE`] after.
+#[derive(Clone)]
+struct Remembered {
+    known: Known,
+    since: Instant,
+}
+
 #[derive(Clone)]
 struct Verified {
     username: Arc<str>,
@@ -143,6 +149,10 @@ impl Verified {
     }
 }
 
+fn is_recent(remembered: &Remembered, now: Instant) -> bool {
+    now.saturating_duration_since(remembered.since) < OUTAGE_GRACE
+}
+
 /// The session store of one worker. Cheap to clone: every clone shares the same state.
 #[derive(Clone)]
 pub struct Sessions {
@@ -151,7 +161,7 @@ pub struct Sessions {
     /// How long a session verified in Redis is trusted without asking again.
     recheck: Duration,
     /// Digests verified in Redis lately, or logged out here (see the module doc).
-    known: MemoryCache<[u8; 32], Known>,
+    known: Arc<MemoryCache<[u8; 32], Remembered>>,
 }
 
 impl fmt::Debug for Sessions {
@@ -164,7 +174,7 @@ impl Sessions {
     /// `store` is `None` without `REDIS_URL`; `ttl` is `HERDSMAN_SESSION_TTL`. The local trust
     /// is `HERDSMAN_SESSION_RECHECK`'s default until [`with_recheck`](Self::with_recheck).
     pub fn new(store: Option<DurableStore>, ttl: Duration) -> Sessions {
-        let known = MemoryCache::builder().max_capacity(VERIFIED_CAPACITY).time_to_live(OUTAGE_GRACE).build();
+        let known = Arc::new(MemoryCache::new(VERIFIED_CAPACITY));
         Sessions { store, ttl, recheck: crate::config::Config::default().session_recheck, known }
     }
 
@@ -192,7 +202,7 @@ impl Sessions {
         let token = new_token();
         let digest = digest(&token.0);
         store.set_ex(&session_key(&digest), username.as_bytes(), self.ttl).await?;
-        self.remember(digest, username.into(), self.ttl).await;
+        self.remember(digest, username.into(), self.ttl);
         Ok(token)
     }
 
@@ -210,7 +220,7 @@ impl Sessions {
         let store = self.store()?;
         let digest = digest(token);
         let now = Instant::now();
-        let known = self.known.get(&digest).await;
+        let known = self.recall(&digest, now);
         match &known {
             Some(Known::Revoked) => return Err(SessionError::Invalid),
             Some(Known::Verified(verified)) if verified.expires_at > now => {
@@ -262,12 +272,12 @@ impl Sessions {
                     Known::Revoked => false,
                 };
                 if !seen.is_some_and(fresh) {
-                    self.remember(digest, username.clone(), expires_in).await;
+                    self.remember(digest, username.clone(), expires_in);
                 }
                 Ok(Ok(Session { username, expires_in }))
             }
             None => {
-                self.forget_unless_revoked(digest).await;
+                self.forget_unless_revoked(digest);
                 Ok(Err(SessionError::Invalid))
             }
         }
@@ -294,38 +304,38 @@ impl Sessions {
         });
     }
 
+    /// What this worker remembers of `digest`, unless it was noted [`OUTAGE_GRACE`] ago or more.
+    fn recall(&self, digest: &[u8; 32], now: Instant) -> Option<Known> {
+        self.known.get(digest).filter(|remembered| is_recent(remembered, now)).map(|remembered| remembered.known)
+    }
+
     /// Notes a session Redis just vouched for, unless the token was logged out here meanwhile.
-    async fn remember(&self, digest: [u8; 32], username: Arc<str>, expires_in: Duration) {
+    fn remember(&self, digest: [u8; 32], username: Arc<str>, expires_in: Duration) {
         let now = Instant::now();
-        self.known
-            .entry(digest)
-            .and_compute_with(|current| {
-                let op = match current.as_ref().map(|entry| entry.value()) {
-                    Some(Known::Revoked) => Op::Nop,
-                    _ => Op::Put(Known::Verified(Verified {
-                        username,
-                        expires_at: now + expires_in,
-                        checked_at: now,
-                        rechecking: Arc::default(),
-                    })),
-                };
-                std::future::ready(op)
-            })
-            .await;
+        let verified = Remembered {
+            known: Known::Verified(Verified {
+                username,
+                expires_at: now + expires_in,
+                checked_at: now,
+                rechecking: Arc::default(),
+            }),
+            since: now,
+        };
+        // Look and write under the one lock: a logout here between the two must win.
+        let vacant = self.known.entry(&digest, None, |_, current| {
+            if !(matches!(current.known, Known::Revoked) && is_recent(current, now)) {
+                *current = verified.clone();
+            }
+            EntryAction::Retain(())
+        });
+        if let EntryResult::Vacant(slot) = vacant {
+            let _ = slot.insert(verified);
+        }
     }
 
     /// Forgets a session Redis no longer has; a revoked mark stays.
-    async fn forget_unless_revoked(&self, digest: [u8; 32]) {
-        self.known
-            .entry(digest)
-            .and_compute_with(|current| {
-                let op = match current.as_ref().map(|entry| entry.value()) {
-                    Some(Known::Verified(_)) => Op::Remove,
-                    _ => Op::Nop,
-                };
-                std::future::ready(op)
-            })
-            .await;
+    fn forget_unless_revoked(&self, digest: [u8; 32]) {
+        self.known.remove_if(&digest, |remembered| matches!(remembered.known, Known::Verified(_)));
     }
 
     /// Ends the session of `token`: `Invalid` if there was none. This worker refuses it from
@@ -334,7 +344,7 @@ impl Sessions {
     pub async fn revoke(&self, token: &str) -> Result<(), SessionError> {
         let store = self.store()?;
         let digest = digest(token);
-        self.known.insert(digest, Known::Revoked).await;
+        self.known.insert(digest, Remembered { known: Known::Revoked, since: Instant::now() });
         match store.delete(&session_key(&digest)).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(SessionError::Invalid),
@@ -385,6 +395,27 @@ fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+
+    #[test]
+    fn a_check_in_flight_does_not_bring_back_a_token_logged_out_here() {
+        let sessions = Sessions::new(None, Duration::from_secs(60));
+        let digest = digest("token");
+        sessions.known.insert(digest, Remembered { known: Known::Revoked, since: Instant::now() });
+        // Redis vouched for it just before the logout reached it: the logout wins.
+        sessions.remember(digest, "alice".into(), Duration::from_secs(60));
+        assert!(matches!(sessions.recall(&digest, Instant::now()), Some(Known::Revoked)));
+        sessions.forget_unless_revoked(digest);
+        assert!(matches!(sessions.recall(&digest, Instant::now()), Some(Known::Revoked)));
+
+        // A mark older than OUTAGE_GRACE is forgotten, and what Redis says next is kept.
+        let Some(long_ago) = Instant::now().checked_sub(OUTAGE_GRACE) else { return };
+        sessions.known.insert(digest, Remembered { known: Known::Revoked, since: long_ago });
+        assert!(sessions.recall(&digest, Instant::now()).is_none());
+        sessions.remember(digest, "alice".into(), Duration::from_secs(60));
+        assert!(matches!(sessions.recall(&digest, Instant::now()), Some(Known::Verified(_))));
+        sessions.forget_unless_revoked(digest);
+        assert!(sessions.recall(&digest, Instant::now()).is_none());
+    }
 
     fn with_authorization(value: &[u8]) -> HeaderMap {
         let mut headers = HeaderMap::new();

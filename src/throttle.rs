@@ -10,16 +10,18 @@
 //! through. An attempt refused by one bucket takes nothing from the others.
 //!
 //! # During a Redis outage
-//! Each worker falls back to buckets of its own in memory: a moka cache of at most
-//! [`FALLBACK_CAPACITY`] buckets, each forgotten after a minute unused (when it would be full
-//! again anyway), so an attacker rotating addresses or names cannot grow it without bound; past
-//! the capacity the least used buckets are evicted. The limits then hold per worker instead of
-//! per deployment. (Logins need Redis for the user record anyway.)
+//! Each worker falls back to buckets of its own in memory: a bounded cache ([quick_cache]) of at
+//! most [`FALLBACK_CAPACITY`] buckets, so an attacker rotating addresses or names cannot grow it
+//! without bound. Past the capacity, buckets made and never used again go first (S3-FIFO): a
+//! flood of new names cannot push out the bucket of an account under attack, which its
+//! attempts keep using. (A bucket forgotten is a full one, which is what an unused bucket
+//! refills to within [`WINDOW`] anyway.) The limits then hold per worker instead of per
+//! deployment. (Logins need Redis for the user record anyway.)
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use moka::future::Cache as MemoryCache;
+use quick_cache::sync::Cache as MemoryCache;
 use sha2::{Digest, Sha256};
 
 use crate::cache::{DurableStore, Script};
@@ -28,7 +30,7 @@ use crate::cache::{DurableStore, Script};
 pub const WINDOW: Duration = Duration::from_secs(60);
 
 /// Buckets a worker keeps in memory during an outage (about 200 bytes each).
-pub const FALLBACK_CAPACITY: u64 = 50_000;
+pub const FALLBACK_CAPACITY: usize = 50_000;
 
 /// Redis key prefix of the buckets.
 pub const THROTTLE_PREFIX: &str = "herdsman:throttle:";
@@ -104,13 +106,13 @@ struct Fill {
 pub struct Throttle {
     store: Option<DurableStore>,
     script: Arc<Script>,
-    fallback: MemoryCache<String, Arc<Mutex<Fill>>>,
+    fallback: Arc<MemoryCache<String, Arc<Mutex<Fill>>>>,
 }
 
 impl Throttle {
     /// `store` is `None` without `REDIS_URL` (memory buckets only).
     pub fn new(store: Option<DurableStore>) -> Throttle {
-        let fallback = MemoryCache::builder().max_capacity(FALLBACK_CAPACITY).time_to_idle(WINDOW).build();
+        let fallback = Arc::new(MemoryCache::new(FALLBACK_CAPACITY));
         Throttle { store, script: Arc::new(Script::new(TAKE_SCRIPT)), fallback }
     }
 
@@ -136,10 +138,10 @@ impl Throttle {
         let mut fills = Vec::with_capacity(buckets.len());
         for bucket in buckets {
             let capacity = f64::from(bucket.per_window);
-            let fill = self
-                .fallback
-                .get_with(bucket.key.clone(), async { Arc::new(Mutex::new(Fill { tokens: capacity, at: now })) })
-                .await;
+            let fill = self.fallback.get_or_insert_with(&bucket.key, || {
+                Ok::<_, std::convert::Infallible>(Arc::new(Mutex::new(Fill { tokens: capacity, at: now })))
+            });
+            let Ok(fill) = fill;
             fills.push((fill, capacity));
         }
         // Each bucket's own lock, in the order given; attempts list their buckets in one order.

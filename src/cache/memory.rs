@@ -1,47 +1,87 @@
-//! The memory tier: a bounded moka cache whose entries each keep their own deadline, so a
+//! The memory tier: a bounded cache of byte-weighted entries, each with its own deadline, so a
 //! per-key TTL holds in memory as it does in Redis.
+//!
+//! [quick_cache] keeps the byte budget on every insert (it evicts before it admits), where an
+//! eviction that runs later lets a flood of large values overshoot it. Its policy is S3-FIFO:
+//! a new key is always admitted (a client told its value was stored can read it back), and a
+//! scan of keys read once cannot push out the keys read again. An expired entry is never
+//! returned ([`Entry::is_live`]); it keeps its weight until the policy evicts it, so the
+//! budget bounds expired and live entries together.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use moka::future::Cache as MemoryCache;
-use moka::policy::EvictionPolicy;
-use moka::Expiry;
+use quick_cache::sync::Cache;
+use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
 
-/// What an entry costs besides its key and value bytes (moka's node, the `Bytes` header, the
-/// `String`): an estimate, so that a flood of tiny values is bounded too.
+/// What an entry costs besides its key and value bytes (the cache's slot, the `Bytes` header,
+/// the `String`): an estimate, so that a flood of tiny values is bounded too.
 pub(super) const ENTRY_OVERHEAD_BYTES: usize = 128;
 
-/// The memory tier, holding at most `capacity_bytes` of keys, values and overhead.
-pub(super) fn new_memory(capacity_bytes: u64) -> MemoryCache<String, Entry> {
-    MemoryCache::builder()
-        // LRU, not moka's default TinyLFU: TinyLFU may refuse a new key outright when the cache
-        // is full, and a client told its value was stored must be able to read it back.
-        .eviction_policy(EvictionPolicy::lru())
-        .max_capacity(capacity_bytes)
-        .weigher(|key: &String, entry: &Entry| weight(key, entry.value.len()))
-        .expire_after(EntryExpiry)
-        .build()
+/// The memory tier of one worker, holding at most its capacity in bytes of keys, values and
+/// overhead.
+pub(super) struct MemoryTier {
+    entries: Cache<String, Entry, ByBytes>,
 }
 
-/// Values at least this large make the insert evict at once (see [`insert`]).
-const EVICT_NOW_BYTES: usize = 16 << 10;
+impl MemoryTier {
+    pub(super) fn new(capacity_bytes: u64) -> MemoryTier {
+        let options = OptionsBuilder::new()
+            // A guess at the entry count, for the index's first allocation: values of 1 kB.
+            .estimated_items_capacity(usize::try_from(capacity_bytes / 1024).unwrap_or(usize::MAX).min(1 << 16))
+            .weight_capacity(capacity_bytes)
+            // One shard: a worker's runtime has one thread, so there is no lock to spread, and
+            // shards would split the budget (a value larger than a shard's part is refused).
+            .shards(1)
+            .build();
+        let entries = match options {
+            Ok(options) => Cache::with_options(options, ByBytes, DefaultHashBuilder::default(), Default::default()),
+            // Only a zero shard count or estimate is refused, and neither is given above.
+            Err(_) => Cache::with_weighter(1, capacity_bytes, ByBytes),
+        };
+        MemoryTier { entries }
+    }
 
-/// Inserts `entry`, keeping the tier within its byte budget now rather than later. moka
-/// evicts in batches (every few dozen writes): measured under a flood of 1 MB values, the
-/// worker grew by 120 MB over a 16 MB budget before a batch ran. So a large value runs the
-/// pending evictions right away; small ones leave it to moka, as their batch is small.
-pub(super) async fn insert(memory: &MemoryCache<String, Entry>, key: String, entry: Entry) {
-    let large = entry.value.len() >= EVICT_NOW_BYTES;
-    memory.insert(key, entry).await;
-    if large {
-        memory.run_pending_tasks().await;
+    /// The entry under `key`, live or not (callers that serve it filter with [`Entry::is_live`]).
+    pub(super) fn get(&self, key: &str) -> Option<Entry> {
+        self.entries.get(key)
+    }
+
+    /// Stores `entry`, evicting first what it needs to stay within the budget. An entry larger
+    /// than the whole tier is not kept (and the old value under `key` is dropped).
+    pub(super) fn insert(&self, key: String, entry: Entry) {
+        self.entries.insert(key, entry);
+    }
+
+    pub(super) fn invalidate(&self, key: &str) {
+        self.entries.remove(key);
+    }
+
+    /// Bytes held (keys, values and overhead).
+    #[cfg(test)]
+    pub(super) fn weighted_size(&self) -> u64 {
+        self.entries.weight()
+    }
+
+    #[cfg(test)]
+    pub(super) fn entry_count(&self) -> usize {
+        self.entries.len()
     }
 }
 
-/// An entry's weight in bytes, saturating at `u32::MAX` (moka weighs in u32).
-pub(super) fn weight(key: &str, value_len: usize) -> u32 {
-    u32::try_from(key.len().saturating_add(value_len).saturating_add(ENTRY_OVERHEAD_BYTES)).unwrap_or(u32::MAX)
+/// Weighs an entry in bytes, as [`weight`] does.
+#[derive(Clone, Copy)]
+struct ByBytes;
+
+impl Weighter<String, Entry> for ByBytes {
+    fn weight(&self, key: &String, entry: &Entry) -> u64 {
+        weight(key, entry.value.len())
+    }
+}
+
+/// An entry's weight in bytes: the memory tier's and the replay budget's measure.
+pub(super) fn weight(key: &str, value_len: usize) -> u64 {
+    u64::try_from(key.len().saturating_add(value_len).saturating_add(ENTRY_OVERHEAD_BYTES)).unwrap_or(u64::MAX)
 }
 
 /// A value in memory, with its own deadline so per-entry TTLs are honoured.
@@ -59,18 +99,5 @@ impl Entry {
 
     pub(super) fn is_live(&self) -> bool {
         self.expires_at.is_none_or(|at| Instant::now() < at)
-    }
-}
-
-/// Tells moka to evict each entry at its own deadline.
-pub(super) struct EntryExpiry;
-
-impl Expiry<String, Entry> for EntryExpiry {
-    fn expire_after_create(&self, _: &String, entry: &Entry, now: Instant) -> Option<Duration> {
-        entry.expires_at.map(|at| at.saturating_duration_since(now))
-    }
-
-    fn expire_after_update(&self, _: &String, entry: &Entry, now: Instant, _: Option<Duration>) -> Option<Duration> {
-        entry.expires_at.map(|at| at.saturating_duration_since(now))
     }
 }

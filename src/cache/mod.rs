@@ -5,7 +5,7 @@
 //! On a PaaS, Redis is a separate service reached over the network. It
 //! restarts for maintenance, fails over, or becomes slow, and none of that
 //! should take the web service down with it. So every worker keeps a bounded
-//! in-memory cache ([moka]) next to Redis and the cache degrades instead of
+//! in-memory cache ([quick_cache]) next to Redis and the cache degrades instead of
 //! failing:
 //!
 //! ```text
@@ -98,7 +98,7 @@
 //!
 //! # Files
 //!
-//! [`memory`] (the bounded moka tier), [`redis_tier`] (pool, breaker, probe, replay),
+//! [`memory`] (the bounded tier), [`redis_tier`] (pool, breaker, probe, replay),
 //! [`deadline`] (a round trip's deadline, fitted to Redis's latency) and [`durable`]
 //! (no-fallback operations); this file is the [`Cache`] that chooses between them.
 //!
@@ -121,13 +121,12 @@ use std::time::{Duration, Instant};
 
 use bb8_redis::redis;
 use bytes::Bytes;
-use moka::future::Cache as MemoryCache;
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 use tracing::debug;
 
 use crate::config::redact_url;
-use memory::Entry;
+use memory::{Entry, MemoryTier};
 use redis_tier::{ensure_probe, trip, write_command, Pending, RedisTier, Remembered, Request};
 
 use crate::metrics::{self, Event};
@@ -347,7 +346,7 @@ impl Tier {
 }
 
 struct Inner {
-    memory: MemoryCache<String, Entry>,
+    memory: MemoryTier,
     redis: Option<RedisTier>,
 }
 
@@ -373,7 +372,7 @@ impl Cache {
             None | Some("") => None,
             Some(url) => Some(RedisTier::new(url, &config)?),
         };
-        let memory = memory::new_memory(config.memory_capacity);
+        let memory = MemoryTier::new(config.memory_capacity);
         Ok(Cache { inner: Arc::new(Inner { memory, redis }) })
     }
 
@@ -410,17 +409,17 @@ impl Cache {
                     if let Some(ttl) = redis_tier::lifetime_from_pttl(pttl) {
                         // Refresh the memory copy only when it differs: an insert costs more
                         // than a read, and hot keys are read far more often than written.
-                        let copy = self.inner.memory.get(key).await;
+                        let copy = self.inner.memory.get(key);
                         let same = copy.is_some_and(|c| c.value == value && c.expires_at.is_some() == ttl.is_some());
                         if !same {
-                            memory::insert(&self.inner.memory, key.to_string(), Entry::new(value.clone(), ttl)).await;
+                            self.inner.memory.insert(key.to_string(), Entry::new(value.clone(), ttl));
                         }
                     }
                     metrics::count(Event::CacheGetRedisHit);
                     return Ok((Some(value), Tier::Redis));
                 }
                 Ok((None, _)) => {
-                    self.inner.memory.invalidate(key).await;
+                    self.inner.memory.invalidate(key);
                     metrics::count(Event::CacheGetRedisMiss);
                     return Ok((None, Tier::Redis));
                 }
@@ -431,7 +430,7 @@ impl Cache {
                 }
             }
         }
-        let value = self.inner.memory.get(key).await.filter(Entry::is_live).map(|entry| entry.value);
+        let value = self.inner.memory.get(key).filter(Entry::is_live).map(|entry| entry.value);
         metrics::count(if value.is_some() { Event::CacheGetMemoryHit } else { Event::CacheGetMemoryMiss });
         Ok((value, Tier::Memory))
     }
@@ -449,7 +448,7 @@ impl Cache {
         // Redis expiries have millisecond resolution and reject 0.
         let ttl = ttl.map(|ttl| ttl.max(Duration::from_millis(1)));
         let entry = Entry::new(value, ttl);
-        memory::insert(&self.inner.memory, key.to_string(), entry.clone()).await;
+        self.inner.memory.insert(key.to_string(), entry.clone());
         self.write(key, Pending::Set(entry)).await
     }
 
@@ -485,7 +484,7 @@ impl Cache {
                     check.script.run(invoke, |cmd| async move { redis.query(Request::Cmd(&cmd)).await }).await;
                 match result {
                     Ok(0) => {
-                        memory::insert(&self.inner.memory, key.to_string(), Entry::new(value, Some(ttl))).await;
+                        self.inner.memory.insert(key.to_string(), Entry::new(value, Some(ttl)));
                         metrics::count(Event::CacheWriteRedis);
                         return Ok(Checked::Stored(Tier::Redis));
                     }
@@ -506,7 +505,7 @@ impl Cache {
 
     /// Like [`delete`](Self::delete), saying whether the delete reached Redis.
     pub async fn delete_with_tier(&self, key: &str) -> Result<Tier, CacheError> {
-        self.inner.memory.invalidate(key).await;
+        self.inner.memory.invalidate(key);
         self.write(key, Pending::Delete).await
     }
 
@@ -549,7 +548,7 @@ impl Cache {
                 Remembered::BreakerClosed => op = self.current_op(key).await,
                 Remembered::Full => {
                     // Memory must not serve what the caller is told was not kept.
-                    self.inner.memory.invalidate(key).await;
+                    self.inner.memory.invalidate(key);
                     return Err(CacheError::ReplayFull);
                 }
             }
@@ -562,13 +561,13 @@ impl Cache {
     async fn refused_write(&self, key: &str, err: CacheError) -> CacheError {
         metrics::count(Event::CacheRedisRefused);
         debug!(key, error = %err, "redis refused a cache write");
-        self.inner.memory.invalidate(key).await;
+        self.inner.memory.invalidate(key);
         err
     }
 
     /// The write to retry, rebuilt from memory (`remember` consumed the original).
     async fn current_op(&self, key: &str) -> Pending {
-        match self.inner.memory.get(key).await.filter(Entry::is_live) {
+        match self.inner.memory.get(key).filter(Entry::is_live) {
             Some(entry) => Pending::Set(entry),
             None => Pending::Delete,
         }
@@ -606,7 +605,7 @@ impl Cache {
                 };
                 let pttl = redis::from_redis_value_ref::<i64>(pttl).unwrap_or(-1);
                 let Some(ttl) = redis_tier::lifetime_from_pttl(pttl) else { continue };
-                memory::insert(&self.inner.memory, key.clone(), Entry::new(Bytes::from(value), ttl)).await;
+                self.inner.memory.insert(key.clone(), Entry::new(Bytes::from(value), ttl));
                 loaded += 1;
             }
         }
@@ -667,7 +666,7 @@ mod tests {
 
     #[tokio::test]
     async fn memory_only_round_trip() {
-        let cache = memory_only(100);
+        let cache = memory_only(1 << 10);
         assert_eq!(cache.status(), RedisStatus::Disabled);
         assert!(!cache.is_degraded());
         assert!(cache.durable().is_none());
@@ -684,7 +683,7 @@ mod tests {
 
     #[tokio::test]
     async fn memory_ttl_expires() {
-        let cache = memory_only(100);
+        let cache = memory_only(1 << 10);
         cache.set("short", Bytes::from_static(b"x"), Some(Duration::from_millis(50))).await.expect("set");
         cache.set("long", Bytes::from_static(b"y"), Some(Duration::from_secs(60))).await.expect("set");
         assert!(cache.get("short").await.expect("get").is_some());
@@ -699,9 +698,11 @@ mod tests {
         let value = Bytes::from(vec![7u8; 100 << 10]);
         for i in 0..100 {
             cache.set(&format!("k{i}"), value.clone(), None).await.expect("set");
+            // Within the budget after every insert, not only once a batch of evictions ran.
+            assert!(cache.inner.memory.weighted_size() <= 1 << 20, "after {i}: {}", cache.inner.memory.weighted_size());
         }
-        cache.inner.memory.run_pending_tasks().await;
-        // 100 values of 100 KiB into 1 MiB: about ten fit.
+        // 100 values of 100 KiB into 1 MiB: about ten fit, the newest among them.
+        assert!(cache.get("k99").await.expect("get").is_some(), "the last value stored was evicted");
         assert!(cache.inner.memory.weighted_size() <= 1 << 20, "{}", cache.inner.memory.weighted_size());
         assert!((1..=10).contains(&cache.inner.memory.entry_count()), "{}", cache.inner.memory.entry_count());
     }

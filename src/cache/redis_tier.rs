@@ -632,5 +632,5 @@ fn pending_weight(key: &str, op: &Pending) -> u64 {
         Pending::Set(entry) => entry.value.len(),
         Pending::Delete => 0,
     };
-    u64::from(super::memory::weight(key, value_len))
+    super::memory::weight(key, value_len)
 }
