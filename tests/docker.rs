@@ -24,13 +24,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The bound on this test's image. Issue 13 asks 6 MB of the release image, which
-/// `bench/image-size.sh` measures on a release build: 5.98 MB before this stop's merges, 6.08 MB
-/// after them (memory recycling, per-route counting, session trust: over the target, tracked in
-/// issue 13). This image's binary also carries the `test-hooks` routes and the WebSocket code
-/// they turn on (about 0.15 MB), so it gets the release image's size today plus that and a
-/// little: growth beyond it still fails here.
-const MAX_IMAGE_BYTES: u64 = 6_260_000;
+/// The bound on this test's image: issue 13's 6 MB, held even though this image's binary also
+/// carries the `test-hooks` routes and the WebSocket code they turn on (about 0.15 MB more than
+/// the release image, which `bench/image-size.sh` measures: 5.43 MB).
+const MAX_IMAGE_BYTES: u64 = 6_000_000;
 /// The tag the test image gets; rebuilt by every run, the previous image removed.
 const TEST_IMAGE: &str = "herdsman-test:docker-rs";
 
