@@ -449,7 +449,7 @@ impl Cache {
         let ttl = ttl.map(|ttl| ttl.max(Duration::from_millis(1)));
         let entry = Entry::new(value, ttl);
         self.inner.memory.insert(key.to_string(), entry.clone());
-        self.write(key, Pending::Set(entry)).await
+        self.write(key, Pending::Set(entry), None).await
     }
 
     /// Like [`set_with_tier`](Self::set_with_tier), with `check` run by Redis in the same round
@@ -506,13 +506,24 @@ impl Cache {
     /// Like [`delete`](Self::delete), saying whether the delete reached Redis.
     pub async fn delete_with_tier(&self, key: &str) -> Result<Tier, CacheError> {
         self.inner.memory.invalidate(key);
-        self.write(key, Pending::Delete).await
+        self.write(key, Pending::Delete, None).await
+    }
+
+    /// Like [`delete_with_tier`](Self::delete_with_tier), also removing `field` from the hash at
+    /// the Redis key `hash` (not a cache key: no prefix is added) in the same round trip: the
+    /// HTTP API's quota entry of the value. While Redis is away the delete alone is held for
+    /// replay and the field stays, to expire with the value it counted.
+    pub async fn delete_with_hdel(&self, key: &str, hash: &str, field: &str) -> Result<Tier, CacheError> {
+        self.inner.memory.invalidate(key);
+        let mut hdel = redis::cmd("HDEL");
+        hdel.arg(hash).arg(field);
+        self.write(key, Pending::Delete, Some(&hdel)).await
     }
 
     /// Writes through to Redis, or remembers the write for replay; counted by the tier it
-    /// reached.
-    async fn write(&self, key: &str, op: Pending) -> Result<Tier, CacheError> {
-        let tier = self.write_through(key, op).await;
+    /// reached. `with_delete` goes in the same round trip as a delete that reaches Redis.
+    async fn write(&self, key: &str, op: Pending, with_delete: Option<&redis::Cmd>) -> Result<Tier, CacheError> {
+        let tier = self.write_through(key, op, with_delete).await;
         if let Ok(tier) = &tier {
             metrics::count(match tier {
                 Tier::Redis => Event::CacheWriteRedis,
@@ -522,7 +533,12 @@ impl Cache {
         tier
     }
 
-    async fn write_through(&self, key: &str, op: Pending) -> Result<Tier, CacheError> {
+    async fn write_through(
+        &self,
+        key: &str,
+        op: Pending,
+        with_delete: Option<&redis::Cmd>,
+    ) -> Result<Tier, CacheError> {
         let Some(redis) = &self.inner.redis else {
             return Ok(Tier::Memory);
         };
@@ -535,7 +551,15 @@ impl Cache {
         for _ in 0..2 {
             if redis.is_up() {
                 let cmd = write_command(key, &op);
-                match redis.query::<()>(Request::Cmd(&cmd)).await {
+                let sent = match (&op, with_delete) {
+                    (Pending::Delete, Some(also)) => {
+                        let mut pipe = redis::pipe();
+                        pipe.add_command(cmd).ignore().add_command(also.clone()).ignore();
+                        redis.query::<()>(Request::Pipe(&pipe)).await
+                    }
+                    _ => redis.query::<()>(Request::Cmd(&cmd)).await,
+                };
+                match sent {
                     Ok(()) => return Ok(Tier::Redis),
                     Err(err) if err.is_outage() => trip(&self.inner, redis, &err),
                     Err(err) => return Err(self.refused_write(key, err).await),

@@ -22,8 +22,8 @@
 //! # Round trips
 //! A session this worker verified lately is trusted without asking Redis
 //! (`HERDSMAN_SESSION_RECHECK`, [`crate::sessions`]), and a `PUT`'s quota check is made by Redis
-//! in the write's own round trip: a `GET`, `PUT` or `DELETE` costs the cache's round trip (a
-//! `DELETE` one more to release its quota entry), so a slow Redis slows it once, not two or
+//! in the write's own round trip, as is a `DELETE`'s release of its quota entry: a `GET`, `PUT`
+//! or `DELETE` costs the cache's one round trip, so a slow Redis slows it once, not two or
 //! three times.
 //!
 //! # Limits
@@ -191,11 +191,8 @@ async fn delete_value(State(state): State<Arc<ApiState>>, headers: HeaderMap, Pa
         Ok(found) => found,
         Err(err) => return err.into_response(),
     };
-    match state.cache.delete_with_tier(&cache_key).await {
-        Ok(tier) => {
-            state.quotas.release(&username, &key).await;
-            with_tier(StatusCode::NO_CONTENT.into_response(), tier)
-        }
+    match state.quotas.delete(&state.cache, (&username, &key), &cache_key).await {
+        Ok(tier) => with_tier(StatusCode::NO_CONTENT.into_response(), tier),
         Err(err) => cache_error(err),
     }
 }

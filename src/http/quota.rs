@@ -6,7 +6,8 @@
 //! runs one Lua script that drops the entries past their expiry, sums the rest (the key being
 //! replaced excluded), and only if both quotas still hold records the new value and writes it
 //! (`SET`), atomically: the check and the write are one round trip ([`Cache::set_checked`]), so
-//! a slow Redis costs a `PUT` its latency once, not twice. A `DELETE` removes its entry. The
+//! a slow Redis costs a `PUT` its latency once, not twice. A `DELETE` removes its entry in the
+//! round trip that deletes the value ([`Cache::delete_with_hdel`]). The
 //! hash expires with its last entry. A check takes time proportional to the user's keys (at
 //! most the key quota).
 //!
@@ -113,13 +114,19 @@ impl Quotas {
         }
     }
 
-    /// Forgets `username`'s value at `key`; best effort (an entry left behind expires with it).
-    pub async fn release(&self, username: &str, key: &str) {
-        if let Some(store) = self.store.as_ref().filter(|store| store.is_available()) {
-            if let Err(err) = store.hdel(&usage_key(username), key).await {
-                tracing::debug!(error = %err, "quota entry not removed");
-            }
+    /// Deletes `cache_key` (`username`'s `key`) and forgets its quota entry, in one round trip.
+    /// While Redis is away only the delete is kept (for replay); the entry then expires with
+    /// the value it counted.
+    pub async fn delete(
+        &self,
+        cache: &Cache,
+        (username, key): (&str, &str),
+        cache_key: &str,
+    ) -> Result<Tier, CacheError> {
+        if self.store.is_none() {
+            return cache.delete_with_tier(cache_key).await;
         }
+        cache.delete_with_hdel(cache_key, &usage_key(username), key).await
     }
 }
 
