@@ -16,32 +16,37 @@ use herdsman::config::{redact_url, Config, ConfigError, Flags};
 
 /// `{scheme}://{user}:{password}@{rest}`: the password must not appear in `redact_url`, in the
 /// error or `herdsman check` line of `REDIS_URL`, nor in the cache's error or `Debug`, unless it
-/// is trivial (under 4 bytes, or text those outputs may show anyway).
+/// is trivial: under 4 bytes, or text those outputs show anyway, which is what they show for the
+/// same URL around a password of the same length made of one letter (so that a password such as
+/// "**@2", which the marker `***` followed by a host `2` spells, or "ss:/" in "rediss://", is
+/// not called a leak). The last `@` ends the credentials, as URL parsers read it, so what
+/// follows the credentials is not always `rest`: the comparison does not need to know.
 pub fn check_redaction(scheme: &str, user: &str, password: &str, rest: &str) -> Result<(), String> {
     let url = format!("{scheme}://{user}:{password}@{rest}");
-    // What a redacted URL may show: the scheme, the marker and what follows the credentials.
-    let shown_anyway = format!("{scheme}://***@{rest}");
-    if password.len() < 4 || shown_anyway.contains(password) {
+    let dummy_url = format!("{scheme}://{user}:{}@{rest}", "x".repeat(password.len()));
+    if password.len() < 4 {
         return Ok(());
     }
-    let redacted = redact_url(&url);
-    if redacted.contains(password) {
+    // Shown for the real URL, and not shown for the dummy one: the password's own doing.
+    let leaks = |show: &dyn Fn(&str) -> String| {
+        let shown = show(&url);
+        (shown.contains(password) && !show(&dummy_url).contains(password)).then_some(shown)
+    };
+    if let Some(redacted) = leaks(&|url| redact_url(url)) {
         return Err(format!("redact_url({url:?}) = {redacted:?} shows the password"));
     }
     // The configuration shows the URL in one place: the value of an error, or `check`'s listing.
-    let shown = match Config::resolve(&Flags::default(), vec![("REDIS_URL".to_string(), url.clone())]) {
-        Ok(config) => config.describe().into_iter().find(|(var, _)| *var == "REDIS_URL").map(|(_, value)| value),
-        Err(err) => Some(err.value),
+    let configured = |url: &str| {
+        match Config::resolve(&Flags::default(), vec![("REDIS_URL".to_string(), url.to_string())]) {
+            Ok(config) => config.describe().into_iter().find(|(var, _)| *var == "REDIS_URL").map(|(_, value)| value),
+            Err(err) => Some(err.value),
+        }
+        .unwrap_or_default()
     };
-    if shown.as_deref().is_some_and(|shown| shown.contains(password)) {
+    if let Some(shown) = leaks(&configured) {
         return Err(format!("REDIS_URL={url:?} is shown as {shown:?}"));
     }
-
-    // The cache's messages add words of their own (and redis-rs's): compare with the same URL
-    // around a password of the same length made of one letter, and with the messages' own words,
-    // so that a password such as "ss:/" (in "rediss://") is not called a leak.
-    let dummy = "x".repeat(password.len());
-    let dummy_url = format!("{scheme}://{user}:{dummy}@{rest}");
+    // The cache's messages add words of their own (and redis-rs's).
     const OWN_WORDS: &str = "invalid REDIS_URL: cannot parse ; scheme is not supported, use redis:// or rediss://";
     let cache_text = |url: &str| {
         let config = CacheConfig { redis_url: Some(url.to_string()), ..CacheConfig::default() };
@@ -51,8 +56,7 @@ pub fn check_redaction(scheme: &str, user: &str, password: &str, rest: &str) -> 
             Err(err) => format!("{debug}\n{err}"),
         }
     };
-    let (text, dummy_text) = (cache_text(&url), cache_text(&dummy_url));
-    if text.contains(password) && !dummy_text.contains(password) && !OWN_WORDS.contains(password) {
+    if let Some(text) = leaks(&cache_text).filter(|_| !OWN_WORDS.contains(password)) {
         return Err(format!("the cache shows {url:?} as {text:?}"));
     }
     Ok(())
