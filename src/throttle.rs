@@ -130,10 +130,10 @@ impl Throttle {
                 Err(err) => tracing::debug!(error = %err, "throttle falls back to memory"),
             }
         }
-        self.take_in_memory(buckets).await
+        self.take_in_memory(buckets)
     }
 
-    async fn take_in_memory(&self, buckets: &[Bucket]) -> Result<(), Throttled> {
+    fn take_in_memory(&self, buckets: &[Bucket]) -> Result<(), Throttled> {
         let now = Instant::now();
         let mut fills = Vec::with_capacity(buckets.len());
         for bucket in buckets {

@@ -125,39 +125,7 @@ impl DurableStore {
             cmd.arg(body).arg(keys.len()).arg(keys).arg(args);
             cmd
         };
-        self.run_script(invoke, script).await
-    }
-
-    /// Like [`eval`](Self::eval), with a string argument before the numbers.
-    pub async fn eval_with_field<T: redis::FromRedisValue>(
-        &self,
-        script: &Script,
-        keys: &[String],
-        field: &str,
-        args: &[i64],
-    ) -> Result<T, CacheError> {
-        let invoke = |verb: &str, body: &str| {
-            let mut cmd = redis::cmd(verb);
-            cmd.arg(body).arg(keys.len()).arg(keys).arg(field).arg(args);
-            cmd
-        };
-        self.run_script(invoke, script).await
-    }
-
-    async fn run_script<T: redis::FromRedisValue>(
-        &self,
-        invoke: impl Fn(&str, &str) -> redis::Cmd,
-        script: &Script,
-    ) -> Result<T, CacheError> {
         script.run(invoke, |cmd| async move { self.run(cmd).await }).await
-    }
-
-    /// `HDEL key field`.
-    pub async fn hdel(&self, key: &str, field: &str) -> Result<(), CacheError> {
-        let mut cmd = redis::cmd("HDEL");
-        cmd.arg(key).arg(field);
-        let _removed: i64 = self.run(cmd).await?;
-        Ok(())
     }
 
     /// `SET key value NX`: true if written, false if the key already existed.

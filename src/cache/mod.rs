@@ -490,7 +490,7 @@ impl Cache {
                     }
                     Ok(code) => return Ok(Checked::Refused(code)),
                     Err(err) if err.is_outage() => trip(&self.inner, redis, &err),
-                    Err(err) => return Err(self.refused_write(key, err).await),
+                    Err(err) => return Err(self.refused_write(key, err)),
                 }
             }
         }
@@ -562,14 +562,14 @@ impl Cache {
                 match sent {
                     Ok(()) => return Ok(Tier::Redis),
                     Err(err) if err.is_outage() => trip(&self.inner, redis, &err),
-                    Err(err) => return Err(self.refused_write(key, err).await),
+                    Err(err) => return Err(self.refused_write(key, err)),
                 }
             } else {
                 ensure_probe(&self.inner, &mut redis.lock());
             }
             match redis.remember(key, op) {
                 Remembered::Held => return Ok(Tier::Memory),
-                Remembered::BreakerClosed => op = self.current_op(key).await,
+                Remembered::BreakerClosed => op = self.current_op(key),
                 Remembered::Full => {
                     // Memory must not serve what the caller is told was not kept.
                     self.inner.memory.invalidate(key);
@@ -582,7 +582,7 @@ impl Cache {
 
     /// Redis refused this one write and will refuse it again: it is stored nowhere (the memory
     /// copy goes too), and the caller is told so.
-    async fn refused_write(&self, key: &str, err: CacheError) -> CacheError {
+    fn refused_write(&self, key: &str, err: CacheError) -> CacheError {
         metrics::count(Event::CacheRedisRefused);
         debug!(key, error = %err, "redis refused a cache write");
         self.inner.memory.invalidate(key);
@@ -590,7 +590,7 @@ impl Cache {
     }
 
     /// The write to retry, rebuilt from memory (`remember` consumed the original).
-    async fn current_op(&self, key: &str) -> Pending {
+    fn current_op(&self, key: &str) -> Pending {
         match self.inner.memory.get(key).filter(Entry::is_live) {
             Some(entry) => Pending::Set(entry),
             None => Pending::Delete,

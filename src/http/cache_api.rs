@@ -216,7 +216,7 @@ mod tests {
             default_ttl: Duration::from_secs(5),
             max_ttl: Duration::from_secs(60),
         };
-        routes(cache, Sessions::new(None, Duration::from_secs(60)), Quotas::new(None, 10, 100), limits)
+        routes(cache, Sessions::new(None, Duration::from_secs(60)), Quotas::new(10, 100), limits)
     }
 
     #[tokio::test]

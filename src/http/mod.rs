@@ -63,7 +63,7 @@ pub fn cache_routes(services: &Services) -> Router {
         default_ttl: config.cache_default_ttl,
         max_ttl: config.cache_max_ttl,
     };
-    let quotas = quota::Quotas::new(services.cache.durable(), config.user_max_keys, config.user_max_bytes);
+    let quotas = quota::Quotas::new(config.user_max_keys, config.user_max_bytes);
     cache_api::routes(services.cache.clone(), services.sessions.clone(), quotas, limits)
 }
 

@@ -31,7 +31,7 @@ use axum::http::StatusCode;
 use bytes::Bytes;
 
 use super::error::ApiError;
-use crate::cache::{Cache, CacheError, Checked, DurableStore, Script, Tier, WriteCheck};
+use crate::cache::{Cache, CacheError, Checked, Script, Tier, WriteCheck};
 
 /// Redis key prefix of the usage hashes.
 pub const USAGE_PREFIX: &str = "herdsman:usage:";
@@ -67,19 +67,18 @@ redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[7])
 return 0
 ";
 
-/// The quotas and where they are counted. Cheap to clone.
+/// The quotas (counted in Redis, through the cache). Cheap to clone.
 #[derive(Clone)]
 pub struct Quotas {
-    store: Option<DurableStore>,
     script: Arc<Script>,
     pub max_keys: u64,
     pub max_bytes: u64,
 }
 
 impl Quotas {
-    /// `store` is `None` without `REDIS_URL` (then there are no users to count either).
-    pub fn new(store: Option<DurableStore>, max_keys: u64, max_bytes: u64) -> Quotas {
-        Quotas { store, script: Arc::new(Script::new(RESERVE_SCRIPT)), max_keys, max_bytes }
+    /// Without `REDIS_URL` there are no users to count: the cache's writes are then unchecked.
+    pub fn new(max_keys: u64, max_bytes: u64) -> Quotas {
+        Quotas { script: Arc::new(Script::new(RESERVE_SCRIPT)), max_keys, max_bytes }
     }
 
     /// Stores `value` at `cache_key` (`username`'s `key`) if both quotas hold, the check and the
@@ -116,16 +115,13 @@ impl Quotas {
 
     /// Deletes `cache_key` (`username`'s `key`) and forgets its quota entry, in one round trip.
     /// While Redis is away only the delete is kept (for replay); the entry then expires with
-    /// the value it counted.
+    /// the value it counted. Without Redis there is no entry, and only memory is touched.
     pub async fn delete(
         &self,
         cache: &Cache,
         (username, key): (&str, &str),
         cache_key: &str,
     ) -> Result<Tier, CacheError> {
-        if self.store.is_none() {
-            return cache.delete_with_tier(cache_key).await;
-        }
         cache.delete_with_hdel(cache_key, &usage_key(username), key).await
     }
 }
