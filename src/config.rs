@@ -457,19 +457,30 @@ impl Raw<'_> {
 
     /// Seconds as a decimal number (`30`, `0.5`), strictly positive and at most a day.
     fn seconds(&self) -> Result<Duration, ConfigError> {
-        const EXPECTED: &str = "a number of seconds greater than 0 and at most 86400, such as 30 or 0.5";
-        match self.value.trim().parse::<f64>() {
-            Ok(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
-            _ => Err(self.error(EXPECTED)),
-        }
+        self.seconds_where(
+            |s| s > 0.0 && s <= 86_400.0,
+            || "a number of seconds greater than 0 and at most 86400, such as 30 or 0.5".into(),
+        )
     }
 
     /// Seconds from 0 up to [`MAX_SESSION_RECHECK`].
     fn recheck_seconds(&self) -> Result<Duration, ConfigError> {
         let max = MAX_SESSION_RECHECK.as_secs();
+        self.seconds_where(
+            |s| (0.0..=max as f64).contains(&s),
+            || format!("a number of seconds from 0 to {max}, such as 1 or 0.5"),
+        )
+    }
+
+    /// A finite number of seconds that `accept` takes; `expected` says which, in the error.
+    fn seconds_where(
+        &self,
+        accept: impl Fn(f64) -> bool,
+        expected: impl FnOnce() -> String,
+    ) -> Result<Duration, ConfigError> {
         match self.value.trim().parse::<f64>() {
-            Ok(s) if s.is_finite() && (0.0..=max as f64).contains(&s) => Ok(Duration::from_secs_f64(s)),
-            _ => Err(self.error(format!("a number of seconds from 0 to {max}, such as 1 or 0.5"))),
+            Ok(s) if s.is_finite() && accept(s) => Ok(Duration::from_secs_f64(s)),
+            _ => Err(self.error(expected())),
         }
     }
 
