@@ -58,10 +58,11 @@ fn redaction_cases_the_fuzzer_found() {
     // The marker `***` and the host `2` (after the URL's last `@`) spell the password `**@2`:
     // no leak, and the oracle once said there was one (fuzz target `redact`, 2026-11-28).
     assert_eq!(oracles::check_redaction("rediss", "", "**@2", "*@2\u{8}"), Ok(()));
-    // A "password" with `/` in it ends the URL's authority early, so it is no password: the URL
-    // does not parse, and the error shows it redacted, `redis://***@\u{2}#:`, which spells
-    // `dis://***@\u{2}` (fuzz target `redact`, 2026-11-28).
+    // A "password" with `/` in it ends the URL's authority there, so it is no password; the
+    // URLs do not parse, and their errors show them redacted, `redis://***@\u{2}#:` and
+    // `rediss://***@n\u{f}`, which spell these two (fuzz target `redact`, 2026-11-28).
     assert_eq!(oracles::check_redaction("redis", "\0\n:\u{b}\0A\0@@@@@@", "dis://***@\u{2}", "\u{2}#:"), Ok(()));
+    assert_eq!(oracles::check_redaction("rediss", "", "rediss://***", "@n\u{f}\n"), Ok(()));
     // Passwords with `@` in them, or a user with `:`, are hidden all the same.
     for (user, password, rest) in [("u", "hunter2", "host:6379"), ("", "p@ss@word", "h"), ("a:b", "s3cr3t", "@x")] {
         assert_eq!(oracles::check_redaction("redis", user, password, rest), Ok(()));
