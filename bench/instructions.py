@@ -3,6 +3,7 @@
 process on the machine can disturb (wall-clock figures on a shared machine can).
 
     python3 bench/instructions.py BINARY [BINARY ...] [--path /live] [--requests 2000] [--redis]
+                                  [--bcrypt-cost 4]
 
 For each binary: a master with one worker (WEB_CONCURRENCY=1) runs under
 `valgrind --tool=callgrind --trace-children=yes`, twice: once idle, once answering N `GET path`
@@ -11,6 +12,10 @@ runs boot, finish warming up and stop the same way, so the difference
 between the worker's totals, divided by N, is the cost of one request. With --redis, a real
 redis-server backs the cache and `/cache/k` holds a 64-byte value (a cached GET is then a Redis
 round trip); a build whose /cache needs a session gets one (register + login, Redis is real).
+
+The idle run is the worker's boot, most of it the bcrypt pre-warm (one hash at BCRYPT_COST):
+`--bcrypt-cost 10 --requests 0` prints it at the default cost, which is what a login costs, so
+that is how to compare two builds' bcrypt.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ def keepalive_gets(port: int, path: str, n: int, headers: dict) -> None:
                 raise SystemExit(f"GET {path} answered {status}")
 
 
-def worker_instructions(binary: Path, env: dict, path: str, n: int, redis: bool) -> int:
+def worker_instructions(binary: Path, env: dict, path: str, n: int, redis: bool, bcrypt_cost: int) -> int:
     """Total instructions of the worker process of one run (the largest callgrind file that is
     not the master's)."""
     with tempfile.TemporaryDirectory() as out:
@@ -70,7 +75,7 @@ def worker_instructions(binary: Path, env: dict, path: str, n: int, redis: bool)
                 f"--callgrind-out-file={out}/callgrind.%p", str(binary)]
         proc = subprocess.Popen(argv, env={**os.environ, **env, "PORT": str(port), "WEB_CONCURRENCY": "1",
                                            "HERDSMAN_HOST": LOOPBACK, "HERDSMAN_BOOT_TIMEOUT": "120",
-                                           "BCRYPT_COST": "4",
+                                           "BCRYPT_COST": str(bcrypt_cost),
                                            "GUNICORN_TIMEOUT": "120"},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
@@ -99,15 +104,21 @@ def main() -> None:
     ap.add_argument("--path", default="/live")
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--redis", action="store_true", help="a real Redis behind the cache")
+    ap.add_argument("--bcrypt-cost", type=int, default=4, help="BCRYPT_COST of both runs (the pre-warm's hash)")
     args = ap.parse_args()
     print(f"{'binary':<50} {'idle':>14} {f'{args.requests} requests':>16} {'per request':>12}")
     for binary in args.binaries:
         def run(n: int) -> int:
             if not args.redis:
-                return worker_instructions(binary.resolve(), {}, args.path, n, False)
+                return worker_instructions(binary.resolve(), {}, args.path, n, False, args.bcrypt_cost)
             with RedisServer() as redis:
-                return worker_instructions(binary.resolve(), {"REDIS_URL": redis.url}, args.path, n, True)
-        idle, busy = run(0), run(args.requests)
+                return worker_instructions(binary.resolve(), {"REDIS_URL": redis.url}, args.path, n, True,
+                                           args.bcrypt_cost)
+        idle = run(0)
+        if not args.requests:
+            print(f"{str(binary):<50} {idle:>14,} {'-':>16} {'-':>12}")
+            continue
+        busy = run(args.requests)
         print(f"{str(binary):<50} {idle:>14,} {busy:>16,} {(busy - idle) / args.requests:>12,.0f}")
 
 

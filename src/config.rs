@@ -365,7 +365,7 @@ macro_rules! settings {
             let mut sources = Vec::with_capacity(VARIABLES.len());
             let config = Config {
                 $( $field: {
-                    let (raw, source) = pick(&flags.$field, $flag, env.get(&$var.to_ascii_lowercase()), $var, fits);
+                    let (raw, source) = pick(&flags.$field, $flag, env, $var, fits);
                     sources.push(($var, source));
                     match raw {
                         Some(raw) => ($parse)(&raw)?,
@@ -655,11 +655,12 @@ impl Raw<'_> {
 fn pick<'a>(
     flag: &'a Option<String>,
     flag_name: &str,
-    env: Option<&'a String>,
+    env: &'a HashMap<String, String>,
     var: &str,
     fits: &'a HashMap<&'static str, Fit>,
 ) -> (Option<Raw<'a>>, Source) {
-    let (value, source) = match (flag, env, fits.get(var)) {
+    // envy gives the variables' names in lower case.
+    let (value, source) = match (flag, env.get(&var.to_ascii_lowercase()), fits.get(var)) {
         (Some(value), _, _) => (value, Source::Flag),
         (None, Some(value), _) => (value, Source::Environment),
         (None, None, Some(fit)) => (&fit.value, Source::Platform(fit.why.clone())),
