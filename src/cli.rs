@@ -9,55 +9,87 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Arg, ArgAction, ArgMatches, Args};
 
 use crate::config::{Config, Flags, Resolution};
 use crate::operator::{self, OperatorError, Reply, Request, SocketName};
 
-/// A prefork runtime for web services on PaaS: binds $PORT at once, supervises WEB_CONCURRENCY
-/// workers, warms up in the background, and falls back to memory when Redis is away.
-///
-/// Every setting can be given as a flag or as the environment variable named in its help;
-/// a flag wins over the variable, the variable over the default.
-///
-/// Signals to the master: TERM or INT drain and exit 0; QUIT stops fast; HUP replaces every
-/// worker without dropping a request; TTIN and TTOU add and remove a worker.
-#[derive(Debug, Parser)]
-#[command(name = "herdsman", version, max_term_width = 100)]
+/// `--help`'s first paragraph, which `-h` shows alone.
+const ABOUT: &str = "A prefork runtime for web services on PaaS: binds $PORT at once, supervises WEB_CONCURRENCY workers, warms up in the background, and falls back to memory when Redis is away";
+
+/// `--help`'s text above the usage line.
+const LONG_ABOUT: &str = "A prefork runtime for web services on PaaS: binds $PORT at once, supervises WEB_CONCURRENCY workers, warms up in the background, and falls back to memory when Redis is away.
+
+Every setting can be given as a flag or as the environment variable named in its help; a flag wins over the variable, the variable over the default.
+
+Signals to the master: TERM or INT drain and exit 0; QUIT stops fast; HUP replaces every worker without dropping a request; TTIN and TTOU add and remove a worker.";
+
+/// A parsed command line: the command (none means `serve`) and the settings given as flags.
+#[derive(Debug)]
 pub struct Cli {
-    #[command(subcommand)]
     pub command: Option<Command>,
-    #[command(flatten)]
     pub flags: Flags,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     /// Run the master and its workers (what plain `herdsman` does).
     Serve,
     /// Print the resolved configuration, secrets redacted, and exit 0; exit 2 if it is invalid.
     Check,
-    /// Request /live on the local port and exit 0 if it answers 200, else 1 (for container
-    /// HEALTHCHECKs in images without curl).
+    /// Request /live on the local port and exit 0 if it answers 200, else 1.
     Healthcheck,
-    /// Show the running master's phase and each worker's serial, pid, state, age, requests,
-    /// in-flight requests, heartbeat age and memory (through its control socket).
-    Status {
-        /// Print the report as JSON, for tools.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Replace every worker of the running master without dropping a request (as SIGHUP).
+    /// Ask the running master for its report, as text or as JSON.
+    Status { json: bool },
+    /// Replace every worker of the running master without dropping a request.
     Reload,
-    /// Set the running master's worker count (1 to 512); extra workers drain gracefully.
-    Scale {
-        /// The new worker count.
-        #[arg(value_name = "N", allow_hyphen_values = true)]
-        count: String,
-    },
+    /// Set the running master's worker count (parsed by [`operator::parse_worker_count`]).
+    Scale { count: String },
     /// Internal: run one worker on what the master passes (see the contract module).
-    #[command(name = crate::contract::WORKER_SUBCOMMAND, hide = true)]
     Worker,
+}
+
+/// The command line's grammar, built by hand rather than by clap's derive, like the settings'
+/// flags ([`Flags`]): the derive wrote a block of builder code per item (17 kB of the binary).
+fn grammar() -> clap::Command {
+    let command = |name: &'static str, about: &'static str| clap::Command::new(name).about(about);
+    let root = clap::Command::new("herdsman")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(ABOUT)
+        .long_about(LONG_ABOUT)
+        .max_term_width(100)
+        .subcommands([
+            command("serve", "Run the master and its workers (what plain `herdsman` does)"),
+            command("check", "Print the resolved configuration, secrets redacted, and exit 0; exit 2 if it is invalid"),
+            command("healthcheck", "Request /live on the local port and exit 0 if it answers 200, else 1 (for container HEALTHCHECKs in images without curl)"),
+            command("status", "Show the running master's phase and each worker's serial, pid, state, age, requests, in-flight requests, heartbeat age and memory (through its control socket)")
+                .arg(Arg::new("json").long("json").action(ArgAction::SetTrue).help("Print the report as JSON, for tools")),
+            command("reload", "Replace every worker of the running master without dropping a request (as SIGHUP)"),
+            command("scale", "Set the running master's worker count (1 to 512); extra workers drain gracefully").arg(
+                Arg::new("count")
+                    .value_name("N")
+                    .required(true)
+                    .allow_hyphen_values(true)
+                    .help("The new worker count"),
+            ),
+            command(crate::contract::WORKER_SUBCOMMAND, "Internal: run one worker on what the master passes (see the contract module)")
+                .hide(true),
+        ]);
+    Flags::augment_args(root)
+}
+
+/// The command `matches` names: it is one of [`grammar`]'s, which is what clap just checked.
+fn command(matches: &ArgMatches) -> Option<Command> {
+    let (name, matches) = matches.subcommand()?;
+    Some(match name {
+        "check" => Command::Check,
+        "healthcheck" => Command::Healthcheck,
+        "status" => Command::Status { json: matches.get_flag("json") },
+        "reload" => Command::Reload,
+        "scale" => Command::Scale { count: matches.get_one::<String>("count").cloned().unwrap_or_default() },
+        name if name == crate::contract::WORKER_SUBCOMMAND => Command::Worker,
+        _ => Command::Serve, // "serve"
+    })
 }
 
 /// When the command line is not a command to run.
@@ -75,7 +107,11 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    Cli::try_parse_from(args).map_err(|e| match e.kind() {
+    let parsed = grammar().try_get_matches_from(args).and_then(|matches| {
+        let flags = <Flags as clap::FromArgMatches>::from_arg_matches(&matches)?;
+        Ok(Cli { command: command(&matches), flags })
+    });
+    parsed.map_err(|e| match e.kind() {
         clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
             ArgsOutcome::Print(e.to_string())
         }
