@@ -404,10 +404,16 @@ class RedisServer:
     brings the data back, as a Redis with persistence would; pause() and resume() make it hang
     (SIGSTOP) and answer again."""
 
-    def __init__(self, persistent: bool = False):
+    def __init__(self, persistent: bool = False, tls: bool = False):
         self.port = free_port()
         self.url = f"redis://{LOOPBACK}:{self.port}/0"
         self.persistent = persistent
+        # tls=True: a TLS port too, with a fresh self-signed certificate; `url` is then the
+        # rediss:// one (the plain port stays for the harness's own PINGs). A client must not
+        # verify it: REDIS_TLS_INSECURE=true.
+        self.tls_port = free_port() if tls else None
+        if tls:
+            self.url = f"rediss://{LOOPBACK}:{self.tls_port}/0"
         self.proc: subprocess.Popen | None = None
         self.dir = OUT / f"redis-{self.port}"
 
@@ -428,6 +434,14 @@ class RedisServer:
                 "--dir", str(self.dir), "--daemonize", "no"]
         argv += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else \
             ["--appendonly", "no"]
+        if self.tls_port:
+            cert, key = self.dir / "cert.pem", self.dir / "key.pem"
+            if not cert.exists():
+                subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                                "-subj", f"/CN={LOOPBACK}", "-keyout", str(key), "-out", str(cert)],
+                               check=True, capture_output=True)
+            argv += ["--tls-port", str(self.tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                     "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + 10

@@ -3,7 +3,7 @@
 process on the machine can disturb (wall-clock figures on a shared machine can).
 
     python3 bench/instructions.py BINARY [BINARY ...] [--path /live] [--requests 2000] [--redis]
-                                  [--bcrypt-cost 4]
+                                  [--bcrypt-cost 4] [--h2c] [--tls]
 
 For each binary: a master with one worker (WEB_CONCURRENCY=1) runs under
 `valgrind --tool=callgrind --trace-children=yes`, twice: once idle, once answering N `GET path`
@@ -12,6 +12,11 @@ runs boot, finish warming up and stop the same way, so the difference
 between the worker's totals, divided by N, is the cost of one request. With --redis, a real
 redis-server backs the cache and `/cache/k` holds a 64-byte value (a cached GET is then a Redis
 round trip); a build whose /cache needs a session gets one (register + login, Redis is real).
+
+With --redis --tls the Redis is reached over TLS (rediss://, a self-signed certificate, so
+REDIS_TLS_INSECURE=true): what a cached GET costs with a managed Redis that requires TLS.
+With --h2c the requests are cleartext HTTP/2 instead (h2load, one connection, one stream at a
+time), the path an HTTP/2 front end such as Cloud Run's end-to-end HTTP/2 takes.
 
 The idle run is the worker's boot, most of it the bcrypt pre-warm (one hash at BCRYPT_COST):
 `--bcrypt-cost 10 --requests 0` prints it at the default cost, which is what a login costs, so
@@ -66,7 +71,18 @@ def keepalive_gets(port: int, path: str, n: int, headers: dict) -> None:
                 raise SystemExit(f"GET {path} answered {status}")
 
 
-def worker_instructions(binary: Path, env: dict, path: str, n: int, redis: bool, bcrypt_cost: int) -> int:
+def h2c_gets(port: int, path: str, n: int, headers: dict) -> None:
+    argv = ["h2load", "-n", str(n), "-c", "1", "-m", "1"]
+    for name, value in headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    out = subprocess.run([*argv, f"http://{LOOPBACK}:{port}{path}"], capture_output=True, text=True,
+                         timeout=600, check=True).stdout
+    if not re.search(rf"status codes: {n} 2xx", out):
+        raise SystemExit(f"h2load {path}: not every request answered 2xx:\n{out}")
+
+
+def worker_instructions(binary: Path, env: dict, path: str, n: int, redis: bool, bcrypt_cost: int,
+                        h2c: bool = False) -> int:
     """Total instructions of the worker process of one run (the largest callgrind file that is
     not the master's)."""
     with tempfile.TemporaryDirectory() as out:
@@ -82,7 +98,7 @@ def worker_instructions(binary: Path, env: dict, path: str, n: int, redis: bool,
             wait_health(port, redis)
             headers = cache_session(port, "k", VALUE) if redis else {}
             if n:
-                keepalive_gets(port, path, n, headers)
+                (h2c_gets if h2c else keepalive_gets)(port, path, n, headers)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
@@ -105,15 +121,17 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--redis", action="store_true", help="a real Redis behind the cache")
     ap.add_argument("--bcrypt-cost", type=int, default=4, help="BCRYPT_COST of both runs (the pre-warm's hash)")
+    ap.add_argument("--h2c", action="store_true", help="requests over cleartext HTTP/2 (h2load)")
+    ap.add_argument("--tls", action="store_true", help="with --redis: Redis over TLS (rediss://)")
     args = ap.parse_args()
     print(f"{'binary':<50} {'idle':>14} {f'{args.requests} requests':>16} {'per request':>12}")
     for binary in args.binaries:
         def run(n: int) -> int:
             if not args.redis:
-                return worker_instructions(binary.resolve(), {}, args.path, n, False, args.bcrypt_cost)
-            with RedisServer() as redis:
-                return worker_instructions(binary.resolve(), {"REDIS_URL": redis.url}, args.path, n, True,
-                                           args.bcrypt_cost)
+                return worker_instructions(binary.resolve(), {}, args.path, n, False, args.bcrypt_cost, args.h2c)
+            with RedisServer(tls=args.tls) as redis:
+                env = {"REDIS_URL": redis.url, "REDIS_TLS_INSECURE": "true"}
+                return worker_instructions(binary.resolve(), env, args.path, n, True, args.bcrypt_cost, args.h2c)
         idle = run(0)
         if not args.requests:
             print(f"{str(binary):<50} {idle:>14,} {'-':>16} {'-':>12}")

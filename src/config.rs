@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches};
+use redis::ConnectionAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::platform::{self, Detected, Fit, Host};
@@ -802,12 +803,21 @@ impl Config {
         if let Some(url) = &self.redis_url {
             // The one full parse of the URL: the cache builds its connections from the same
             // string in each worker.
-            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
-                return Err(ConfigError {
-                    source_name: culprit(&["REDIS_URL"]).1,
-                    value: redact_url(url),
-                    expected: format!("a redis:// or rediss:// URL that parses ({})", e.category()),
-                });
+            let refuse = |expected: String| ConfigError {
+                source_name: culprit(&["REDIS_URL"]).1,
+                value: redact_url(url),
+                expected,
+            };
+            match redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+                Err(e) => return Err(refuse(format!("a redis:// or rediss:// URL that parses ({})", e.category()))),
+                // A non-special scheme's host is opaque to the URL standard: no IDNA, so a
+                // non-ASCII name arrives percent-encoded and no DNS server would ever find it.
+                Ok(info) => match info.addr() {
+                    ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. } if host.contains('%') => {
+                        return Err(refuse("an ASCII host name (write an international one in its xn-- form)".into()));
+                    }
+                    _ => {}
+                },
             }
         }
         if self.cache_default_ttl > self.cache_max_ttl {
@@ -1118,6 +1128,17 @@ mod tests {
         let line = err.to_string();
         assert!(line.starts_with("invalid REDIS_URL=") && line.contains("that parses"), "{line}");
         assert!(!line.contains("hunter2"), "{line}");
+    }
+
+    #[test]
+    fn an_international_redis_host_must_be_written_in_its_ascii_form() {
+        // A redis:// host gets no IDNA (a non-special URL scheme), with or without the URL
+        // parser's Unicode tables, which the binary leaves out (Cargo.toml, idna_adapter 1.0).
+        let err = resolve_env(&[("REDIS_URL", "redis://:hunter2@bücher.example:6379")]).unwrap_err().to_string();
+        assert!(err.starts_with("invalid REDIS_URL=") && err.contains("in its xn-- form"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let ascii = resolve_env(&[("REDIS_URL", "redis://:hunter2@xn--bcher-kva.example:6379")]).unwrap();
+        assert_eq!(ascii.redis_url.as_deref(), Some("redis://:hunter2@xn--bcher-kva.example:6379"));
     }
 
     #[test]
