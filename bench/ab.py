@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Two herdsman builds side by side, interleaved: is B as fast as A?
 
-    python3 bench/ab.py A_BINARY B_BINARY [--rounds 5] [--duration 5] [--json out.json]
+    python3 bench/ab.py A_BINARY B_BINARY [--rounds 5] [--duration 5] [--json out.json] [--tls]
 
 For a change that must not cost anything (a restructure, a release profile, metrics counting):
 boot (spawn -> first 200 on /health, no Redis), wrk GET /live, and wrk GET /cache/k served from a
@@ -11,7 +11,8 @@ the ratio B/A; a ratio within the spread of the rounds is noise, not a differenc
 
 A build whose /cache needs a session (Authorization: Bearer) gets one: the script registers and
 logs in a user through the binary itself (the Redis is real, so that works), and sends the token
-with every wrk request.
+with every wrk request. With --tls the servers reach that Redis over TLS (rediss://, a
+self-signed certificate, REDIS_TLS_INSECURE=true), as with a managed Redis that requires it.
 """
 
 from __future__ import annotations
@@ -55,14 +56,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=int, default=5, help="wrk seconds per run")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--tls", action="store_true", help="the servers reach Redis over TLS (rediss://)")
     args = ap.parse_args()
     binaries = {"A": args.a.resolve(), "B": args.b.resolve()}
     samples: dict = {k: {"boot_ms": [], "live_rps": [], "live_p99_ms": [], "cache_rps": [], "cache_p99_ms": []}
                      for k in binaries}
-    with RedisServer() as redis:
+    with RedisServer(tls=args.tls) as redis:
         servers, headers = {}, {}
         for key, binary in binaries.items():
-            srv = start(binary, {"REDIS_URL": redis.url}).__enter__()
+            srv = start(binary, {"REDIS_URL": redis.url, "REDIS_TLS_INSECURE": "true"}).__enter__()
             servers[key] = srv
             wait_workers_serving(srv, 2, redis=True)  # every worker: a login may land on either
             headers[key] = cache_session(srv.port, "k", VALUE)

@@ -18,9 +18,14 @@ if [ "${1:-}" = --quick ]; then
 fi
 seconds="${1:?usage: scripts/fuzz.sh [--quick] SECONDS [TARGET...]}"
 shift
-if (($#)); then targets=("$@"); else mapfile -t targets < <(cargo +nightly fuzz list); fi
-
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+# The list after the install: a process substitution's failure does not stop the script, and an
+# empty list would run nothing and pass (it did, on a machine without cargo-fuzz).
+if (($#)); then targets=("$@"); else mapfile -t targets < <(cargo +nightly fuzz list); fi
+if ((${#targets[@]} == 0)); then
+    echo "fuzz.sh: FAILED: no fuzz targets (cargo +nightly fuzz list printed none)" >&2
+    exit 1
+fi
 # Build first, so that each target's time below is time spent fuzzing.
 logs="$(mktemp -d)"
 trap 'rm -rf "$logs"' EXIT
