@@ -7,7 +7,10 @@ For a change that must not cost anything (a restructure, a release profile, metr
 boot (spawn -> first 200 on /health, no Redis), wrk GET /live, and wrk GET /cache/k served from a
 real Redis, each measured on A then B then A then B... so that whatever else the machine does
 (other builds, a noisy neighbour) hits both alike. It prints each figure's median per binary and
-the ratio B/A; a ratio within the spread of the rounds is noise, not a difference.
+the ratio B/A; a ratio within the spread of the rounds is noise, not a difference. Beside
+req/s and p99, `*_cpu_us` is the server's CPU time (user + kernel, master and workers, from
+/proc) per answered request: it counts what req/s hides (wrk shares the cores) and what
+callgrind's instruction count misses (the kernel, cache misses, code layout).
 
 A build whose /cache needs a session (Authorization: Bearer) gets one: the script registers and
 logs in a user through the binary itself (the Redis is real, so that works), and sends the token
@@ -19,22 +22,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from harness import LOOPBACK, RedisServer, Server, cache_session, free_port, log, parse_wrk, wait_workers_serving
+from harness import (LOOPBACK, RedisServer, Server, cache_session, free_port, log, parse_wrk, process_tree,
+                     wait_workers_serving)
 from measure import time_to_first_200
 
 CONNECTIONS = 32
 VALUE = b"0123456789abcdef" * 4  # 64 bytes, as measure_cache uses
+TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
 def start(binary: Path, env: dict | None = None) -> Server:
     port = free_port()
     return Server(f"ab-{binary.parent.name}", [str(binary)],
                   {"PORT": port, "WEB_CONCURRENCY": 2, "HERDSMAN_HOST": LOOPBACK, **(env or {})}, port)
+
+
+def cpu_ticks(srv: Server) -> int:
+    """User + system CPU time the server's processes (master and workers) have used, in ticks."""
+    total = 0
+    for pid in process_tree(srv.proc.pid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone since the listing
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total
 
 
 def wrk(port: int, path: str, duration: int, headers: dict) -> dict:
@@ -49,6 +67,16 @@ def wrk(port: int, path: str, duration: int, headers: dict) -> dict:
     return res
 
 
+def measured_wrk(srv: Server, path: str, duration: int, headers: dict) -> dict:
+    """wrk, plus the server's CPU time per answered request (µs): what one request costs the
+    machine, user and kernel, less disturbed than req/s by what else the machine runs (wrk is on
+    the same two cores, so req/s also counts wrk's share)."""
+    before = cpu_ticks(srv)
+    res = wrk(srv.port, path, duration, headers)
+    res["cpu_us"] = (cpu_ticks(srv) - before) * 1e6 / TICKS_PER_SECOND / res["requests"]
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("a", type=Path)
@@ -59,8 +87,8 @@ def main() -> None:
     ap.add_argument("--tls", action="store_true", help="the servers reach Redis over TLS (rediss://)")
     args = ap.parse_args()
     binaries = {"A": args.a.resolve(), "B": args.b.resolve()}
-    samples: dict = {k: {"boot_ms": [], "live_rps": [], "live_p99_ms": [], "cache_rps": [], "cache_p99_ms": []}
-                     for k in binaries}
+    figures = ("boot_ms", "live_rps", "live_p99_ms", "live_cpu_us", "cache_rps", "cache_p99_ms", "cache_cpu_us")
+    samples: dict = {k: {figure: [] for figure in figures} for k in binaries}
     with RedisServer(tls=args.tls) as redis:
         servers, headers = {}, {}
         for key, binary in binaries.items():
@@ -75,12 +103,11 @@ def main() -> None:
                 for key, binary in binaries.items():
                     with start(binary) as fresh:
                         samples[key]["boot_ms"].append(time_to_first_200(fresh, "/health")["first_200_ms"])
-                    live = wrk(servers[key].port, "/live", args.duration, {})
-                    cache = wrk(servers[key].port, "/cache/k", args.duration, headers[key])
-                    samples[key]["live_rps"].append(live["rps"])
-                    samples[key]["live_p99_ms"].append(live["p99_ms"])
-                    samples[key]["cache_rps"].append(cache["rps"])
-                    samples[key]["cache_p99_ms"].append(cache["p99_ms"])
+                    for name, path, hdrs in (("live", "/live", {}), ("cache", "/cache/k", headers[key])):
+                        res = measured_wrk(servers[key], path, args.duration, hdrs)
+                        samples[key][f"{name}_rps"].append(res["rps"])
+                        samples[key][f"{name}_p99_ms"].append(res["p99_ms"])
+                        samples[key][f"{name}_cpu_us"].append(res["cpu_us"])
         finally:
             for srv in servers.values():
                 srv.stop()
