@@ -82,6 +82,36 @@ impl Visit for Fields {
     }
 }
 
+impl Fields {
+    /// The text format's message and ` key=value` fields. Control characters are escaped (`\n`,
+    /// `\u{1b}`): a value a client chose (a username at login, a cache key) cannot end the line
+    /// and forge the next one, or drive a terminal. (The JSON format escapes them anyway.)
+    fn write_text(&self, out: &mut impl std::fmt::Write) -> std::fmt::Result {
+        write_escaped(out, &self.message)?;
+        for (key, value) in &self.rest {
+            write!(out, " {key}=")?;
+            match value {
+                serde_json::Value::String(s) => write_escaped(out, s)?,
+                other => write!(out, "{other}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+fn write_escaped(out: &mut impl std::fmt::Write, text: &str) -> std::fmt::Result {
+    if !text.chars().any(char::is_control) {
+        return out.write_str(text);
+    }
+    for c in text.chars() {
+        match c.is_control() {
+            true => write!(out, "{}", c.escape_default())?,
+            false => out.write_char(c)?,
+        }
+    }
+    Ok(())
+}
+
 impl<S, N> FormatEvent<S, N> for LineFormat
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
@@ -95,13 +125,8 @@ where
         let level = event.metadata().level();
         match self.format {
             LogFormat::Text => {
-                write!(writer, "{time} [{}] [{}] {level} {}", self.pid, self.role, fields.message)?;
-                for (key, value) in &fields.rest {
-                    match value {
-                        serde_json::Value::String(s) => write!(writer, " {key}={s}")?,
-                        other => write!(writer, " {key}={other}")?,
-                    }
-                }
+                write!(writer, "{time} [{}] [{}] {level} ", self.pid, self.role)?;
+                fields.write_text(&mut writer)?;
                 writeln!(writer)
             }
             LogFormat::Json => {
@@ -125,4 +150,31 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_lines_escape_control_characters_so_a_value_cannot_forge_a_line() {
+        let mut fields = Fields { message: "auth attempt\r\nthrottled".into(), ..Fields::default() };
+        let forged = "eve\n2026-11-25T08:00:00.000000Z [1] [master] INFO Listening at: http://evil";
+        fields.rest.insert("username".into(), forged.into());
+        fields.rest.insert("terminal".into(), "\u{1b}[2J".into());
+        fields.rest.insert("status".into(), 401.into());
+        let mut line = String::new();
+        fields.write_text(&mut line).expect("write");
+        assert!(!line.contains(['\n', '\r', '\u{1b}']), "{line:?}");
+        assert_eq!(
+            line,
+            "auth attempt\\r\\nthrottled status=401 terminal=\\u{1b}[2J \
+             username=eve\\n2026-11-25T08:00:00.000000Z [1] [master] INFO Listening at: http://evil"
+        );
+        // What has no control character is written as it is.
+        let plain = Fields { message: "redis connected".into(), ..Fields::default() };
+        let mut line = String::new();
+        plain.write_text(&mut line).expect("write");
+        assert_eq!(line, "redis connected");
+    }
 }

@@ -18,6 +18,7 @@
 //! refills to within [`WINDOW`] anyway.) The limits then hold per worker instead of per
 //! deployment. (Logins need Redis for the user record anyway.)
 
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,20 @@ impl Bucket {
         let digest = Sha256::digest(id.as_bytes());
         let short: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
         Bucket { key: format!("{THROTTLE_PREFIX}{kind}:{short}"), per_window: per_window.max(1) }
+    }
+
+    /// The `address` bucket of a client: its IPv4 address, or its IPv6 address's /64. One IPv6
+    /// host is usually given a whole /64 (SLAAC, a cloud VM's subnet), so counting single
+    /// addresses would hand a guesser 2^64 fresh buckets.
+    pub fn for_address(address: IpAddr, per_window: u32) -> Bucket {
+        let network = match address.to_canonical() {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => {
+                let network = Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX));
+                format!("{network}/64")
+            }
+        };
+        Bucket::new("address", &network, per_window)
     }
 }
 
@@ -186,6 +201,16 @@ mod tests {
         // ...and then the address is spent, whatever the account.
         let refused = throttle.take(&[address, Bucket::new("account", "carol", 3)]).await;
         assert!(refused.is_err());
+    }
+
+    #[test]
+    fn an_ipv6_client_is_counted_by_its_64_and_an_ipv4_one_by_its_address() {
+        let key = |address: &str| Bucket::for_address(address.parse().expect("address"), 10).key;
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff:ffff:ffff:ffff"), "one /64");
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"), "the next /64");
+        assert_eq!(key("::ffff:192.0.2.1"), key("192.0.2.1"), "IPv4-mapped is the IPv4 address");
+        assert_ne!(key("192.0.2.1"), key("192.0.2.2"));
+        assert_eq!(key("192.0.2.1"), Bucket::new("address", "192.0.2.1", 10).key);
     }
 
     #[test]

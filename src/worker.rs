@@ -248,12 +248,18 @@ const H2_MAX_PENDING_RESET_STREAMS: usize = 20;
 /// CVE-2025-8671). hyper's default, stated.
 const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
+/// Largest HTTP/1.1 request head, and the most a connection reads ahead of its handler. hyper's
+/// default (about 400 kB) let each connection hold that much: a 400 kB head was accepted, and
+/// every upload, even one refused unread, went through a buffer of that size. A longer head is
+/// answered 431; nginx's default is 32 KiB (four buffers of 8 KiB).
+const H1_MAX_BUF_BYTES: usize = 64 * 1024;
+
 /// HTTP/1.1 with upgrades and HTTP/2 with prior knowledge on the same connections.
 fn connection_builder() -> auto::Builder<TokioExecutor> {
     let mut http = auto::Builder::new(TokioExecutor::new());
     // hyper's header timer would also count idle keep-alive time; the connection's own deadline
     // keeps the two apart (see `http::connection_deadline`).
-    http.http1().timer(TokioTimer::new()).header_read_timeout(None);
+    http.http1().timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(H1_MAX_BUF_BYTES);
     http.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)

@@ -76,6 +76,25 @@ fn oversized_chunked_bodies_get_413_too() {
     assert!(response.starts_with("HTTP/1.1 413"), "{response:?}");
 }
 
+/// Sends `GET /live` with one header of `bytes` bytes; the status line of the answer.
+fn live_with_a_header_of(port: u16, bytes: usize) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let head = format!("GET /live HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n", "a".repeat(bytes));
+    let _ = stream.write_all(head.as_bytes());
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn a_request_head_over_64_kib_gets_431_and_the_worker_lives_on() {
+    let server = start(&[("WEB_CONCURRENCY", "1")]);
+    assert_eq!(live_with_a_header_of(server.port, 48 * 1024), "HTTP/1.1 200 OK");
+    assert_eq!(live_with_a_header_of(server.port, 70 * 1024), "HTTP/1.1 431 Request Header Fields Too Large");
+    assert_eq!(live_with_a_header_of(server.port, 100), "HTTP/1.1 200 OK");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_handler_gets_503_at_the_request_timeout() {
     let server = start(&[("WEB_CONCURRENCY", "1"), ("HERDSMAN_REQUEST_TIMEOUT", "0.5")]);

@@ -4,7 +4,8 @@
 //!
 //! # Throttling
 //! Register and login take a token from two [`crate::throttle`] buckets, the client address's
-//! (`HERDSMAN_AUTH_LIMIT_ADDRESS` a minute, the address found by [`super::client_addr`]) and the
+//! (`HERDSMAN_AUTH_LIMIT_ADDRESS` a minute, the address found by [`super::client_addr`]; an
+//! IPv6 one by its /64, [`Bucket::for_address`]) and the
 //! account's (`HERDSMAN_AUTH_LIMIT_ACCOUNT` a minute), before any bcrypt work; an attempt over
 //! either limit is `429` with `Retry-After` in whole seconds. Without `REDIS_URL` the routes
 //! answer `503` before that (there are no users).
@@ -34,7 +35,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -55,6 +56,10 @@ pub const USER_PREFIX: &str = "herdsman:user:";
 pub use crate::hasher::MAX_PASSWORD_BYTES;
 pub const MIN_PASSWORD_BYTES: usize = 8;
 pub const MAX_USERNAME_CHARS: usize = 64;
+/// Largest body `/auth/register` and `/auth/login` read: a name and a password, escaped, fit many
+/// times over. These routes are open to anyone and read their body before the throttle can
+/// refuse, so it costs an anonymous client at most this much, not `HERDSMAN_MAX_BODY_BYTES`.
+pub const MAX_CREDENTIALS_BODY_BYTES: usize = 4 * 1024;
 
 /// A register or login request body.
 #[derive(Deserialize)]
@@ -184,7 +189,7 @@ impl AuthState {
     async fn throttle(&self, peer: PeerAddr, headers: &HeaderMap, username: &str) -> Result<(), ApiError> {
         let address = client_addr(peer.0, headers, self.limits.trusted_proxies);
         let buckets = [
-            Bucket::new("address", &address.to_string(), self.limits.per_address),
+            Bucket::for_address(address, self.limits.per_address),
             Bucket::new("account", username, self.limits.per_account),
         ];
         self.throttle.take(&buckets).await.inspect_err(|_| {
@@ -223,6 +228,7 @@ pub fn routes(api: AuthApi) -> Router {
         .route("/auth/login", post(login))
         .route("/auth/logout", post(logout))
         .route("/auth/me", get(me))
+        .layer(DefaultBodyLimit::max(MAX_CREDENTIALS_BODY_BYTES))
         .with_state(state)
 }
 
@@ -404,6 +410,17 @@ mod tests {
                 assert_eq!(status, *expected, "{uri} {body}");
                 assert!(json["error"].is_string(), "{uri} {body}: {json}");
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn credentials_past_4_kib_are_413_before_anything_else() {
+        let app = app();
+        let padded = format!(r#"{{"username":"alice","password":"password123","pad":"{}"}}"#, "x".repeat(4096));
+        for uri in ["/auth/register", "/auth/login"] {
+            let (status, _, json) = post(&app, uri, JSON, &padded).await;
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{uri}: {json}");
+            assert!(json["error"].is_string(), "{uri}: {json}");
         }
     }
 

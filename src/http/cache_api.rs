@@ -42,12 +42,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use http_body_util::BodyExt;
 use serde::Deserialize;
 
 use super::error::ApiError;
@@ -159,22 +160,24 @@ async fn get_value(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(
     }
 }
 
+/// The body is the last thing read, by the handler itself rather than by an extractor (which
+/// axum would run first): a PUT without a valid session, or with a bad key or `ttl`, is refused
+/// before any of its body is kept, so anonymous uploads cost the worker no memory however many
+/// arrive at once.
 async fn put_value(
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
     Path(key): Path<String>,
     params: Result<Query<PutParams>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Response {
-    let (username, cache_key) = match user_key(&state, &headers, &key).await {
-        Ok(found) => found,
-        Err(err) => return err.into_response(),
+    let checked = user_key(&state, request.headers(), &key)
+        .await
+        .and_then(|found| Ok((found, parse_ttl(params, &state.limits)?)));
+    let ((username, cache_key), ttl) = match checked {
+        Ok(checked) => checked,
+        Err(err) => return refuse_unread(request, err).await,
     };
-    let ttl = match parse_ttl(params, &state.limits) {
-        Ok(ttl) => ttl,
-        Err(err) => return err.into_response(),
-    };
-    let value = match body {
+    let value = match Bytes::from_request(request, &()).await {
         Ok(value) => value,
         // 413 for an oversized body, 400 for one that could not be read.
         Err(rejection) => return error(rejection.status(), rejection.body_text()),
@@ -184,6 +187,23 @@ async fn put_value(
         Ok(Err(err)) => cache_error(err),
         Err(refused) => refused.into_response(),
     }
+}
+
+/// Answers `err` to a request whose body was not read, after reading and dropping that body
+/// (bounded by the guard's body limit and request timeout): closing a connection with unread
+/// bytes in it sends a reset, which can destroy the answer before the client reads it, so a
+/// client whose token had just expired would see a broken connection instead of its 401. A
+/// client that sent `Expect: 100-continue` is waiting to be asked for the body, and is not.
+async fn refuse_unread(request: Request, err: ApiError) -> Response {
+    let awaits_continue = request
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|expect| expect.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if !awaits_continue {
+        let mut body = request.into_body();
+        while let Some(Ok(_)) = body.frame().await {}
+    }
+    err.into_response()
 }
 
 async fn delete_value(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(key): Path<String>) -> Response {
