@@ -102,6 +102,20 @@ fn env(redis_url: Option<&str>) -> Vec<(&str, &str)> {
     env
 }
 
+/// A real Redis, the server on it (with `extra` settings) once it has connected, and a session
+/// of `username`; `None` where no Redis can be started.
+async fn logged_in(extra: &[(&str, &str)], username: &str) -> Option<(TestRedis, Herdsman, String)> {
+    let redis = TestRedis::start().await?;
+    let server = {
+        let mut settings = env(Some(&redis.url));
+        settings.extend_from_slice(extra);
+        start(&settings)
+    };
+    server.wait_for_log("redis connected", Duration::from_secs(10));
+    let token = support::register_and_login(&reqwest::Client::new(), &server, username).await;
+    Some((redis, server, token))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_anonymous_flood_is_all_401_and_costs_no_memory() {
     // No Redis, so no sessions: the flood is turned away before its bodies are kept.
@@ -114,10 +128,7 @@ async fn an_anonymous_flood_is_all_401_and_costs_no_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_while_redis_is_gone_stays_within_the_budget_and_refuses_what_it_cannot_keep() {
-    let Some(redis) = TestRedis::start().await else { return };
-    let server = start(&env(Some(&redis.url)));
-    server.wait_for_log("redis connected", Duration::from_secs(10));
-    let token = support::register_and_login(&reqwest::Client::new(), &server, "flooder").await;
+    let Some((redis, server, token)) = logged_in(&[], "flooder").await else { return };
     // The worker has verified the session; it trusts it through the outage (src/sessions.rs).
     let me = support::client_with_token(&token).get(server.url("/auth/me")).send().await.expect("me");
     assert_eq!(me.status(), 200);
@@ -129,15 +140,52 @@ async fn a_flood_while_redis_is_gone_stays_within_the_budget_and_refuses_what_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_with_redis_up_stays_within_the_budget() {
-    let Some(redis) = TestRedis::start().await else { return };
-    let server = start(&env(Some(&redis.url)));
-    server.wait_for_log("redis connected", Duration::from_secs(10));
-    let token = support::register_and_login(&reqwest::Client::new(), &server, "flooder").await;
+    let Some((_redis, server, token)) = logged_in(&[], "flooder").await else { return };
     let outcome = flood_and_measure(&server, Some(&token)).await;
     assert_eq!(outcome.stored, VALUES, "{outcome:?}");
     // The newest values are still there; the oldest were evicted from memory, not the process.
     let last = support::client_with_token(&token).get(server.url(&format!("/cache/flood{}", VALUES - 1))).send();
     assert_eq!(last.await.expect("GET").status(), 200);
+}
+
+/// 48 uploads of 1 MB in flight at once on as many connections, each with all but its last
+/// 40 kB sent: the worker's growth then, and each one's status line once its body is complete.
+fn uploads_in_flight(server: &Herdsman, token: Option<&str>) -> (u64, Vec<String>) {
+    use std::io::{Read, Write};
+    const CONNECTIONS: usize = 48;
+    const SENT_FIRST: usize = 960_000;
+    server.wait_for_log("ready in", Duration::from_secs(10));
+    let worker = server.workers()[0];
+    let baseline = rss_bytes(worker);
+    let authorization = token.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
+    let address = server.url("").trim_start_matches("http://").to_string();
+    let mut uploads: Vec<std::net::TcpStream> = (0..CONNECTIONS)
+        .map(|i| {
+            let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+            stream.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
+            let head = format!(
+                "PUT /cache/up{i} HTTP/1.1\r\nHost: 127.0.0.1\r\n{authorization}Content-Length: {VALUE_BYTES}\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).expect("head");
+            stream.write_all(&vec![(i % 251) as u8; SENT_FIRST]).expect("most of the body");
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let growth = rss_bytes(worker).saturating_sub(baseline);
+    let statuses = uploads
+        .iter_mut()
+        .map(|stream| {
+            stream.write_all(&vec![0u8; VALUE_BYTES - SENT_FIRST]).expect("the rest of the body");
+            stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+            let mut answer = [0u8; 12];
+            stream.read_exact(&mut answer).expect("an answer");
+            String::from_utf8_lossy(&answer).into_owned()
+        })
+        .collect();
+    assert_eq!(server.workers(), vec![worker], "the worker lives on");
+    eprintln!("48 uploads of {SENT_FIRST} B in flight: worker RSS +{} KiB", growth >> 10);
+    (growth, statuses)
 }
 
 /// Anonymous uploads in flight at once: `PUT` bodies that are refused (no session) are read and
@@ -146,38 +194,95 @@ async fn a_flood_with_redis_up_stays_within_the_budget() {
 /// before the session check): 48 of them held ~46 MB.
 #[test]
 fn concurrent_anonymous_uploads_are_not_held_in_memory() {
-    use std::io::{Read, Write};
-    const CONNECTIONS: usize = 48;
-    const BODY: usize = 1_000_000;
-    const SENT_FIRST: usize = 960_000;
     let server = start(&env(None));
-    server.wait_for_log("ready in", Duration::from_secs(10));
-    let worker = server.workers()[0];
-    let baseline = rss_bytes(worker);
-    let head = format!("PUT /cache/k HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {BODY}\r\n\r\n");
-    let address = server.url("").trim_start_matches("http://").to_string();
-    // Each connection sends all but the last 40 kB of its body, so all 48 are in flight at once.
-    let mut uploads: Vec<std::net::TcpStream> = (0..CONNECTIONS)
-        .map(|i| {
-            let mut stream = std::net::TcpStream::connect(&address).expect("connect");
-            stream.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
-            stream.write_all(head.as_bytes()).expect("head");
-            stream.write_all(&vec![(i % 251) as u8; SENT_FIRST]).expect("most of the body");
-            stream
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(500));
-    let growth = rss_bytes(worker).saturating_sub(baseline);
-    eprintln!("{CONNECTIONS} anonymous uploads of {SENT_FIRST} B in flight: worker RSS +{} KiB", growth >> 10);
+    let (growth, statuses) = uploads_in_flight(&server, None);
     // Measured +7 MiB: 48 read buffers of 64 KiB (HTTP/1.1's, src/worker.rs) and the allocator's
     // slack. Buffered whole, as before, +46 MiB.
     assert!(growth < 16 << 20, "the worker grew by {} MiB", growth >> 20);
-    for stream in &mut uploads {
-        stream.write_all(&vec![0u8; BODY - SENT_FIRST]).expect("the rest of the body");
-        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-        let mut answer = [0u8; 12];
-        stream.read_exact(&mut answer).expect("an answer");
-        assert_eq!(&answer, b"HTTP/1.1 401", "{}", String::from_utf8_lossy(&answer));
+    assert!(statuses.iter().all(|status| status == "HTTP/1.1 401"), "{statuses:?}");
+}
+
+/// Logged-in uploads in flight at once take their size from the worker's in-flight budget
+/// (`HERDSMAN_CACHE_MAX_BYTES`, 16 MiB here) before their bodies are read: 16 of 1 MB are read
+/// and stored, the others are read, dropped and answered 503 with `Retry-After`. Before: all
+/// 48 were buffered at once, as the anonymous ones were (+46 MiB); measured now +20 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_logged_in_uploads_hold_at_most_the_in_flight_budget() {
+    let Some((_redis, server, token)) = logged_in(&[], "uploader").await else { return };
+    let (growth, statuses) = tokio::task::spawn_blocking(move || {
+        let outcome = uploads_in_flight(&server, Some(&token));
+        drop(server);
+        outcome
+    })
+    .await
+    .expect("the uploads");
+    let stored = statuses.iter().filter(|status| *status == "HTTP/1.1 204").count();
+    let busy = statuses.iter().filter(|status| *status == "HTTP/1.1 503").count();
+    assert_eq!((stored, busy), (16, 32), "{statuses:?}");
+    assert!(growth < BUDGET + (8 << 20), "the worker grew by {} MiB", growth >> 20);
+}
+
+/// Slow readers: one logged-in client asks for a 1 MB value on 64 HTTP/2 streams of one
+/// connection and never opens its flow-control window, so no answer can leave the worker.
+/// Every answer takes its size from the worker's in-flight budget (`HERDSMAN_CACHE_MAX_BYTES`,
+/// 16 MiB here) until hyper has taken its last piece: past the budget the streams are 503, and
+/// the worker holds at most the budget. Before: 64 copies, +62 MiB, for a few kilobytes of
+/// requests. (Over HTTP/1.1 the kernel's socket buffers take a 1 MB answer whole.) The Redis
+/// deadline's floor is raised so that the 64 MB of replies queued on the worker's Redis
+/// connections cannot open the breaker, which would serve them all from one copy in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_of_a_large_value_hold_at_most_the_in_flight_budget() {
+    use std::io::{Read, Write};
+    const STREAMS: u32 = 64;
+    let Some((_redis, server, token)) = logged_in(&[("HERDSMAN_REDIS_MIN_TIMEOUT", "1")], "reader").await else {
+        return;
+    };
+    let put = support::client_with_token(&token).put(server.url("/cache/big")).body(vec![7u8; VALUE_BYTES]).send();
+    assert_eq!(put.await.expect("PUT").status(), 204);
+    let worker = server.workers()[0];
+    let baseline = rss_bytes(worker);
+
+    // Prior knowledge h2; HPACK by hand: GET, http and :authority from the static table, the
+    // path as a literal with an indexed name, authorization as a literal with a new name.
+    let authorization = format!("Bearer {token}");
+    assert!(authorization.len() < 127, "one-byte HPACK length");
+    let mut block = vec![0x82, 0x86, 0x04, 10];
+    block.extend_from_slice(b"/cache/big");
+    block.extend_from_slice(&[0x41, 1, b'x', 0x00, 13]);
+    block.extend_from_slice(b"authorization");
+    block.push(authorization.len() as u8);
+    block.extend_from_slice(authorization.as_bytes());
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").expect("preface");
+    for id in (0..STREAMS).map(|n| 2 * n + 1) {
+        let length = u32::try_from(block.len()).expect("short").to_be_bytes();
+        let mut frame = vec![length[1], length[2], length[3], 0x1, 0x5];
+        frame.extend_from_slice(&id.to_be_bytes());
+        frame.extend_from_slice(&block);
+        stream.write_all(&frame).expect("HEADERS");
     }
+    // Each stream's response head (not flow-controlled): `:status 200` is HPACK's static 0x88.
+    let (mut answered, mut refused) = (0, 0);
+    while answered + refused < STREAMS {
+        let mut head = [0u8; 9];
+        stream.read_exact(&mut head).expect("a frame");
+        let mut payload = vec![0u8; u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize];
+        stream.read_exact(&mut payload).expect("its payload");
+        match (head[3], payload.first()) {
+            (0x1, Some(0x88)) => answered += 1,
+            (0x1, _) => refused += 1,
+            _ => {}
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let growth = rss_bytes(worker).saturating_sub(baseline);
+    eprintln!(
+        "{STREAMS} unread h2 streams of {VALUE_BYTES} B: {answered} answered, {refused} refused, worker RSS +{} MiB",
+        growth >> 20
+    );
+    // 16 MiB holds 16 values of 1 MB (each counted in whole KiB); the rest are refused.
+    assert!((1..=17).contains(&answered), "{answered} answered, {refused} refused");
+    assert!(growth < BUDGET + (8 << 20), "the worker grew by {} MiB", growth >> 20);
     assert_eq!(server.workers(), vec![worker], "the worker lives on");
 }

@@ -435,6 +435,12 @@ impl Cache {
         Ok((value, Tier::Memory))
     }
 
+    /// The size of this worker's memory copy of `key`, if it has a live one: what a read of it
+    /// will most likely return, known before the read (Redis may hold another value by now).
+    pub fn cached_len(&self, key: &str) -> Option<usize> {
+        self.inner.memory.get(key).filter(Entry::is_live).map(|entry| entry.value.len())
+    }
+
     /// Stores a value in memory and, when it is up, in Redis.
     pub async fn set(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<(), CacheError> {
         self.set_with_tier(key, value, ttl).await.map(|_| ())

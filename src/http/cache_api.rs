@@ -41,7 +41,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -52,6 +52,7 @@ use http_body_util::BodyExt;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use super::in_flight::{BudgetedBody, InFlight};
 use super::quota::Quotas;
 use crate::cache::{Cache, CacheError, Tier};
 use crate::sessions::Sessions;
@@ -70,6 +71,9 @@ pub struct Limits {
     pub default_ttl: Duration,
     /// A longer `?ttl=` is 400.
     pub max_ttl: Duration,
+    /// Bytes of values the routes may hold at once, being uploaded or sent ([`InFlight`]); past
+    /// it a request is 503. The stand-alone binary gives it `HERDSMAN_CACHE_MAX_BYTES`.
+    pub max_in_flight_bytes: u64,
 }
 
 struct ApiState {
@@ -77,11 +81,13 @@ struct ApiState {
     sessions: Sessions,
     quotas: Quotas,
     limits: Limits,
+    in_flight: InFlight,
 }
 
 /// The cache routes; `sessions` says who is calling, `quotas` how much they may store.
 pub fn routes(cache: Cache, sessions: Sessions, quotas: Quotas, limits: Limits) -> Router {
-    let state = Arc::new(ApiState { cache, sessions, quotas, limits });
+    let in_flight = InFlight::new(limits.max_in_flight_bytes, limits.max_value_bytes);
+    let state = Arc::new(ApiState { cache, sessions, quotas, limits, in_flight });
     Router::new()
         .route("/cache/{key}", get(get_value).put(put_value).delete(delete_value))
         .layer(DefaultBodyLimit::max(limits.max_value_bytes))
@@ -151,10 +157,26 @@ async fn get_value(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(
         Ok((_, key)) => key,
         Err(err) => return err.into_response(),
     };
+    // A value this worker has seen takes its share before it is fetched, so that refused reads
+    // cost no fetch (and no copy of the value) at all; an unknown one once it is fetched.
+    let expected = state.cache.cached_len(&key);
+    let early = match expected.map(|len| state.in_flight.try_take(len)) {
+        Some(None) => return busy().into_response(),
+        Some(share) => share,
+        None => None,
+    };
     match state.cache.get_with_tier(&key).await {
-        Ok((Some(value), tier)) => {
-            with_tier(([(header::CONTENT_TYPE, "application/octet-stream")], value).into_response(), tier)
-        }
+        Ok((Some(value), tier)) => match early
+            .filter(|_| expected.is_some_and(|len| value.len() <= len))
+            .or_else(|| state.in_flight.try_take(value.len()))
+        {
+            Some(share) => with_tier(
+                ([(header::CONTENT_TYPE, "application/octet-stream")], Body::new(BudgetedBody::new(value, share)))
+                    .into_response(),
+                tier,
+            ),
+            None => busy().into_response(),
+        },
         Ok((None, tier)) => with_tier(error(StatusCode::NOT_FOUND, "no such key"), tier),
         Err(err) => cache_error(err),
     }
@@ -177,6 +199,12 @@ async fn put_value(
         Ok(checked) => checked,
         Err(err) => return refuse_unread(request, err).await,
     };
+    // The most this body can hold: what it declares, else the limit.
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+    let Some(_share) = state.in_flight.try_take(declared.unwrap_or(usize::MAX).min(state.limits.max_value_bytes))
+    else {
+        return refuse_unread(request, busy()).await;
+    };
     let value = match Bytes::from_request(request, &()).await {
         Ok(value) => value,
         // 413 for an oversized body, 400 for one that could not be read.
@@ -187,6 +215,15 @@ async fn put_value(
         Ok(Err(err)) => cache_error(err),
         Err(refused) => refused.into_response(),
     }
+}
+
+/// The worker holds all the values in transit it may ([`InFlight`]).
+fn busy() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "this worker is sending and receiving all the values it may hold; retry",
+    )
+    .retry_after(1)
 }
 
 /// Answers `err` to a request whose body was not read, after reading and dropping that body
@@ -235,6 +272,7 @@ mod tests {
             max_value_bytes: 64,
             default_ttl: Duration::from_secs(5),
             max_ttl: Duration::from_secs(60),
+            max_in_flight_bytes: 1 << 20,
         };
         routes(cache, Sessions::new(None, Duration::from_secs(60)), Quotas::new(10, 100), limits)
     }

@@ -14,6 +14,7 @@ pub mod connection_deadline;
 pub mod error;
 pub mod guard;
 pub mod health;
+pub mod in_flight;
 pub mod metrics_route;
 pub mod queue_time;
 pub mod quota;
@@ -62,6 +63,7 @@ pub fn cache_routes(services: &Services) -> Router {
         max_value_bytes: config.max_body_bytes,
         default_ttl: config.cache_default_ttl,
         max_ttl: config.cache_max_ttl,
+        max_in_flight_bytes: config.cache_max_bytes,
     };
     let quotas = quota::Quotas::new(config.user_max_keys, config.user_max_bytes);
     cache_api::routes(services.cache.clone(), services.sessions.clone(), quotas, limits)
