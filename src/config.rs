@@ -117,8 +117,9 @@ pub struct Config {
     pub bcrypt_cost: u32,
     /// Keys loaded from Redis into memory at boot. `CACHE_WARM_KEYS`, comma-separated.
     pub cache_warm_keys: Vec<String>,
-    /// Bytes (keys and values) the in-memory cache holds at most per worker, and as much again
-    /// for writes waiting to be replayed to Redis. `HERDSMAN_CACHE_MAX_BYTES`, default 64 MiB.
+    /// Bytes (keys and values) the in-memory cache holds at most per worker, as much again for
+    /// writes waiting to be replayed to Redis, and as much again for `/cache` values in transit
+    /// to and from clients. `HERDSMAN_CACHE_MAX_BYTES`, default 64 MiB.
     pub cache_max_bytes: u64,
     /// Lifetime of a value stored over HTTP without `?ttl=`. `HERDSMAN_CACHE_DEFAULT_TTL`,
     /// default 1 h: nothing a client stores lives for ever by accident.

@@ -31,6 +31,10 @@
 //! is away, a write this worker cannot hold for replay is `507 Insufficient Storage` with
 //! `Retry-After`: it was not kept, and the client is told so.
 //!
+//! Values in transit (a `PUT`'s body being read, a `GET`'s answer until the client has taken it)
+//! hold a share of the worker's [`InFlight`] budget; past it the answer is `503` with
+//! `Retry-After`, so clients that do not read cannot make the worker hold a copy per request.
+//!
 //! Every answer carries `x-cache-tier: redis|memory`, saying which tier
 //! served it, so an operator (or a test) can see the circuit breaker at work
 //! without reading logs. Errors are JSON `{"error": "..."}`: a key longer than
