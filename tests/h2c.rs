@@ -4,13 +4,13 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use support::{start, Herdsman};
+use support::{read_h2_frame, start, Herdsman, H2_PREFACE};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -70,27 +70,15 @@ fn the_server_limits_streams_per_connection_and_h2load_gets_every_request_answer
     assert!(report.contains("status codes: 4000 2xx"), "{report}");
 }
 
-/// The client's connection preface, and an empty SETTINGS frame.
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
 const GOAWAY: u8 = 0x7;
 const HEADERS: u8 = 0x1;
 
 const PING: u8 = 0x6;
 
-/// One frame's type, flags and payload, `None` at the end of the connection.
-fn read_frame(stream: &mut TcpStream) -> Option<(u8, u8, Vec<u8>)> {
-    let mut head = [0u8; 9];
-    stream.read_exact(&mut head).ok()?;
-    let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-    let mut payload = vec![0u8; length];
-    stream.read_exact(&mut payload).ok()?;
-    Some((head[3], head[4], payload))
-}
-
 fn connect_h2(server: &Herdsman) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
     stream.set_read_timeout(Some(SECS(15))).unwrap();
-    stream.write_all(PREFACE).unwrap();
+    stream.write_all(H2_PREFACE).unwrap();
     stream
 }
 
@@ -107,7 +95,7 @@ async fn a_drain_sends_goaway_lets_open_streams_finish_and_completes() {
     server.signal(Signal::SIGTERM);
     let idle_frames = tokio::task::spawn_blocking(move || {
         let mut types = Vec::new();
-        while let Some((kind, flags, payload)) = read_frame(&mut idle) {
+        while let Some((kind, flags, payload)) = read_h2_frame(&mut idle) {
             types.push(kind);
             // hyper's graceful GOAWAY waits for a PING's answer before it closes, as a live
             // client gives it.
@@ -138,13 +126,13 @@ fn an_idle_h2_connection_lives_for_the_keep_alive_timeout_not_the_header_timeout
     let mut frame = vec![0, 0, block.len() as u8, HEADERS, 0x5, 0, 0, 0, 1];
     frame.extend_from_slice(&block);
     stream.write_all(&frame).unwrap();
-    while read_frame(&mut stream).expect("the response").0 != HEADERS {}
+    while read_h2_frame(&mut stream).expect("the response").0 != HEADERS {}
     let answered = Instant::now();
     // A PING (answered, so the connection is alive) well past the 1 s header timeout.
     std::thread::sleep(Duration::from_millis(2000));
     stream.write_all(&[0, 0, 8, PING, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
     let mut kinds = Vec::new();
-    while let Some((kind, _, _)) = read_frame(&mut stream) {
+    while let Some((kind, _, _)) = read_h2_frame(&mut stream) {
         kinds.push(kind);
     }
     let closed_after = answered.elapsed();

@@ -158,10 +158,9 @@ fn uploads_in_flight(server: &Herdsman, token: Option<&str>) -> (u64, Vec<String
     let worker = server.workers()[0];
     let baseline = rss_bytes(worker);
     let authorization = token.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
-    let address = server.url("").trim_start_matches("http://").to_string();
     let mut uploads: Vec<std::net::TcpStream> = (0..CONNECTIONS)
         .map(|i| {
-            let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
             stream.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
             let head = format!(
                 "PUT /cache/up{i} HTTP/1.1\r\nHost: 127.0.0.1\r\n{authorization}Content-Length: {VALUE_BYTES}\r\n\r\n"
@@ -232,7 +231,7 @@ async fn concurrent_logged_in_uploads_hold_at_most_the_in_flight_budget() {
 /// connections cannot open the breaker, which would serve them all from one copy in memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_readers_of_a_large_value_hold_at_most_the_in_flight_budget() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     const STREAMS: u32 = 64;
     let Some((_redis, server, token)) = logged_in(&[("HERDSMAN_REDIS_MIN_TIMEOUT", "1")], "reader").await else {
         return;
@@ -254,7 +253,7 @@ async fn slow_readers_of_a_large_value_hold_at_most_the_in_flight_budget() {
     block.extend_from_slice(authorization.as_bytes());
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
     stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").expect("preface");
+    stream.write_all(support::H2_PREFACE).expect("preface");
     for id in (0..STREAMS).map(|n| 2 * n + 1) {
         let length = u32::try_from(block.len()).expect("short").to_be_bytes();
         let mut frame = vec![length[1], length[2], length[3], 0x1, 0x5];
@@ -265,11 +264,8 @@ async fn slow_readers_of_a_large_value_hold_at_most_the_in_flight_budget() {
     // Each stream's response head (not flow-controlled): `:status 200` is HPACK's static 0x88.
     let (mut answered, mut refused) = (0, 0);
     while answered + refused < STREAMS {
-        let mut head = [0u8; 9];
-        stream.read_exact(&mut head).expect("a frame");
-        let mut payload = vec![0u8; u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize];
-        stream.read_exact(&mut payload).expect("its payload");
-        match (head[3], payload.first()) {
+        let (kind, _, payload) = support::read_h2_frame(&mut stream).expect("a frame");
+        match (kind, payload.first()) {
             (0x1, Some(0x88)) => answered += 1,
             (0x1, _) => refused += 1,
             _ => {}

@@ -45,7 +45,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -163,24 +163,32 @@ async fn get_value(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(
     };
     // A value this worker has seen takes its share before it is fetched, so that refused reads
     // cost no fetch (and no copy of the value) at all; an unknown one once it is fetched.
-    let expected = state.cache.cached_len(&key);
-    let early = match expected.map(|len| state.in_flight.try_take(len)) {
-        Some(None) => return busy().into_response(),
-        Some(share) => share,
+    let early = match state.cache.cached_len(&key) {
+        Some(expected) => match state.in_flight.try_take(expected) {
+            Some(share) => Some((expected, share)),
+            None => return busy().into_response(),
+        },
         None => None,
     };
     match state.cache.get_with_tier(&key).await {
-        Ok((Some(value), tier)) => match early
-            .filter(|_| expected.is_some_and(|len| value.len() <= len))
-            .or_else(|| state.in_flight.try_take(value.len()))
-        {
-            Some(share) => with_tier(
-                ([(header::CONTENT_TYPE, "application/octet-stream")], Body::new(BudgetedBody::new(value, share)))
-                    .into_response(),
-                tier,
-            ),
-            None => busy().into_response(),
-        },
+        Ok((Some(value), tier)) => {
+            let share = match early {
+                Some((expected, share)) if value.len() <= expected => Some(share),
+                // Larger than seen (or not seen): the early share goes back before a new one.
+                other => {
+                    drop(other);
+                    state.in_flight.try_take(value.len())
+                }
+            };
+            match share {
+                Some(share) => with_tier(
+                    ([(header::CONTENT_TYPE, "application/octet-stream")], Body::new(BudgetedBody::new(value, share)))
+                        .into_response(),
+                    tier,
+                ),
+                None => busy().into_response(),
+            }
+        }
         Ok((None, tier)) => with_tier(error(StatusCode::NOT_FOUND, "no such key"), tier),
         Err(err) => cache_error(err),
     }
@@ -203,10 +211,12 @@ async fn put_value(
         Ok(checked) => checked,
         Err(err) => return refuse_unread(request, err).await,
     };
-    // The most this body can hold: what it declares, else the limit.
-    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
-    let Some(_share) = state.in_flight.try_take(declared.unwrap_or(usize::MAX).min(state.limits.max_value_bytes))
-    else {
+    // The most this body can hold: its size hint (hyper's reading of Content-Length, capped by
+    // the guard's limit), else the limit.
+    let limit = state.limits.max_value_bytes;
+    let most =
+        request.body().size_hint().upper().map_or(limit, |upper| usize::try_from(upper).unwrap_or(limit).min(limit));
+    let Some(_share) = state.in_flight.try_take(most) else {
         return refuse_unread(request, busy()).await;
     };
     let value = match Bytes::from_request(request, &()).await {

@@ -2,7 +2,7 @@
 //! real signals, and a small load generator that records every request's outcome.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -347,4 +347,17 @@ fn bearer(token: &str) -> reqwest::header::HeaderMap {
 /// A client that sends `Authorization: Bearer {token}` with every request.
 pub fn client_with_token(token: &str) -> reqwest::Client {
     reqwest::Client::builder().default_headers(bearer(token)).build().expect("client")
+}
+
+/// An HTTP/2 client's connection preface with prior knowledge, and an empty SETTINGS frame.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+/// One HTTP/2 frame's type, flags and payload, `None` at the end of the connection.
+pub fn read_h2_frame(stream: &mut std::net::TcpStream) -> Option<(u8, u8, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).ok()?;
+    let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; length];
+    stream.read_exact(&mut payload).ok()?;
+    Some((head[3], head[4], payload))
 }
