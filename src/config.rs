@@ -125,7 +125,8 @@ pub struct Config {
     /// default 1 h: nothing a client stores lives for ever by accident.
     #[serde(with = "secs")]
     pub cache_default_ttl: Duration,
-    /// The longest `?ttl=` accepted (longer is 400). `HERDSMAN_CACHE_MAX_TTL`, default 1 day.
+    /// The longest `?ttl=` accepted (longer is 400), and how long a delete's tombstone stays in
+    /// Redis (docs/consistency.md). `HERDSMAN_CACHE_MAX_TTL`, default 1 day.
     #[serde(with = "secs")]
     pub cache_max_ttl: Duration,
     /// The port of the master's Prometheus `/metrics`; none means no metrics port.

@@ -7,6 +7,10 @@
 mod log_capture;
 #[path = "support/redis.rs"]
 mod redis_support;
+#[path = "support/slow_proxy.rs"]
+mod slow_proxy;
+#[path = "support/stored_value.rs"]
+mod stored_value;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,9 +33,10 @@ fn cache_for(redis: &TestRedis) -> Cache {
     .expect("valid url")
 }
 
+/// The value under a Redis key, read by the cache's format.
 async fn raw_get(redis: &TestRedis, key: &str) -> Option<Vec<u8>> {
     let mut conn = redis.client().await;
-    redis::cmd("GET").arg(key).query_async(&mut conn).await.expect("raw GET")
+    stored_value::stored_value(redis::cmd("GET").arg(key).query_async(&mut conn).await.expect("raw GET"))
 }
 
 async fn wait_for_up(cache: &Cache, limit: Duration) -> Duration {
@@ -209,6 +214,52 @@ async fn stopped_redis_mid_load_falls_back_and_recovers() {
 async fn paused_redis_mid_load_falls_back_and_recovers() {
     let Some(redis) = TestRedis::start().await else { return };
     outage_scenario(Arc::new(redis), true).await;
+}
+
+/// Two workers (or instances) on one Redis, one of them cut off for a while: what it held is
+/// replayed in stamp order, so nothing the other acknowledged later is lost (src/cache/stamped.rs).
+#[tokio::test]
+async fn a_replayed_write_never_replaces_a_later_one_nor_undoes_a_later_delete() {
+    let Some(redis) = TestRedis::start().await else { return };
+    let proxy = slow_proxy::SlowProxy::start(redis.port).await;
+    let cut_off = Cache::new(CacheConfig {
+        redis_url: Some(proxy.url.clone()),
+        operation_timeout: OP_TIMEOUT,
+        ..CacheConfig::default()
+    })
+    .expect("valid url");
+    let other = cache_for(&redis);
+    cut_off.connect().await.expect("connect");
+    other.connect().await.expect("connect");
+    let value = |v: &'static str| Bytes::from_static(v.as_bytes());
+    for key in ["k", "j", "m", "e"] {
+        assert_eq!(other.set_with_tier(key, value("before"), None).await.expect("set"), Tier::Redis);
+    }
+
+    // Redis hangs for `cut_off` only: its writes are held.
+    proxy.set_delay(Duration::from_secs(2));
+    assert_eq!(cut_off.set_with_tier("k", value("held"), None).await.expect("set"), Tier::Memory);
+    assert!(matches!(cut_off.status(), RedisStatus::Fallback { .. }), "{:?}", cut_off.status());
+    assert_eq!(cut_off.delete_with_tier("j").await.expect("delete"), Tier::Memory);
+    assert_eq!(cut_off.delete_with_tier("m").await.expect("delete"), Tier::Memory);
+    assert_eq!(cut_off.set_with_tier("alone", value("held"), None).await.expect("set"), Tier::Memory);
+    let short = Some(Duration::from_millis(50));
+    assert_eq!(cut_off.set_with_tier("e", value("held"), short).await.expect("set"), Tier::Memory);
+    // Later, through the other one: these must survive the replay.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(other.set_with_tier("k", value("later"), None).await.expect("set"), Tier::Redis);
+    assert_eq!(other.set_with_tier("j", value("after the delete"), None).await.expect("set"), Tier::Redis);
+
+    proxy.set_delay(Duration::ZERO);
+    wait_for_up(&cut_off, Duration::from_secs(10)).await;
+    for cache in [&cut_off, &other] {
+        assert_eq!(cache.get("k").await.expect("get"), Some(value("later")), "a held write replaced a later one");
+        assert_eq!(cache.get("j").await.expect("get"), Some(value("after the delete")), "a held delete undid a write");
+        assert_eq!(cache.get("m").await.expect("get"), None, "the held delete was not replayed");
+        assert_eq!(cache.get("alone").await.expect("get"), Some(value("held")), "a held write was lost");
+        // Held, then expired: it still hides the value it replaced.
+        assert_eq!(cache.get("e").await.expect("get"), None, "an expired held write brought back an older value");
+    }
 }
 
 #[tokio::test]

@@ -5,6 +5,8 @@
 
 #[path = "support/redis.rs"]
 mod redis_support;
+#[path = "support/stored_value.rs"]
+mod stored_value;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -87,9 +89,8 @@ async fn cached_values_go_through_redis_and_a_plain_client_sees_them() {
     let put = client.put(server.url("/cache/greeting?ttl=60")).body("hello from herdsman").send().await.unwrap();
     assert_eq!(put.status(), 204);
     let mut conn = redis.client().await;
-    let raw: Option<String> =
-        redis::cmd("GET").arg("herdsman:cache:user:greeter/greeting").query_async(&mut conn).await.unwrap();
-    assert_eq!(raw.as_deref(), Some("hello from herdsman"));
+    let raw = redis::cmd("GET").arg("herdsman:cache:user:greeter/greeting").query_async(&mut conn).await.unwrap();
+    assert_eq!(stored_value::stored_value(raw).as_deref(), Some(&b"hello from herdsman"[..]));
     let ttl: i64 = redis::cmd("TTL").arg("herdsman:cache:user:greeter/greeting").query_async(&mut conn).await.unwrap();
     assert!((1..=60).contains(&ttl), "ttl {ttl}");
     // Every worker reads it from Redis, whichever one wrote it.

@@ -12,6 +12,8 @@
 mod log_capture;
 #[path = "support/redis_server.rs"]
 mod redis_server;
+#[path = "support/stored_value.rs"]
+mod stored_value;
 
 use std::time::{Duration, Instant};
 
@@ -61,7 +63,9 @@ async fn raw(redis: &LocalRedis, args: &[&str]) -> redis::RedisResult<redis::Val
 
 async fn raw_get(redis: &LocalRedis, key: &str) -> Option<Vec<u8>> {
     let mut conn = redis.client().await;
-    redis::cmd("GET").arg(format!("herdsman:cache:{key}")).query_async(&mut conn).await.expect("raw GET")
+    stored_value::stored_value(
+        redis::cmd("GET").arg(format!("herdsman:cache:{key}")).query_async(&mut conn).await.expect("raw GET"),
+    )
 }
 
 /// The fallback reason, failing the test if the cache is not in fallback.
@@ -212,9 +216,8 @@ async fn a_rotated_password_keeps_writes_in_memory_until_it_is_restored() {
         .get_multiplexed_async_connection()
         .await
         .expect("conn");
-    let kept: Option<Vec<u8>> =
-        redis::cmd("GET").arg("herdsman:cache:during").query_async(&mut conn).await.expect("GET");
-    assert_eq!(kept.as_deref(), Some(&b"kept"[..]));
+    let kept = redis::cmd("GET").arg("herdsman:cache:during").query_async(&mut conn).await.expect("GET");
+    assert_eq!(stored_value::stored_value(kept).as_deref(), Some(&b"kept"[..]));
     let levels: Vec<_> = logs.take().iter().map(|(level, _)| *level).collect();
     assert_eq!(levels, [tracing::Level::WARN, tracing::Level::INFO]);
 }

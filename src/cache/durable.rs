@@ -26,6 +26,11 @@ impl Script {
         Script { source, sha1: redis::Script::new(source) }
     }
 
+    /// Its SHA-1, for `EVALSHA` in a pipeline.
+    pub(super) fn sha1(&self) -> &str {
+        self.sha1.get_hash()
+    }
+
     /// Runs it by its SHA-1 (`EVALSHA`), loading it with `EVAL` when this Redis has not seen it
     /// yet (a fresh or restarted server). `invoke(verb, body)` builds the command; `run` sends it.
     pub(super) async fn run<T, F>(

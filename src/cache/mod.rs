@@ -65,23 +65,27 @@
 //! # Writes during an outage
 //!
 //! While the breaker is open, `set` and `delete` still update memory and are
-//! also recorded in a bounded *pending* map (one slot per key, so the last
-//! write wins). When Redis is back, the probe replays that map in pipelined
-//! batches *before* it closes the breaker; writes racing with the replay land
-//! in the map again and are replayed in the next round, so an older
-//! outage-write can never overwrite a newer one. Writers arriving while the
-//! replay runs wait for it (at most one fitted deadline), so a steady stream of
-//! writes to the same keys cannot keep refilling the map and the breaker open.
-//! A pending `set` whose TTL ran out during the outage is replayed as a `DEL`.
-//! A write that would take the held writes past [`MAX_PENDING_WRITES`] distinct
-//! keys or past their byte budget cannot be kept: it fails with
+//! also recorded, with their stamp, in a bounded *pending* map (one slot per key).
+//! When Redis is back, the probe replays that map in pipelined batches *before*
+//! it closes the breaker; writes racing with the replay land in the map again
+//! and are replayed in the next round. Writers arriving while the replay runs
+//! wait for it (at most one fitted deadline), so a steady stream of writes to
+//! the same keys cannot keep refilling the map and the breaker open. A write
+//! that would take the held writes past [`MAX_PENDING_WRITES`] distinct keys or
+//! past their byte budget cannot be kept: it fails with
 //! [`CacheError::ReplayFull`] (the HTTP API answers `507`), its key is dropped
 //! from memory, and the count is logged at recovery. A caller is never told a
 //! write was kept when it was not.
 //!
-//! Caveat: each worker process has its own memory tier and its own pending
-//! map. During an outage workers do not see each other's writes, and after it
-//! each replays its own; "last write wins" holds per worker, not globally.
+//! # Consistency across workers and instances
+//!
+//! Every worker of every instance shares the one Redis, and each holds its own
+//! writes through its own outages. Every write is stamped with the time it was
+//! acknowledged and a delete leaves a tombstone ([`stamped`]): a replayed write
+//! applies only where Redis holds nothing newer, so an acknowledged write is
+//! never replaced by one acknowledged before it, and a delete is never undone by
+//! a replay. The whole contract, with what it rests on (clocks, tombstone
+//! lifetime), is docs/consistency.md.
 //!
 //! # Keys
 //!
@@ -99,6 +103,7 @@
 //! # Files
 //!
 //! [`memory`] (the bounded tier), [`redis_tier`] (pool, breaker, probe, replay),
+//! [`stamped`] (the order of writes: stamps, tombstones, the write script),
 //! [`deadline`] (a round trip's deadline, fitted to Redis's latency) and [`durable`]
 //! (no-fallback operations); this file is the [`Cache`] that chooses between them.
 //!
@@ -113,6 +118,7 @@ mod deadline;
 mod durable;
 mod memory;
 mod redis_tier;
+mod stamped;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -127,11 +133,13 @@ use tracing::debug;
 
 use crate::config::redact_url;
 use memory::{Entry, MemoryTier};
-use redis_tier::{ensure_probe, trip, write_command, Pending, RedisTier, Remembered, Request};
+use redis_tier::{ensure_probe, trip, Pending, RedisTier, Remembered, Request, Write};
+use stamped::Outcome;
 
 use crate::metrics::{self, Event};
 
 pub use durable::{DurableStore, Script};
+pub use stamped::{Quota, Usage};
 
 /// Prefix of every cache key in Redis.
 pub const KEY_PREFIX: &str = "herdsman:cache:";
@@ -158,6 +166,9 @@ pub struct CacheConfig {
     pub tls_insecure: bool,
     /// With `rediss://`, trust exactly the CAs of this PEM file instead of the built-in web roots.
     pub ca_cert: Option<PathBuf>,
+    /// How long a delete's tombstone stays in Redis: at least the longest TTL a value is given,
+    /// so that no held write can be replayed over a delete that came after it ([`stamped`]).
+    pub tombstone_lifetime: Duration,
 }
 
 impl CacheConfig {
@@ -171,6 +182,7 @@ impl CacheConfig {
             tls_insecure: config.redis_tls_insecure,
             ca_cert: config.redis_ca_cert.clone(),
             pool_size: redis_tier::POOL_SIZE,
+            tombstone_lifetime: config.cache_max_ttl,
         }
     }
 }
@@ -193,6 +205,7 @@ impl fmt::Debug for CacheConfig {
             .field("pool_size", &self.pool_size)
             .field("tls_insecure", &self.tls_insecure)
             .field("ca_cert", &self.ca_cert)
+            .field("tombstone_lifetime", &self.tombstone_lifetime)
             .finish()
     }
 }
@@ -307,26 +320,26 @@ impl Serialize for RedisStatus {
     }
 }
 
-/// A condition Redis checks in the same round trip as a write (the HTTP API's per-user quota),
-/// for [`Cache::set_checked`]: a Lua script that gets `keys` and then the value's Redis key as
-/// KEYS, `field`, `args`, the value and its lifetime in milliseconds as ARGV, and either writes
-/// the value itself (`SET KEYS[#KEYS] value PX ms`) and returns 0, or writes nothing and returns
-/// another number.
-pub struct WriteCheck<'a> {
-    pub script: &'a Script,
-    pub keys: &'a [String],
-    pub field: &'a str,
-    pub args: &'a [i64],
-}
-
 /// What [`Cache::set_checked`] did with a write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Checked {
-    /// Stored in this tier: Redis after the check passed, or memory (held for replay) with the
-    /// check not made because Redis was away or late.
-    Stored(Tier),
-    /// The check refused it with this code; nothing was written anywhere.
-    Refused(i64),
+    /// Stored in this tier: Redis after the quota check passed (with the owner's usage after
+    /// it), or memory, held for replay with the check not made because Redis was away or late.
+    Stored(Tier, Option<Usage>),
+    /// The quota refused it (1: keys, 2: bytes), with the owner's usage; nothing was written.
+    Refused(i64, Option<Usage>),
+    /// Redis was away or late and the caller did not allow holding it: nothing was written.
+    NotHeld,
+}
+
+/// Where a write went.
+enum Stored {
+    /// Redis answered the write script.
+    Online(Outcome, Option<Usage>),
+    /// Held in memory for replay (or memory is the only tier).
+    Held,
+    /// Redis was away and the caller did not allow holding it.
+    NotHeld,
 }
 
 /// Which tier answered an operation (exposed as `x-cache-tier` by the HTTP API).
@@ -403,9 +416,10 @@ impl Cache {
         if let Some(redis) = self.redis_if_up() {
             let mut pipe = redis::pipe();
             redis_tier::get_with_pttl(&mut pipe, key);
-            match redis.query::<(Option<Vec<u8>>, i64)>(Request::Pipe(&pipe)).await {
+            let reply = redis.query::<(Option<Vec<u8>>, i64)>(Request::Pipe(&pipe)).await;
+            // A tombstone reads as absent.
+            match reply.map(|(stored, pttl)| (stored.and_then(|stored| stamped::decode(Bytes::from(stored))), pttl)) {
                 Ok((Some(value), pttl)) => {
-                    let value = Bytes::from(value);
                     if let Some(ttl) = redis_tier::lifetime_from_pttl(pttl) {
                         // Refresh the memory copy only when it differs: an insert costs more
                         // than a read, and hot keys are read far more often than written.
@@ -448,60 +462,42 @@ impl Cache {
 
     /// Like [`set`](Self::set), saying which tier holds the write: `Redis`
     /// means it reached Redis (and memory), `Memory` means memory only (replayed to Redis
-    /// once it takes writes again). An error means Redis refused this very write for good
-    /// (not an outage, see "Error replies"): it is stored nowhere.
+    /// once it takes writes again, ordered by its stamp: see "Consistency"). An error means
+    /// Redis refused this very write for good (not an outage, see "Error replies"), or that it
+    /// could not be held: it is stored nowhere.
     pub async fn set_with_tier(&self, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<Tier, CacheError> {
         // Redis expiries have millisecond resolution and reject 0.
         let ttl = ttl.map(|ttl| ttl.max(Duration::from_millis(1)));
-        let entry = Entry::new(value, ttl);
-        self.inner.memory.insert(key.to_string(), entry.clone());
-        self.write(key, Pending::Set(entry), None).await
+        let write = Write::Set(Entry::new(value, ttl));
+        match self.write(key, write, None, true).await? {
+            Stored::Online(..) => Ok(Tier::Redis),
+            Stored::Held | Stored::NotHeld => Ok(Tier::Memory),
+        }
     }
 
-    /// Like [`set_with_tier`](Self::set_with_tier), with `check` run by Redis in the same round
-    /// trip, atomically: a write costs one round trip, not one for the check and one for the
-    /// write. While Redis is away, or when it does not answer within the fitted deadline (which
-    /// opens the breaker), the check is not made and the write takes the outage path (memory,
-    /// held for replay; [`CacheError::ReplayFull`] when that budget is spent). A refused write
-    /// leaves both tiers as they were.
+    /// Like [`set_with_tier`](Self::set_with_tier), with `quota` checked and counted by Redis in
+    /// the same round trip, atomically: a write costs one round trip, not one for the check and
+    /// one for the write. While Redis is away, or when it does not answer in time (which opens
+    /// the breaker), the quota cannot be checked: the write is held for replay (counted then,
+    /// never refused) only if the caller allows it with `may_hold`, which it decides from what
+    /// it knows of the owner's usage; otherwise it is [`Checked::NotHeld`] and stored nowhere.
+    /// A refused write leaves both tiers as they were.
     pub async fn set_checked(
         &self,
         key: &str,
         value: Bytes,
         ttl: Duration,
-        check: &WriteCheck<'_>,
+        quota: &Quota,
+        may_hold: bool,
     ) -> Result<Checked, CacheError> {
-        let ttl = ttl.max(Duration::from_millis(1));
-        if let Some(redis) = &self.inner.redis {
-            if !redis.is_up() {
-                redis.wait_for_replay().await;
-            }
-            if redis.is_up() {
-                let mut keys = check.keys.to_vec();
-                keys.push(redis_tier::redis_key(key));
-                let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-                let invoke = |verb: &str, body: &str| {
-                    let mut cmd = redis::cmd(verb);
-                    cmd.arg(body).arg(keys.len()).arg(&keys).arg(check.field).arg(check.args);
-                    cmd.arg(value.as_ref()).arg(ms);
-                    cmd
-                };
-                let result: Result<i64, CacheError> =
-                    check.script.run(invoke, |cmd| async move { redis.query(Request::Cmd(&cmd)).await }).await;
-                match result {
-                    Ok(0) => {
-                        self.inner.memory.insert(key.to_string(), Entry::new(value, Some(ttl)));
-                        metrics::count(Event::CacheWriteRedis);
-                        return Ok(Checked::Stored(Tier::Redis));
-                    }
-                    Ok(code) => return Ok(Checked::Refused(code)),
-                    Err(err) if err.is_outage() => trip(&self.inner, redis, &err),
-                    Err(err) => return Err(self.refused_write(key, err)),
-                }
-            }
-        }
-        // Away or late: unchecked, like every write of an outage.
-        self.set_with_tier(key, value, Some(ttl)).await.map(Checked::Stored)
+        let write = Write::Set(Entry::new(value, Some(ttl.max(Duration::from_millis(1)))));
+        let quota = Some(Arc::new(quota.clone()));
+        Ok(match self.write(key, write, quota, may_hold).await? {
+            Stored::Online(Outcome::OverQuota(code), usage) => Checked::Refused(code, usage),
+            Stored::Online(_, usage) => Checked::Stored(Tier::Redis, usage),
+            Stored::Held => Checked::Stored(Tier::Memory, None),
+            Stored::NotHeld => Checked::NotHeld,
+        })
     }
 
     /// Removes a key from both tiers.
@@ -509,81 +505,83 @@ impl Cache {
         self.delete_with_tier(key).await.map(|_| ())
     }
 
-    /// Like [`delete`](Self::delete), saying whether the delete reached Redis.
+    /// Like [`delete`](Self::delete), saying whether the delete reached Redis. In Redis a
+    /// delete leaves a tombstone, so that no older write replayed later can bring the key back.
     pub async fn delete_with_tier(&self, key: &str) -> Result<Tier, CacheError> {
-        self.inner.memory.invalidate(key);
-        self.write(key, Pending::Delete, None).await
+        self.delete_counted(key, None).await
     }
 
-    /// Like [`delete_with_tier`](Self::delete_with_tier), also removing `field` from the hash at
-    /// the Redis key `hash` (not a cache key: no prefix is added) in the same round trip: the
-    /// HTTP API's quota entry of the value. While Redis is away the delete alone is held for
-    /// replay and the field stays, to expire with the value it counted.
-    pub async fn delete_with_hdel(&self, key: &str, hash: &str, field: &str) -> Result<Tier, CacheError> {
-        self.inner.memory.invalidate(key);
-        let mut hdel = redis::cmd("HDEL");
-        hdel.arg(hash).arg(field);
-        self.write(key, Pending::Delete, Some(&hdel)).await
+    /// Like [`delete_with_tier`](Self::delete_with_tier), also releasing the value's entry in
+    /// `quota`'s usage hash in the same round trip, online or when held and replayed.
+    pub async fn delete_with_quota(&self, key: &str, quota: &Quota) -> Result<Tier, CacheError> {
+        self.delete_counted(key, Some(Arc::new(quota.clone()))).await
     }
 
-    /// Writes through to Redis, or remembers the write for replay; counted by the tier it
-    /// reached. `with_delete` goes in the same round trip as a delete that reaches Redis.
-    async fn write(&self, key: &str, op: Pending, with_delete: Option<&redis::Cmd>) -> Result<Tier, CacheError> {
-        let tier = self.write_through(key, op, with_delete).await;
-        if let Ok(tier) = &tier {
-            metrics::count(match tier {
-                Tier::Redis => Event::CacheWriteRedis,
-                Tier::Memory => Event::CacheWriteMemory,
-            });
+    async fn delete_counted(&self, key: &str, quota: Option<Arc<Quota>>) -> Result<Tier, CacheError> {
+        match self.write(key, Write::Delete, quota, true).await? {
+            Stored::Online(..) => Ok(Tier::Redis),
+            Stored::Held | Stored::NotHeld => Ok(Tier::Memory),
         }
-        tier
     }
 
-    async fn write_through(
+    /// Writes through to Redis, or holds the write for replay; keeps memory in step with what
+    /// was stored and counts the write by the tier it reached.
+    async fn write(
         &self,
         key: &str,
-        op: Pending,
-        with_delete: Option<&redis::Cmd>,
-    ) -> Result<Tier, CacheError> {
-        let Some(redis) = &self.inner.redis else {
-            return Ok(Tier::Memory);
+        write: Write,
+        quota: Option<Arc<Quota>>,
+        may_hold: bool,
+    ) -> Result<Stored, CacheError> {
+        let pending = Pending { write, stamp: stamped::now(), quota };
+        let stored = self.write_through(key, &pending, may_hold).await;
+        let kept = match (&stored, &pending.write) {
+            (Ok(Stored::Online(Outcome::Written, _)) | Ok(Stored::Held), Write::Set(entry)) => Some(entry),
+            _ => None,
         };
-        // Two rounds at most: a second one only if the breaker closed between
-        // our check and `remember`, which then refused the write.
+        match kept {
+            Some(entry) => self.inner.memory.insert(key.to_string(), entry.clone()),
+            // Deleted, refused or not kept: memory must not serve what the caller is told
+            // is not there.
+            None => self.inner.memory.invalidate(key),
+        }
+        match &stored {
+            Ok(Stored::Online(Outcome::Written, _)) => metrics::count(Event::CacheWriteRedis),
+            Ok(Stored::Held) => metrics::count(Event::CacheWriteMemory),
+            _ => {}
+        }
+        stored
+    }
+
+    async fn write_through(&self, key: &str, pending: &Pending, may_hold: bool) -> Result<Stored, CacheError> {
+        let Some(redis) = &self.inner.redis else {
+            return Ok(Stored::Held);
+        };
         if !redis.is_up() {
             redis.wait_for_replay().await;
         }
-        let mut op = op;
+        // Two rounds at most: a second one only if the breaker closed between
+        // our check and `remember`, which then refused the write.
         for _ in 0..2 {
             if redis.is_up() {
-                let cmd = write_command(key, &op);
-                let sent = match (&op, with_delete) {
-                    (Pending::Delete, Some(also)) => {
-                        let mut pipe = redis::pipe();
-                        pipe.add_command(cmd).ignore().add_command(also.clone()).ignore();
-                        redis.query::<()>(Request::Pipe(&pipe)).await
-                    }
-                    _ => redis.query::<()>(Request::Cmd(&cmd)).await,
-                };
-                match sent {
-                    Ok(()) => return Ok(Tier::Redis),
+                match redis.write_online(key, pending).await {
+                    Ok((outcome, usage)) => return Ok(Stored::Online(outcome, usage)),
                     Err(err) if err.is_outage() => trip(&self.inner, redis, &err),
                     Err(err) => return Err(self.refused_write(key, err)),
                 }
             } else {
                 ensure_probe(&self.inner, &mut redis.lock());
             }
-            match redis.remember(key, op) {
-                Remembered::Held => return Ok(Tier::Memory),
-                Remembered::BreakerClosed => op = self.current_op(key),
-                Remembered::Full => {
-                    // Memory must not serve what the caller is told was not kept.
-                    self.inner.memory.invalidate(key);
-                    return Err(CacheError::ReplayFull);
-                }
+            if !may_hold {
+                return Ok(Stored::NotHeld);
+            }
+            match redis.remember(key, pending) {
+                Remembered::Held => return Ok(Stored::Held),
+                Remembered::BreakerClosed => {}
+                Remembered::Full => return Err(CacheError::ReplayFull),
             }
         }
-        Ok(Tier::Memory)
+        Ok(Stored::Held)
     }
 
     /// Redis refused this one write and will refuse it again: it is stored nowhere (the memory
@@ -591,16 +589,7 @@ impl Cache {
     fn refused_write(&self, key: &str, err: CacheError) -> CacheError {
         metrics::count(Event::CacheRedisRefused);
         debug!(key, error = %err, "redis refused a cache write");
-        self.inner.memory.invalidate(key);
         err
-    }
-
-    /// The write to retry, rebuilt from memory (`remember` consumed the original).
-    fn current_op(&self, key: &str) -> Pending {
-        match self.inner.memory.get(key).filter(Entry::is_live) {
-            Some(entry) => Pending::Set(entry),
-            None => Pending::Delete,
-        }
     }
 
     /// Loads `keys` from Redis into memory (cache warm-up); returns how many
@@ -630,16 +619,26 @@ impl Cache {
             };
             for (key, pair) in chunk.iter().zip(replies.chunks(2)) {
                 let [value, pttl] = pair else { continue };
-                let Ok(Some(value)) = redis::from_redis_value_ref::<Option<Vec<u8>>>(value) else {
+                let Ok(Some(stored)) = redis::from_redis_value_ref::<Option<Vec<u8>>>(value) else {
                     continue;
                 };
+                let Some(value) = stamped::decode(Bytes::from(stored)) else { continue };
                 let pttl = redis::from_redis_value_ref::<i64>(pttl).unwrap_or(-1);
                 let Some(ttl) = redis_tier::lifetime_from_pttl(pttl) else { continue };
-                self.inner.memory.insert(key.clone(), Entry::new(Bytes::from(value), ttl));
+                self.inner.memory.insert(key.clone(), Entry::new(value, ttl));
                 loaded += 1;
             }
         }
         Ok(loaded)
+    }
+
+    /// The budget of the writes this worker may hold for replay: distinct keys and bytes (both
+    /// zero without Redis, where nothing is replayed).
+    pub fn replay_budget(&self) -> (u64, u64) {
+        match &self.inner.redis {
+            Some(redis) => (MAX_PENDING_WRITES as u64, redis.pending_max_bytes),
+            None => (0, 0),
+        }
     }
 
     /// Where reads and writes go right now (for `/health`).
@@ -851,9 +850,9 @@ mod tests {
         assert_eq!(shared.pending_dropped, 5);
         assert!(matches!(
             shared.pending.get("k0"),
-            Some(Pending::Set(entry)) if entry.value == Bytes::from_static(b"newest")
+            Some(Pending { write: Write::Set(entry), .. }) if entry.value == Bytes::from_static(b"newest")
         ));
-        assert!(matches!(shared.pending.get("k1"), Some(Pending::Delete)));
+        assert!(matches!(shared.pending.get("k1"), Some(Pending { write: Write::Delete, .. })));
     }
 
     #[test]

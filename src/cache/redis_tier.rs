@@ -29,7 +29,9 @@ use bb8_redis::RedisConnectionManager;
 use tracing::{debug, info, warn};
 
 use super::deadline::Deadline;
+use super::durable::Script;
 use super::memory::Entry;
+use super::stamped::{self, Mode, Outcome, Quota, Usage};
 use super::{CacheConfig, CacheError, Inner, RedisStatus, KEY_PREFIX, MAX_PENDING_WRITES};
 use crate::config::{read_ca_certificates, redact_url};
 
@@ -63,7 +65,18 @@ const PROBE_KEY_LIFETIME_MS: u64 = 60_000;
 const RELEASED: &str = "the breaker opened while this request waited";
 
 /// A write made while Redis was unreachable, waiting to be replayed.
-pub(super) enum Pending {
+#[derive(Clone)]
+pub(super) struct Pending {
+    pub(super) write: Write,
+    /// When it was acknowledged, by this process's clock ([`stamped::now`]).
+    pub(super) stamp: u64,
+    /// The quota entry the replay counts it under (a set) or releases (a delete).
+    pub(super) quota: Option<Arc<Quota>>,
+}
+
+/// What a write does to its key.
+#[derive(Clone)]
+pub(super) enum Write {
     Set(Entry),
     Delete,
 }
@@ -105,7 +118,11 @@ pub(super) struct Shared {
 /// The Redis side: connection pool, breaker and pending writes.
 pub(super) struct RedisTier {
     /// The budget of the writes waiting for replay, in bytes (weighed like the memory tier).
-    pending_max_bytes: u64,
+    pub(super) pending_max_bytes: u64,
+    /// How long a delete's tombstone stays in Redis ([`stamped`]).
+    tombstone_lifetime: Duration,
+    /// The one script every cache write goes through ([`stamped::WRITE_SCRIPT`]).
+    write_script: Script,
     manager: RedisConnectionManager,
     /// Why the pool's last connection attempt failed, for the checkout that times out waiting.
     connect_error: LastConnectError,
@@ -167,6 +184,8 @@ impl RedisTier {
             pool: Mutex::new(None),
             // The writes held for replay get the memory tier's byte budget again.
             pending_max_bytes: config.memory_capacity,
+            tombstone_lifetime: config.tombstone_lifetime,
+            write_script: Script::new(stamped::WRITE_SCRIPT),
             shared: Mutex::new(Shared {
                 breaker: Breaker::Connecting,
                 pending: HashMap::new(),
@@ -321,16 +340,16 @@ impl RedisTier {
 
     /// Remembers a write for replay, unless the breaker closed meanwhile (the caller must then
     /// write to Redis itself) or the replay budget is spent (the caller must refuse the write).
-    pub(super) fn remember(&self, key: &str, op: Pending) -> Remembered {
+    pub(super) fn remember(&self, key: &str, op: &Pending) -> Remembered {
         let mut shared = self.lock();
         if matches!(shared.breaker, Breaker::Up) {
             return Remembered::BreakerClosed;
         }
         let replaced = shared.pending.get(key).map_or(0, |old| pending_weight(key, old));
-        let bytes = shared.pending_bytes - replaced + pending_weight(key, &op);
+        let bytes = shared.pending_bytes - replaced + pending_weight(key, op);
         let fits = shared.pending.len() < MAX_PENDING_WRITES || replaced > 0;
         if fits && bytes <= self.pending_max_bytes {
-            shared.pending.insert(key.to_string(), op);
+            shared.pending.insert(key.to_string(), op.clone());
             shared.pending_bytes = bytes;
             Remembered::Held
         } else {
@@ -391,23 +410,39 @@ pub(super) fn redis_key(key: &str) -> String {
     format!("{KEY_PREFIX}{key}")
 }
 
-pub(super) fn write_command(key: &str, op: &Pending) -> redis::Cmd {
-    let redis_key = redis_key(key);
-    match op {
-        Pending::Set(entry) => {
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(&redis_key).arg(entry.value.as_ref());
-            if let Some(at) = entry.expires_at {
-                let ms = at.saturating_duration_since(Instant::now()).as_millis();
-                cmd.arg("PX").arg(u64::try_from(ms).unwrap_or(u64::MAX).max(1));
-            }
-            cmd
-        }
-        Pending::Delete => {
-            let mut cmd = redis::cmd("DEL");
-            cmd.arg(&redis_key);
-            cmd
-        }
+impl RedisTier {
+    /// The write script's command for `pending` to `key`; `verb` and `body` are `EVALSHA` and
+    /// the script's SHA-1, or `EVAL` and its source.
+    pub(super) fn write_command(
+        &self,
+        (verb, body): (&str, &str),
+        key: &str,
+        pending: &Pending,
+        mode: Mode,
+    ) -> redis::Cmd {
+        let (stored, lifetime) = match &pending.write {
+            Write::Set(entry) if entry.is_live() => (
+                stamped::encode(pending.stamp, Some(&entry.value)),
+                entry.expires_at.map(|at| at.saturating_duration_since(Instant::now())),
+            ),
+            // A set that expired while held still hides what it replaced: it becomes a
+            // tombstone with its own stamp, like a delete.
+            _ => (stamped::encode(pending.stamp, None), Some(self.tombstone_lifetime)),
+        };
+        stamped::command(verb, body, &redis_key(key), &stored, mode, lifetime, pending.quota.as_deref())
+    }
+
+    /// Makes one write online (the breaker is closed): the write script by its SHA-1, loaded
+    /// first when this Redis has not seen it.
+    pub(super) async fn write_online(
+        &self,
+        key: &str,
+        pending: &Pending,
+    ) -> Result<(Outcome, Option<Usage>), CacheError> {
+        let invoke = |verb: &str, body: &str| self.write_command((verb, body), key, pending, Mode::Online);
+        let reply: Vec<i64> =
+            self.write_script.run(invoke, |cmd| async move { self.query(Request::Cmd(&cmd)).await }).await?;
+        Ok(stamped::outcome(&reply))
     }
 }
 
@@ -508,6 +543,9 @@ pub(super) async fn replay_and_close(redis: &RedisTier) -> Result<usize, CacheEr
 async fn replay_rounds(redis: &RedisTier) -> Result<usize, CacheError> {
     let mut replayed = 0;
     let mut refused = 0usize;
+    let mut superseded = 0usize;
+    let mut unordered = 0usize;
+    let mut script_loaded = false;
     loop {
         let batch: Vec<(String, Pending)> = {
             let mut shared = redis.lock();
@@ -515,6 +553,12 @@ async fn replay_rounds(redis: &RedisTier) -> Result<usize, CacheError> {
                 let dropped = std::mem::take(&mut shared.pending_dropped);
                 if refused > 0 {
                     warn!(refused, "redis refused some replayed cache writes; they stay in memory only");
+                }
+                if unordered > 0 {
+                    warn!(
+                        unordered,
+                        "some writes held longer than the tombstone lifetime were not replayed: their keys were gone"
+                    );
                 }
                 let was = std::mem::replace(&mut shared.breaker, Breaker::Up);
                 shared.probing = false;
@@ -530,6 +574,7 @@ async fn replay_rounds(redis: &RedisTier) -> Result<usize, CacheError> {
                     Breaker::Connecting => info!(replayed, "redis connected, cache uses redis"),
                     Breaker::Fallback { since, .. } => info!(
                         replayed,
+                        superseded,
                         refused_writes = dropped,
                         down_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
                         "redis is back, cache uses redis again"
@@ -549,28 +594,49 @@ async fn replay_rounds(redis: &RedisTier) -> Result<usize, CacheError> {
         // One refused command (e.g. OOM) must not fail the batch: replaying
         // it again would be refused again and keep the breaker open forever.
         pipe.ignore_errors();
-        for (key, op) in &batch {
-            let op_now = match op {
-                Pending::Set(entry) if !entry.is_live() => &Pending::Delete,
-                other => other,
-            };
-            pipe.add_command(write_command(key, op_now));
+        if !script_loaded {
+            // The batch runs the write script by its SHA-1: load it first (a restarted Redis
+            // has forgotten it), in the same round trip.
+            pipe.cmd("SCRIPT").arg("LOAD").arg(stamped::WRITE_SCRIPT);
         }
-        let results = match redis.query_unfitted::<Vec<redis::RedisResult<redis::Value>>>(Request::Pipe(&pipe)).await {
-            Ok(results) => results,
-            Err(err) => {
+        let now = stamped::now();
+        let horizon = u64::try_from(redis.tombstone_lifetime.as_micros()).unwrap_or(u64::MAX);
+        for (key, op) in &batch {
+            let mode = if now.saturating_sub(op.stamp) > horizon { Mode::Late } else { Mode::Replay };
+            pipe.add_command(redis.write_command(("EVALSHA", redis.write_script.sha1()), key, op, mode));
+        }
+        let mut results =
+            match redis.query_unfitted::<Vec<redis::RedisResult<redis::Value>>>(Request::Pipe(&pipe)).await {
+                Ok(results) => results,
+                Err(err) => {
+                    put_back(redis, batch);
+                    return Err(err);
+                }
+            };
+        if !script_loaded {
+            let loaded = results.remove(0);
+            if let Err(err) = loaded {
                 put_back(redis, batch);
-                return Err(err);
+                return Err(CacheError::Redis(err));
             }
-        };
+            script_loaded = true;
+        }
         // A write refused because Redis cannot take writes now (full, read-only, loading...)
         // waits for the next round with the rest of its batch: dropping it would leave the
         // older value in Redis to be read once the breaker closes.
         let mut outage = None;
         let mut unsent = Vec::new();
         for ((key, op), result) in batch.into_iter().zip(results) {
-            match result.map_err(CacheError::Redis) {
-                Ok(_) => replayed += 1,
+            let reply = result.and_then(|value| redis::from_redis_value::<Vec<i64>>(value).map_err(Into::into));
+            match reply.map_err(CacheError::Redis) {
+                Ok(reply) => match stamped::outcome(&reply).0 {
+                    Outcome::Written => replayed += 1,
+                    Outcome::Superseded => superseded += 1,
+                    Outcome::Unordered | Outcome::OverQuota(_) => {
+                        debug!(key, "a held write past the tombstone lifetime found its key gone");
+                        unordered += 1;
+                    }
+                },
                 Err(err) if err.is_outage() => {
                     unsent.push((key, op));
                     outage = Some(err);
@@ -628,9 +694,9 @@ pub(super) fn lifetime_from_pttl(pttl: i64) -> Option<Option<Duration>> {
 
 /// A pending write's weight, as the memory tier weighs entries.
 fn pending_weight(key: &str, op: &Pending) -> u64 {
-    let value_len = match op {
-        Pending::Set(entry) => entry.value.len(),
-        Pending::Delete => 0,
+    let value_len = match &op.write {
+        Write::Set(entry) => entry.value.len(),
+        Write::Delete => 0,
     };
     super::memory::weight(key, value_len)
 }

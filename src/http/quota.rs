@@ -3,88 +3,87 @@
 //! worker and instance agrees.
 //!
 //! Each user has a hash `herdsman:usage:{username}` of `key -> "size expires_at_ms"`. A `PUT`
-//! runs one Lua script that drops the entries past their expiry, sums the rest (the key being
-//! replaced excluded), and only if both quotas still hold records the new value and writes it
-//! (`SET`), atomically: the check and the write are one round trip ([`Cache::set_checked`]), so
-//! a slow Redis costs a `PUT` its latency once, not twice. A `DELETE` removes its entry in the
-//! round trip that deletes the value ([`Cache::delete_with_hdel`]). The
-//! hash expires with its last entry. A check takes time proportional to the user's keys (at
+//! runs the cache's write script ([`Cache::set_checked`]), which drops the entries past their
+//! expiry, sums the rest (the key being replaced excluded), and only if both quotas still hold
+//! records the new value and writes it, atomically, in the write's one round trip. A `DELETE`
+//! releases its entry in the round trip that deletes the value ([`Cache::delete_with_quota`]).
+//! The hash expires with its last entry. A check takes time proportional to the user's keys (at
 //! most the key quota).
 //!
-//! While Redis cannot be reached the quotas are not checked: the writes then live in the
-//! worker's memory, bounded by `HERDSMAN_CACHE_MAX_BYTES` for the memory tier and as much again
-//! for the writes held for replay, whoever makes them.
+//! # While Redis is away (or late)
+//! The quota cannot be checked, so a write is held for replay only within what this worker
+//! knows of the user: their usage as Redis last counted it in a reply to this worker, no older
+//! than [`KNOWN_FOR`], plus what this worker has held for them since. A user at or over a quota
+//! is refused (`403`) as when Redis is up; a user this worker knows nothing recent of gets
+//! `503` + `Retry-After` (nothing is stored: the quota cannot be checked). A user's held writes
+//! are also bounded by a share of the worker's replay budget ([`SHARE_DIVISOR`]), so one user
+//! cannot fill what every other user's writes need. The replay counts every held write in the
+//! usage hash (it was acknowledged: it is never refused then), and a held `DELETE` releases its
+//! entry when replayed.
 //!
-//! # A Redis that does not answer in time
-//! The check-and-write is one round trip bounded by the cache's fitted deadline (`crate::cache`'s
-//! `deadline`), like any write. When it runs out the quota is not checked for that write, and
-//! the write takes the same path as during an outage, because the late reply has opened the
-//! breaker: kept in memory and held for replay (`507` when the replay budget is
-//! full), never acknowledged and lost. Refusing it (`503`) instead would fail a write the cache
-//! can keep, which the cache promises not to do; the per-worker budgets bound what can be kept
-//! unchecked. Such writes are counted as memory writes in `herdsman_cache_operations`.
+//! The bound this leaves: a user under quota may end above it by the headroom each cut-off
+//! worker knew of (writes through several workers cut off at once each fit their own view);
+//! a user at or over a quota cannot store more through any worker, Redis up or not.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use bytes::Bytes;
+use quick_cache::sync::Cache as MemoryCache;
 
 use super::error::ApiError;
-use crate::cache::{Cache, CacheError, Checked, Script, Tier, WriteCheck};
+use crate::cache::{Cache, CacheError, Checked, Quota, Tier, Usage};
 
 /// Redis key prefix of the usage hashes.
 pub const USAGE_PREFIX: &str = "herdsman:usage:";
 
-/// KEYS[1]: the usage hash, KEYS[2]: the value's Redis key; ARGV: key, size, ttl in ms, max keys,
-/// max bytes, then (added by [`Cache::set_checked`]) the value and its lifetime in ms.
-/// Returns 0 (recorded and written), 1 (key quota) or 2 (byte quota).
-const RESERVE_SCRIPT: &str = r"
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local entries = redis.call('HGETALL', KEYS[1])
-local keys, bytes, latest = 0, 0, now
-for i = 1, #entries, 2 do
-  local size, expires = string.match(entries[i + 1], '^(%d+) (%d+)$')
-  size = tonumber(size)
-  expires = tonumber(expires)
-  if size == nil or expires <= now then
-    redis.call('HDEL', KEYS[1], entries[i])
-  elseif entries[i] ~= ARGV[1] then
-    keys = keys + 1
-    bytes = bytes + size
-    if expires > latest then latest = expires end
-  end
-end
-local size = tonumber(ARGV[2])
-if keys + 1 > tonumber(ARGV[4]) then return 1 end
-if bytes + size > tonumber(ARGV[5]) then return 2 end
-local expires = now + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], ARGV[1], string.format('%d %d', size, expires))
-if expires > latest then latest = expires end
-redis.call('PEXPIREAT', KEYS[1], latest)
-redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[7])
-return 0
-";
+/// How long a usage figure from Redis is trusted for writes held during an outage: other
+/// workers may store for the same user meanwhile, so an old figure says less and less.
+pub const KNOWN_FOR: Duration = Duration::from_secs(60);
 
-/// The quotas (counted in Redis, through the cache). Cheap to clone.
+/// A user may hold at most this fraction (1/n) of the worker's replay budget, in keys and bytes.
+pub const SHARE_DIVISOR: u64 = 4;
+
+/// Users whose usage a worker remembers.
+const KNOWN_USERS: usize = 10_000;
+
+/// What this worker knows of one user's usage.
+#[derive(Clone, Copy, Debug)]
+struct Known {
+    /// As Redis counted it, at `seen`.
+    usage: Usage,
+    seen: Instant,
+    /// Held by this worker for replay since `seen` (counted as new keys).
+    held: Usage,
+}
+
+/// The quotas (counted in Redis, through the cache), and what this worker knows of each user's
+/// usage. Cheap to clone.
 #[derive(Clone)]
 pub struct Quotas {
-    script: Arc<Script>,
+    known: Arc<MemoryCache<String, Known>>,
     pub max_keys: u64,
     pub max_bytes: u64,
+}
+
+/// Whether a write may be held for replay, as far as this worker knows.
+enum Headroom {
+    Fits,
+    /// 1: keys, 2: bytes; or 3: the user's share of the replay budget.
+    Over(i64),
+    Unknown,
 }
 
 impl Quotas {
     /// Without `REDIS_URL` there are no users to count: the cache's writes are then unchecked.
     pub fn new(max_keys: u64, max_bytes: u64) -> Quotas {
-        Quotas { script: Arc::new(Script::new(RESERVE_SCRIPT)), max_keys, max_bytes }
+        Quotas { known: Arc::new(MemoryCache::new(KNOWN_USERS)), max_keys, max_bytes }
     }
 
     /// Stores `value` at `cache_key` (`username`'s `key`) if both quotas hold, the check and the
     /// write in one round trip; a refusal is 403 naming the quota it would break, and stores
-    /// nothing. The inner result is the cache's (see [`Cache::set_checked`] for a Redis that is
-    /// away or late: the write is then kept unchecked, as in an outage).
+    /// nothing. While Redis is away or late, see the module doc. The inner result is the cache's.
     pub async fn store(
         &self,
         cache: &Cache,
@@ -93,41 +92,100 @@ impl Quotas {
         value: Bytes,
         ttl: Duration,
     ) -> Result<Result<Tier, CacheError>, ApiError> {
-        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
-        let as_arg = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        let args = [as_arg(value.len() as u64), ttl_ms, as_arg(self.max_keys), as_arg(self.max_bytes)];
-        let keys = [usage_key(username)];
-        // The key is an argument too: the script needs it as a string, so it goes first.
-        let check = WriteCheck { script: &self.script, keys: &keys, field: key, args: &args };
-        match cache.set_checked(cache_key, value, ttl, &check).await {
-            Ok(Checked::Stored(tier)) => Ok(Ok(tier)),
-            Ok(Checked::Refused(1)) => Err(refused(format!(
-                "key quota reached: a user may hold {} keys (HERDSMAN_USER_MAX_KEYS)",
-                self.max_keys
-            ))),
-            Ok(Checked::Refused(_)) => Err(refused(format!(
-                "byte quota reached: a user may hold {} bytes of values (HERDSMAN_USER_MAX_BYTES)",
-                self.max_bytes
-            ))),
+        let size = value.len() as u64;
+        let quota = self.quota(username, key);
+        let headroom = self.headroom(cache, username, size);
+        let may_hold = matches!(headroom, Headroom::Fits);
+        match cache.set_checked(cache_key, value, ttl, &quota, may_hold).await {
+            Ok(Checked::Stored(Tier::Redis, usage)) => {
+                self.learn(username, usage);
+                Ok(Ok(Tier::Redis))
+            }
+            Ok(Checked::Stored(Tier::Memory, _)) => {
+                if let Some(mut known) = self.known.get(username) {
+                    known.held.keys += 1;
+                    known.held.bytes += size;
+                    self.known.insert(username.to_string(), known);
+                }
+                Ok(Ok(Tier::Memory))
+            }
+            Ok(Checked::Refused(code, usage)) => {
+                self.learn(username, usage);
+                Err(self.over(code))
+            }
+            Ok(Checked::NotHeld) => Err(match headroom {
+                Headroom::Over(code) => self.over(code),
+                Headroom::Fits | Headroom::Unknown => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "redis is unavailable and this worker cannot check your quota; nothing was stored, retry later",
+                )
+                .retry_after(2),
+            }),
             Err(err) => Ok(Err(err)),
         }
     }
 
-    /// Deletes `cache_key` (`username`'s `key`) and forgets its quota entry, in one round trip.
-    /// While Redis is away only the delete is kept (for replay); the entry then expires with
-    /// the value it counted. Without Redis there is no entry, and only memory is touched.
+    /// Deletes `cache_key` (`username`'s `key`) and releases its quota entry, in one round trip;
+    /// while Redis is away, when the held delete is replayed. Without Redis there is no entry,
+    /// and only memory is touched.
     pub async fn delete(
         &self,
         cache: &Cache,
         (username, key): (&str, &str),
         cache_key: &str,
     ) -> Result<Tier, CacheError> {
-        cache.delete_with_hdel(cache_key, &usage_key(username), key).await
+        cache.delete_with_quota(cache_key, &self.quota(username, key)).await
     }
-}
 
-fn usage_key(username: &str) -> String {
-    format!("{USAGE_PREFIX}{username}")
+    fn quota(&self, username: &str, key: &str) -> Quota {
+        Quota {
+            hash: format!("{USAGE_PREFIX}{username}"),
+            field: key.to_string(),
+            max_keys: self.max_keys,
+            max_bytes: self.max_bytes,
+        }
+    }
+
+    /// Whether this worker may hold a write of `size` bytes for `username` (module doc).
+    fn headroom(&self, cache: &Cache, username: &str, size: u64) -> Headroom {
+        let Some(known) = self.known.get(username).filter(|known| known.seen.elapsed() < KNOWN_FOR) else {
+            return Headroom::Unknown;
+        };
+        let (share_keys, share_bytes) = cache.replay_budget();
+        let (share_keys, share_bytes) = (share_keys / SHARE_DIVISOR, share_bytes / SHARE_DIVISOR);
+        if known.usage.keys + known.held.keys + 1 > self.max_keys {
+            Headroom::Over(1)
+        } else if known.usage.bytes + known.held.bytes + size > self.max_bytes {
+            Headroom::Over(2)
+        } else if known.held.keys + 1 > share_keys || known.held.bytes + size > share_bytes {
+            Headroom::Over(3)
+        } else {
+            Headroom::Fits
+        }
+    }
+
+    /// Remembers the usage Redis just counted for `username`.
+    fn learn(&self, username: &str, usage: Option<Usage>) {
+        if let Some(usage) = usage {
+            let known = Known { usage, seen: Instant::now(), held: Usage { keys: 0, bytes: 0 } };
+            self.known.insert(username.to_string(), known);
+        }
+    }
+
+    fn over(&self, code: i64) -> ApiError {
+        match code {
+            1 => refused(format!("key quota reached: a user may hold {} keys (HERDSMAN_USER_MAX_KEYS)", self.max_keys)),
+            2 => refused(format!(
+                "byte quota reached: a user may hold {} bytes of values (HERDSMAN_USER_MAX_BYTES)",
+                self.max_bytes
+            )),
+            _ => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "redis is unavailable and this worker holds all the writes it may keep for you: this write was not kept",
+            )
+            .retry_after(2),
+        }
+    }
 }
 
 fn refused(message: String) -> ApiError {
