@@ -1,4 +1,4 @@
-# herdsman container image: one static binary on `scratch`, under 6 MB (BENCHMARKS.md).
+# herdsman container image: one static binary on `scratch`, under 8 MB (BENCHMARKS.md).
 #
 #   docker build -t herdsman .                     # anywhere with registry access
 #   docker run -p 8080:8080 herdsman               # PORT=8080 unless the platform sets it

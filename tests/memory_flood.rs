@@ -129,9 +129,10 @@ async fn an_anonymous_flood_is_all_401_and_costs_no_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_while_redis_is_gone_stays_within_the_budget_and_refuses_what_it_cannot_keep() {
     let Some((redis, server, token)) = logged_in(&[], "flooder").await else { return };
-    // The worker has verified the session; it trusts it through the outage (src/sessions.rs).
-    let me = support::client_with_token(&token).get(server.url("/auth/me")).send().await.expect("me");
-    assert_eq!(me.status(), 200);
+    // The worker has verified the session, which it trusts through the outage (src/sessions.rs),
+    // and learnt the user's usage, without which it could not hold their writes (src/http/quota.rs).
+    let seen = support::client_with_token(&token).put(server.url("/cache/seen")).body("v").send().await.expect("PUT");
+    assert_eq!(seen.status(), 204);
     redis.stop().await;
     let outcome = flood_and_measure(&server, Some(&token)).await;
     // 150 MB cannot be held for replay in 16 MiB: most writes are refused, none dropped silently.

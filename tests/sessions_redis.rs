@@ -709,3 +709,95 @@ async fn a_slow_redis_within_its_timeout_costs_a_logged_in_get_or_put_one_round_
         assert!(!left.is_empty(), "the keys this test did not delete keep their entries: {left:?}");
     }
 }
+
+/// The cache values a user holds in Redis (tombstones left out) and the entries of their usage hash.
+async fn stored_and_counted(redis: &TestRedis, username: &str) -> (Vec<String>, Vec<String>) {
+    let mut conn = redis.client().await;
+    let prefix = format!("herdsman:cache:user:{username}/");
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.expect("KEYS");
+    let mut stored = Vec::new();
+    for key in keys {
+        let raw = redis::cmd("GET").arg(&key).query_async(&mut conn).await.expect("GET");
+        if stored_value::stored_value(raw).is_some() {
+            stored.push(key[prefix.len()..].to_string());
+        }
+    }
+    let mut counted: Vec<String> =
+        redis::cmd("HKEYS").arg(format!("herdsman:usage:{username}")).query_async(&mut conn).await.expect("HKEYS");
+    stored.sort();
+    counted.sort();
+    (stored, counted)
+}
+
+#[tokio::test]
+async fn a_user_at_their_quota_cannot_store_more_through_any_worker_redis_late_or_hung() {
+    let Some(redis) = TestRedis::start().await else { return };
+    let three_keys = |c: &mut Config| c.user_max_keys = 3;
+    let (_, first) = worker(&redis, three_keys).await;
+    let token = login(&first, "olga").await;
+    for key in ["k0", "k1", "k2"] {
+        assert_eq!(send(&first, Method::PUT, &format!("/cache/{key}"), Some(&token), "v").await.status, 204);
+    }
+    assert_eq!(send(&first, Method::PUT, "/cache/more", Some(&token), "v").await.status, 403);
+    // A second worker whose Redis link turns late (the breaker opens on lateness), a third that
+    // has only read olga's values (it learns her usage in the background), and a fourth that has
+    // checked her session and nothing else.
+    let proxy = SlowProxy::start(redis.port).await;
+    let (late_services, late) = worker(&redis, |c| {
+        three_keys(c);
+        c.redis_url = Some(proxy.url.clone());
+    })
+    .await;
+    assert_eq!(send(&late, Method::PUT, "/cache/k0", Some(&token), "replaced").await.status, 204);
+    let (_, reader) = worker(&redis, three_keys).await;
+    assert_eq!(send(&reader, Method::GET, "/cache/k0", Some(&token), "").await.status, 200);
+    let (_, unseen) = worker(&redis, three_keys).await;
+    assert_eq!(send(&unseen, Method::GET, "/auth/me", Some(&token), "").await.status, 200);
+
+    proxy.set_delay(Duration::from_secs(1));
+    let reply = send(&late, Method::PUT, "/cache/late", Some(&token), "v").await;
+    assert_eq!(reply.status, 403, "{}", reply.json());
+    wait_for(&late_services.cache, false).await;
+    assert_eq!(send(&late, Method::PUT, "/cache/later", Some(&token), "v").await.status, 403);
+
+    // Redis hangs for everyone (frozen, as by SIGSTOP).
+    redis.pause().await;
+    for (app, what) in [(&first, "the worker that counted"), (&late, "the late one"), (&reader, "the reader")] {
+        let reply = send(app, Method::PUT, "/cache/cut", Some(&token), "v").await;
+        assert_eq!(reply.status, 403, "{what}: {}", reply.json());
+    }
+    // It cannot vouch for olga's quota: nothing is stored, and it says so.
+    let reply = send(&unseen, Method::PUT, "/cache/unseen", Some(&token), "v").await;
+    assert_eq!(reply.status, 503, "{}", reply.json());
+    assert!(reply.header("retry-after").is_some());
+
+    redis.unpause().await;
+    proxy.set_delay(Duration::ZERO);
+    wait_for(&late_services.cache, true).await;
+    let all = vec!["k0".to_string(), "k1".to_string(), "k2".to_string()];
+    assert_eq!(stored_and_counted(&redis, "olga").await, (all.clone(), all));
+}
+
+#[tokio::test]
+async fn held_writes_are_counted_when_replayed_and_a_held_delete_releases_its_entry() {
+    let Some(redis) = TestRedis::start().await else { return };
+    let (services, app) = worker(&redis, |c| c.user_max_keys = 3).await;
+    let token = login(&app, "pavel").await;
+    for key in ["a", "b"] {
+        assert_eq!(send(&app, Method::PUT, &format!("/cache/{key}"), Some(&token), "v").await.status, 204);
+    }
+    redis.pause().await;
+    let reply = send(&app, Method::PUT, "/cache/held", Some(&token), "v").await;
+    assert_eq!((reply.status.as_u16(), reply.header("x-cache-tier")), (204, Some("memory")));
+    // The third key was the last one this worker could hold for pavel.
+    assert_eq!(send(&app, Method::PUT, "/cache/one-too-many", Some(&token), "v").await.status, 403);
+    assert_eq!(send(&app, Method::DELETE, "/cache/a", Some(&token), "").await.status, 204);
+
+    redis.unpause().await;
+    wait_for(&services.cache, true).await;
+    let expected = vec!["b".to_string(), "held".to_string()];
+    assert_eq!(stored_and_counted(&redis, "pavel").await, (expected.clone(), expected));
+    // Counted: one key left under the quota, not two.
+    assert_eq!(send(&app, Method::PUT, "/cache/c", Some(&token), "v").await.status, 204);
+    assert_eq!(send(&app, Method::PUT, "/cache/d", Some(&token), "v").await.status, 403);
+}

@@ -506,6 +506,10 @@ pub(super) async fn probe(inner: Weak<Inner>, first_delay: Duration) {
             Ok(_) => return, // `replay_and_close` cleared `probing`
             Err(err) => {
                 debug!(reason = %err, "redis probe failed");
+                // The probe's connection may be a dead one that would fail every probe after
+                // it: one opened after the probe gave up waiting for it, then cut. Each probe
+                // starts from a fresh pool.
+                redis.discard_pool();
                 let mut shared = redis.lock();
                 match &mut shared.breaker {
                     Breaker::Fallback { reason, .. } => *reason = err.to_string(),

@@ -158,7 +158,10 @@ fn parse_ttl(params: Result<Query<PutParams>, QueryRejection>, limits: &Limits) 
 
 async fn get_value(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(key): Path<String>) -> Response {
     let key = match user_key(&state, &headers, &key).await {
-        Ok((_, key)) => key,
+        Ok((username, key)) => {
+            state.quotas.learn(&state.cache, &username);
+            key
+        }
         Err(err) => return err.into_response(),
     };
     // A value this worker has seen takes its share before it is fetched, so that refused reads

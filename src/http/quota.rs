@@ -12,8 +12,11 @@
 //!
 //! # While Redis is away (or late)
 //! The quota cannot be checked, so a write is held for replay only within what this worker
-//! knows of the user: their usage as Redis last counted it in a reply to this worker, no older
-//! than [`KNOWN_FOR`], plus what this worker has held for them since. A user at or over a quota
+//! knows of the user: their usage as Redis last counted it for this worker, no older than
+//! [`KNOWN_FOR`], plus what this worker has held for them since. A `PUT` learns it from its own
+//! reply; any other `/cache` request of a user whose figure is missing or half as old as that
+//! asks Redis for it in the background ([`Quotas::learn`]), so every user active on a worker
+//! lately is known there. A user at or over a quota
 //! is refused (`403`) as when Redis is up; a user this worker knows nothing recent of gets
 //! `503` + `Retry-After` (nothing is stored: the quota cannot be checked). A user's held writes
 //! are also bounded by a share of the worker's replay budget ([`SHARE_DIVISOR`]), so one user
@@ -33,7 +36,7 @@ use bytes::Bytes;
 use quick_cache::sync::Cache as MemoryCache;
 
 use super::error::ApiError;
-use crate::cache::{Cache, CacheError, Checked, Quota, Tier, Usage};
+use crate::cache::{Cache, CacheError, Checked, Quota, Script, Tier, Usage};
 
 /// Redis key prefix of the usage hashes.
 pub const USAGE_PREFIX: &str = "herdsman:usage:";
@@ -47,6 +50,22 @@ pub const SHARE_DIVISOR: u64 = 4;
 
 /// Users whose usage a worker remembers.
 const KNOWN_USERS: usize = 10_000;
+
+/// KEYS[1]: a usage hash. Returns `{keys, bytes}` of its entries not yet expired (read only).
+const USAGE_SCRIPT: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local entries = redis.call('HGETALL', KEYS[1])
+local keys, bytes = 0, 0
+for i = 1, #entries, 2 do
+  local size, expires = string.match(entries[i + 1], '^(%d+) (%d+)$')
+  if size ~= nil and tonumber(expires) > now then
+    keys = keys + 1
+    bytes = bytes + tonumber(size)
+  end
+end
+return {keys, bytes}
+";
 
 /// What this worker knows of one user's usage.
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +82,10 @@ struct Known {
 #[derive(Clone)]
 pub struct Quotas {
     known: Arc<MemoryCache<String, Known>>,
+    /// When this worker last asked Redis for a user's usage, so that it asks at most once a
+    /// [`KNOWN_FOR`] half per user however many requests arrive.
+    asked: Arc<MemoryCache<String, Instant>>,
+    usage_script: Arc<Script>,
     pub max_keys: u64,
     pub max_bytes: u64,
 }
@@ -78,7 +101,35 @@ enum Headroom {
 impl Quotas {
     /// Without `REDIS_URL` there are no users to count: the cache's writes are then unchecked.
     pub fn new(max_keys: u64, max_bytes: u64) -> Quotas {
-        Quotas { known: Arc::new(MemoryCache::new(KNOWN_USERS)), max_keys, max_bytes }
+        Quotas {
+            known: Arc::new(MemoryCache::new(KNOWN_USERS)),
+            asked: Arc::new(MemoryCache::new(KNOWN_USERS)),
+            usage_script: Arc::new(Script::new(USAGE_SCRIPT)),
+            max_keys,
+            max_bytes,
+        }
+    }
+
+    /// Makes sure this worker will know `username`'s usage should Redis go away: unless it
+    /// learnt it lately, asks Redis in the background (one read of the user's usage hash). A
+    /// request never waits for it.
+    pub fn learn(&self, cache: &Cache, username: &str) {
+        let fresh = |at: Instant| at.elapsed() < KNOWN_FOR / 2;
+        if self.known.get(username).is_some_and(|known| fresh(known.seen))
+            || self.asked.get(username).is_some_and(fresh)
+        {
+            return;
+        }
+        let Some(store) = cache.durable().filter(|store| store.is_available()) else { return };
+        self.asked.insert(username.to_string(), Instant::now());
+        let (quotas, username) = (self.clone(), username.to_string());
+        tokio::spawn(async move {
+            let keys = [format!("{USAGE_PREFIX}{username}")];
+            let counted: Result<Vec<u64>, CacheError> = store.eval(&quotas.usage_script, &keys, &[]).await;
+            if let Ok([keys, bytes]) = counted.as_deref() {
+                quotas.learn_usage(&username, Some(Usage { keys: *keys, bytes: *bytes }));
+            }
+        });
     }
 
     /// Stores `value` at `cache_key` (`username`'s `key`) if both quotas hold, the check and the
@@ -98,7 +149,7 @@ impl Quotas {
         let may_hold = matches!(headroom, Headroom::Fits);
         match cache.set_checked(cache_key, value, ttl, &quota, may_hold).await {
             Ok(Checked::Stored(Tier::Redis, usage)) => {
-                self.learn(username, usage);
+                self.learn_usage(username, usage);
                 Ok(Ok(Tier::Redis))
             }
             Ok(Checked::Stored(Tier::Memory, _)) => {
@@ -110,7 +161,7 @@ impl Quotas {
                 Ok(Ok(Tier::Memory))
             }
             Ok(Checked::Refused(code, usage)) => {
-                self.learn(username, usage);
+                self.learn_usage(username, usage);
                 Err(self.over(code))
             }
             Ok(Checked::NotHeld) => Err(match headroom {
@@ -134,6 +185,7 @@ impl Quotas {
         (username, key): (&str, &str),
         cache_key: &str,
     ) -> Result<Tier, CacheError> {
+        self.learn(cache, username);
         cache.delete_with_quota(cache_key, &self.quota(username, key)).await
     }
 
@@ -165,7 +217,7 @@ impl Quotas {
     }
 
     /// Remembers the usage Redis just counted for `username`.
-    fn learn(&self, username: &str, usage: Option<Usage>) {
+    fn learn_usage(&self, username: &str, usage: Option<Usage>) {
         if let Some(usage) = usage {
             let known = Known { usage, seen: Instant::now(), held: Usage { keys: 0, bytes: 0 } };
             self.known.insert(username.to_string(), known);
