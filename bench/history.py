@@ -617,7 +617,8 @@ class Run:
         nemesis = threading.Thread(target=self._nemesis, args=(hub, stop), daemon=True)
         for th in threads:
             th.start()
-        nemesis.start()
+        if not self.args.no_nemesis:
+            nemesis.start()
         hard_stop = self.t0 + 3 * self.args.seconds
         while True:
             time.sleep(0.2)
@@ -627,7 +628,8 @@ class Run:
         stop.set()
         for th in threads:
             th.join(CLIENT_TIMEOUT_S + 5)
-        nemesis.join(5)
+        if nemesis.is_alive():
+            nemesis.join(5)
         self.history = [op for ops in per_client for op in ops]
         log(f"workload: {len(self.history)} operations in {time.monotonic() - self.t0:.1f}s, "
             f"{len(self.faults)} faults")
@@ -747,6 +749,10 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=4, help="users, each with its own keys (4)")
     ap.add_argument("--keys", type=int, default=6, help="keys per user (6)")
     ap.add_argument("--final-reads", type=int, default=4, help="final reads per key per instance (4)")
+    ap.add_argument("--no-nemesis", action="store_true",
+                    help="no faults (with --min-faults 0): a control run, whose only breaker "
+                    "openings are a busy machine's")
+    ap.add_argument("--json", type=Path, help="also write the figures of the run here (bench/run.py)")
     ap.add_argument("--expect-anomalies", action="store_true",
                     help="succeed only if anomalies are found (an old binary: the checker can fail)")
     args = ap.parse_args()
@@ -773,8 +779,18 @@ def main() -> int:
          "ops": [asdict(op) for op in run.history]}) + "\n")
     print(summarize(run.history, run.faults, anomalies, run.t0))
     workload = sum(1 for op in run.history if not op.final)
-    print(f"seed {args.seed}, {workload} operations in the workload, "
-          f"{time.monotonic() - started:.1f}s in all")
+    seconds = time.monotonic() - started
+    print(f"seed {args.seed}, {workload} operations in the workload, {seconds:.1f}s in all")
+    if args.json:
+        by_rule = Counter(a.rule for a in anomalies)
+        args.json.write_text(json.dumps({
+            "seed": args.seed, "seconds": round(seconds, 1), "operations": workload,
+            "outcomes": {f"{kind} {out} {tier or ''}".strip(): n for (kind, out, tier), n in
+                         Counter((op.kind, outcome(op), op.tier) for op in run.history
+                                 if not op.final).items()},
+            "faults": {kind: sum(f.kind == kind for f in run.faults) for kind in FAULT_KINDS},
+            "anomalies": {rule: by_rule[rule] for rule in RULES},
+        }, indent=2) + "\n")
     if workload < args.ops or len(run.faults) < args.min_faults:
         log(f"FAIL too small a run: {workload} operations (want {args.ops}), "
             f"{len(run.faults)} faults (want {args.min_faults})")

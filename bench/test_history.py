@@ -96,6 +96,10 @@ class Final(unittest.TestCase):
         history = [delete(0, 1, tier="memory"), put("w", 2, 3), final(None)]
         self.assertEqual(rules(history), ["F", "R"])
 
+    def test_final_reads_from_memory_are_not_judged(self):
+        stale = get("a", 100, 100.01, tier="memory", final=True)
+        self.assertEqual(rules([put("a", 0, 1), put("b", 2, 3), final("b"), stale]), [])
+
     def test_absent_with_no_delete_fails(self):
         self.assertEqual(rules([put("a", 0, 1, tier="memory"), final(None)]), ["F"])
 
