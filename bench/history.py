@@ -3,8 +3,8 @@
 each through a link the test breaks, many clients on overlapping keys, every operation
 recorded and the history checked against the consistency model below (issue 24).
 
-    python3 bench/history.py --short --herdsman target/release/herdsman   # the suite's (~40 s)
-    python3 bench/history.py --herdsman target/release/herdsman           # the bench's (~2.5 min)
+    python3 bench/history.py --short --herdsman target/release/herdsman   # the suite's (25-50 s)
+    python3 bench/history.py --herdsman target/release/herdsman           # the bench's (~2 min)
     python3 bench/history.py --seed 7 --ops 20000 --seconds 120           # longer, other seed
     python3 bench/history.py --short --expect-anomalies --herdsman OLD    # proof it can fail
     python3 -m unittest discover -s bench -p test_history.py              # the checker's tests
@@ -18,7 +18,8 @@ reach every worker. A few users register and log in while Redis is healthy. Then
 HAProxy, every value with `?ttl=3600` so nothing expires, while a nemesis cuts, pauses and slows
 random instances' links for 0.3-1.5 s at a time and heals them. At the end every link is
 healed, the script waits until every worker of every instance uses Redis again (its log says
-so for each worker pid that left it, and GETs on new connections answer from Redis), and reads
+so for each worker pid that left it: the lines `WENT_DOWN` and `CAME_BACK` name, which a change
+to those messages must follow; and GETs on new connections answer from Redis), and reads
 every key through every instance directly, several times on new connections (so both workers
 answer): the final reads. It prints operations by kind and outcome, faults by kind and the
 anomalies by rule with up to 5 examples each, writes the history to
