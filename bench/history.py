@@ -218,10 +218,14 @@ def check_final(key: str, ops: list[Op]) -> list[Anomaly]:
         out.append(Anomaly("F", key, f"final reads disagree: {len(values)} different answers", shown))
     acked = [w for w in _writes(ops) if outcome(w) == "ok"]
     candidates = [w for w in _writes(ops) if outcome(w) != "fail"]
+    # A write is overtaken when an acknowledged write was invoked after it surely completed.
+    last_acked = max(acked, key=lambda a: a.invoke, default=None)
 
-    def overtaken(w: Op) -> Op | None:
+    def overtaker(w: Op) -> Op | None:
         """The first acknowledged write that w strictly precedes, if any."""
-        return min((a for a in acked if precedes(w, a)), key=lambda a: a.invoke, default=None)
+        if last_acked is None or not precedes(w, last_acked):
+            return None
+        return min((a for a in acked if precedes(w, a)), key=lambda a: a.invoke)
 
     for value in values:
         read = next(op for op in finals if op.value == value)
@@ -229,20 +233,34 @@ def check_final(key: str, ops: list[Op]) -> list[Anomaly]:
             put = next((w for w in candidates if w.kind == "put" and w.value == value), None)
             if put is None:
                 continue  # V's anomaly (never written, or refused)
-            later = overtaken(put)
+            later = overtaker(put)
             if later is not None:
                 out.append(Anomaly("F", key, "final value is a PUT overtaken by an acknowledged "
                                    f"{later.kind.upper()}", [put, later, read]))
             continue
         puts = [w for w in acked if w.kind == "put"]
         deletes = [w for w in candidates if w.kind == "delete"]
-        if not puts or any(overtaken(d) is None for d in deletes):
+        # The DELETE that completed last is the one least likely to be overtaken.
+        last_delete = max(deletes, key=effective_complete, default=None)
+        if not puts or (last_delete is not None and overtaker(last_delete) is None):
             continue
-        message = ("final state absent, but no DELETE was made" if not deletes else
-                   "final state absent, but every DELETE was overtaken by an acknowledged write")
-        culprit = deletes[-1] if deletes else puts[-1]
-        out.append(Anomaly("F", key, message, [op for op in (culprit, overtaken(culprit), read) if op]))
+        if last_delete is None:
+            out.append(Anomaly("F", key, "final state absent, but no DELETE was made",
+                               [max(puts, key=lambda w: w.complete), read]))
+        else:
+            out.append(Anomaly("F", key, "final state absent, but every DELETE was overtaken by an "
+                               "acknowledged write", [last_delete, overtaker(last_delete), read]))
     return out
+
+
+def _latest_invoked(writes: list[Op]) -> tuple[list[float], list[Op]]:
+    """`writes` by completion, and for each prefix of them the write invoked last: which write
+    completed before time t and was invoked last is a bisection away."""
+    writes = sorted(writes, key=lambda w: w.complete)
+    latest: list[Op] = []
+    for w in writes:
+        latest.append(w if not latest or w.invoke > latest[-1].invoke else latest[-1])
+    return [w.complete for w in writes], latest
 
 
 def check_redis_reads(key: str, ops: list[Op]) -> list[Anomaly]:
@@ -251,21 +269,17 @@ def check_redis_reads(key: str, ops: list[Op]) -> list[Anomaly]:
     DELETE that could have come before the read."""
     writes = _writes(ops)
     by_value = {w.value: w for w in writes if w.kind == "put"}
-    # Writes acknowledged with tier redis, by completion; for each prefix, the one invoked last.
-    redis_acked = sorted((w for w in writes if outcome(w) == "ok" and w.tier == "redis"),
-                         key=lambda w: w.complete)
-    completes = [w.complete for w in redis_acked]
-    latest_invoked: list[Op] = []
-    for w in redis_acked:
-        best = latest_invoked[-1] if latest_invoked else None
-        latest_invoked.append(w if best is None or w.invoke > best.invoke else best)
-    redis_puts = [w for w in redis_acked if w.kind == "put"]
-    put_completes = [w.complete for w in redis_puts]
-    latest_put: list[Op] = []
-    for w in redis_puts:
-        best = latest_put[-1] if latest_put else None
-        latest_put.append(w if best is None or w.invoke > best.invoke else best)
-    deletes = [w for w in writes if w.kind == "delete" and outcome(w) != "fail"]
+    redis_acked = [w for w in writes if outcome(w) == "ok" and w.tier == "redis"]
+    completes, latest = _latest_invoked(redis_acked)
+    put_completes, latest_put = _latest_invoked([w for w in redis_acked if w.kind == "put"])
+    # DELETEs by invocation, and for each prefix the one whose effect may come last.
+    deletes = sorted((w for w in writes if w.kind == "delete" and outcome(w) != "fail"),
+                     key=lambda w: w.invoke)
+    delete_invokes = [d.invoke for d in deletes]
+    last_effect: list[Op] = []
+    for d in deletes:
+        keep = last_effect and effective_complete(last_effect[-1]) >= effective_complete(d)
+        last_effect.append(last_effect[-1] if keep else d)
 
     out = []
     for read in _reads(ops):
@@ -274,8 +288,8 @@ def check_redis_reads(key: str, ops: list[Op]) -> list[Anomaly]:
         if read.value is not None:
             n = bisect.bisect_left(completes, read.invoke)
             written = by_value.get(read.value)
-            if n and written is not None and precedes(written, latest_invoked[n - 1]):
-                newer = latest_invoked[n - 1]
+            if n and written is not None and precedes(written, latest[n - 1]):
+                newer = latest[n - 1]
                 out.append(Anomaly("R", key, f"Redis served a value overtaken by a {newer.kind.upper()} "
                                    "acknowledged by Redis before the read", [written, newer, read]))
             continue
@@ -283,9 +297,9 @@ def check_redis_reads(key: str, ops: list[Op]) -> list[Anomaly]:
         if not n:
             continue
         put = latest_put[n - 1]
-        before_read = [d for d in deletes if d.invoke < read.complete]
-        if all(precedes(d, put) for d in before_read):
-            shown = [*before_read[-1:], put, read]
+        m = bisect.bisect_left(delete_invokes, read.complete)  # DELETEs invoked before the read ended
+        if m == 0 or precedes(last_effect[m - 1], put):
+            shown = [*last_effect[m - 1:m], put, read]
             out.append(Anomaly("R", key, "Redis served absent after a PUT it acknowledged that "
                                "followed every DELETE", shown))
     return out
