@@ -746,7 +746,11 @@ def summarize(history: list[Op], faults: list[Fault], anomalies: list[Anomaly], 
         by_rule[a.rule].append(a)
     lines.append("anomalies: " + (", ".join(f"{r} {len(by_rule[r])}" for r in RULES) if anomalies else "none"))
     for rule in RULES:
-        for a in by_rule[rule][:5]:
+        # Examples of different keys and kinds first: one stale value is often read many times.
+        distinct = {(a.key, a.message): a for a in reversed(by_rule[rule])}
+        examples = [*distinct.values()][::-1][:5]
+        examples += [a for a in by_rule[rule] if a not in examples][:5 - len(examples)]
+        for a in examples:
             lines.append(f"  {rule} {a.key}: {a.message}")
             lines += [f"      {describe(op, t0)}" for op in a.ops]
     return "\n".join(lines)
