@@ -23,8 +23,8 @@ to those messages must follow; and GETs on new connections answer from Redis), a
 every key through every instance directly, several times on new connections (so both workers
 answer): the final reads. It prints operations by kind and outcome, faults by kind and the
 anomalies by rule with up to 5 examples each, writes the history to
-bench/out/history/history.json, and exits non-zero on any anomaly or when the run could not be
-made (too few operations or faults, a cluster that did not come back) — with
+bench/out/history/history.json, and exits non-zero on any anomaly (1) or when the run could not
+be made (2: too few operations or faults, a server that did not start) — with
 `--expect-anomalies`, non-zero when it found none instead (an old binary must fail).
 
 Needs redis-server and haproxy on the PATH (bench/setup.sh installs them); stdlib only.
