@@ -482,9 +482,29 @@ def measure_image(ctx: Ctx) -> dict:
             "peer_packages_and_app_mb": peer_packages_bytes() / 1e6}
 
 
+def measure_history(ctx: Ctx) -> dict:
+    """bench/history.py against the binary under test: the long version (>= 10,000 operations
+    under cuts, pauses and slow links), the short one under --smoke. Its own process, so that its
+    asyncio proxies and client threads end with it; BenchError when it finds an anomaly."""
+    summary = OUT / "history" / "summary.json"
+    summary.unlink(missing_ok=True)
+    argv = ["python3", str(BENCH / "history.py"), "--herdsman", str(ctx.herdsman), "--json", str(summary)]
+    r = subprocess.run(argv + (["--short"] if ctx.smoke else []), capture_output=True, text=True,
+                       timeout=900)
+    print(r.stdout, end="")
+    if not summary.exists():
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BenchError(f"history.py exited {r.returncode}: {last}")
+    figures = json.loads(summary.read_text())
+    if r.returncode != 0:
+        found = ", ".join(f"{rule} {n}" for rule, n in figures["anomalies"].items())
+        raise BenchError(f"history.py exited {r.returncode}; anomalies: {found}")
+    return figures
+
+
 MEASURE = {"seed": measure_seed, "boot": measure_boot, "live": measure_live, "cache": measure_cache,
            "login": measure_login, "memory": measure_memory, "image": measure_image,
-           "chaos": chaos.measure_chaos, "abuse": abuse.measure_abuse}
+           "chaos": chaos.measure_chaos, "abuse": abuse.measure_abuse, "history": measure_history}
 
 # ---------------------------------------------------------------------------------------------
 # Around the measurements: the noise, the machine, missing figures

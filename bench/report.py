@@ -157,7 +157,21 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[st
             out.append(ws)
     if "abuse" in results:
         out.extend(abuse_tables(results["abuse"]))
+    if "history" in results:
+        out.append(history_table(results["history"]))
     return out
+
+
+def history_table(r: dict) -> tuple[str, list[str], list[list[str]], list[str]]:
+    """bench/history.py's run: what was done to the cluster and what the checker found."""
+    faults = ", ".join(f"{n} {kind}" for kind, n in r["faults"].items())
+    anomalies = ", ".join(f"{rule} {n}" for rule, n in r["anomalies"].items())
+    rows = [["herdsman", f"{r['operations']:,}", faults, anomalies, f"{r['seed']}", fmt(r["seconds"], " s", 0)]]
+    notes = ["3 instances × 2 workers behind HAProxy, each on its own proxy to one Redis, links cut, "
+             "paused and slowed at random; rules (history.py's docstring): V validity, F final "
+             "state, R reads served by Redis, L every worker back on Redis; the goal is 0"]
+    return ("history: /cache under link faults, checked against the consistency model",
+            ["server", "operations", "faults", "anomalies", "seed", "duration"], rows, notes)
 
 
 def _statuses(counts: dict) -> str:

@@ -6,6 +6,7 @@ vs a bare one-process axum hello-world (the ceiling).
     python3 bench/run.py seed                       # the seed's blocking warm-ups (~3 min)
     python3 bench/run.py live cache                 # some measurements
     python3 bench/run.py chaos --chaos hang,redis   # some chaos scenarios (bench/chaos.py)
+    python3 bench/run.py history                    # the history checker's long run (history.py)
     python3 bench/run.py --smoke                    # everything, short and once (CI, ~5 min)
     python3 bench/run.py --herdsman /path/to/herdsman
 
@@ -46,7 +47,9 @@ from harness import (
 )
 from measure import MEASURE, cpu_snapshot, foreign_cpu, machine_info, missing_figures, wait_for_quiet
 
-MEASUREMENTS = ("seed", "boot", "live", "cache", "login", "memory", "image", "chaos", "abuse")
+MEASUREMENTS = ("seed", "boot", "live", "cache", "login", "memory", "image", "chaos", "abuse", "history")
+# scripts/test.sh runs history.py --short itself, so --smoke leaves it out unless asked for.
+NOT_IN_SMOKE = ("history",)
 
 
 def main() -> int:
@@ -72,7 +75,7 @@ def main() -> int:
     ap.add_argument("--markdown", type=Path, help="also write a markdown report here")
     ap.add_argument("--json", type=Path, default=OUT / "results.json")
     args = ap.parse_args()
-    what = args.what or list(MEASUREMENTS)
+    what = args.what or [m for m in MEASUREMENTS if not (args.smoke and m in NOT_IN_SMOKE)]
     unknown = [w for w in what if w not in MEASUREMENTS]
     if unknown:
         ap.error(f"unknown measurement(s): {unknown}")

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what bench/run.py needs on a fresh Debian machine (idempotent):
-# wrk, redis-server, redis-benchmark (apt); the peer's venv and the hello-world build are done
-# by run.py itself. Needs root (or sudo) only when a tool is missing.
+# wrk, redis-server, redis-benchmark, haproxy (apt; haproxy is history.py's load balancer); the
+# peer's venv and the hello-world build are done by run.py itself. Needs root (or sudo) only when a tool is missing.
 set -euo pipefail
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-benchmark >/dev/null || missing+=(redis-tools)
+# Debian installs haproxy in /usr/sbin, which a user's PATH may lack.
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 if ((${#missing[@]})); then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
