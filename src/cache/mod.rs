@@ -546,7 +546,7 @@ impl Cache {
             None => self.inner.memory.invalidate(key),
         }
         match &stored {
-            Ok(Stored::Online(Outcome::Written, _)) => metrics::count(Event::CacheWriteRedis),
+            Ok(Stored::Online(Outcome::Written | Outcome::Superseded, _)) => metrics::count(Event::CacheWriteRedis),
             Ok(Stored::Held) => metrics::count(Event::CacheWriteMemory),
             _ => {}
         }

@@ -10,17 +10,16 @@
 //! ```
 //!
 //! One Lua script ([`WRITE_SCRIPT`]) makes every write, so the comparison and the write are one
-//! atomic step in Redis:
+//! atomic step in Redis: a write applies only if its stamp is newer than the value or tombstone
+//! Redis holds, whether it is made online or **replayed** (held while Redis was away). The rule
+//! is the same for both because an online write can reach Redis late too: one sent just before
+//! a link stalled arrives when it resumes, after writes acknowledged since. A write that finds a
+//! newer one is *superseded*: ordered before it, as if applied and overwritten at once.
 //!
-//! - a write made **online** (Redis answered) always applies, with a stamp above the one it
-//!   replaces (`max(own clock, old + 1)`): Redis's own order of writes is kept;
-//! - a **replayed** write (held while Redis was away) applies only if its stamp is newer than
-//!   the value or tombstone Redis holds now: a write acknowledged later, anywhere, wins.
-//!
-//! A held write's stamp is the acknowledging worker's clock at acknowledgement. So the order of
-//! a held write and another worker's write is their wall-clock order: right whenever they were
-//! acknowledged further apart than the clocks of the two hosts differ (NTP keeps that to
-//! milliseconds; one host's workers share one clock). A tie keeps what Redis holds.
+//! A stamp is the acknowledging worker's clock (microseconds, strictly increasing within a
+//! process). So two writes are ordered as their wall clocks say: right whenever they were made
+//! further apart than the clocks of their two hosts differ (NTP keeps that to milliseconds; one
+//! host's workers share one clock). A tie keeps what Redis holds.
 //!
 //! A tombstone lives as long as a held write can still be replayed over it: the longest TTL a
 //! value may have ([`super::CacheConfig::tombstone_lifetime`]), since a held write older than
@@ -52,12 +51,13 @@ const KIND_VALUE: u8 = b'v';
 const KIND_TOMBSTONE: u8 = b'x';
 
 /// KEYS[1]: the value's Redis key; KEYS[2], with a quota: the owner's usage hash.
-/// ARGV[1]: the stored string (header and value); ARGV[2]: `online`, `replay` or `late` (a
-/// replay past the tombstone lifetime: only over an older stamped value); ARGV[3]: lifetime in
+/// ARGV[1]: the stored string (header and value); ARGV[2]: `online` (quotas checked), `replay`
+/// (counted, never refused) or `late` (a replay past the tombstone lifetime: only over an older
+/// stamped value, never onto an absent key); ARGV[3]: lifetime in
 /// ms (0: none); with a quota, ARGV[4]: the usage field, ARGV[5]: the value's size, ARGV[6] and
 /// ARGV[7]: the key and byte quotas (checked online only).
 /// Returns `{code, keys, bytes}`: code 0 written, 1 key quota, 2 byte quota, 3 superseded (Redis
-/// holds a newer write), 4 unordered (a late replay onto an absent key); `keys` and `bytes` are
+/// holds a newer write: nothing done), 4 unordered (a late replay onto an absent key); `keys` and `bytes` are
 /// the owner's usage after a quota'd `v` write (-1 otherwise).
 pub(super) const WRITE_SCRIPT: &str = r"
 local head = redis.call('GETRANGE', KEYS[1], 0, 20)
@@ -70,10 +70,8 @@ end
 local stamp = tonumber(string.sub(ARGV[1], 5, 20))
 local kind = string.sub(ARGV[1], 21, 21)
 local mode = ARGV[2]
-if mode ~= 'online' then
-  if stamp <= old then return {3, -1, -1} end
-  if mode == 'late' and old < 0 then return {4, -1, -1} end
-end
+if stamp <= old then return {3, -1, -1} end
+if mode == 'late' and old < 0 then return {4, -1, -1} end
 local keys, bytes = -1, -1
 if #KEYS > 1 then
   if kind == 'v' then
@@ -116,9 +114,6 @@ if ARGV[3] == '0' then
 else
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 end
-if stamp <= old then
-  redis.call('SETRANGE', KEYS[1], 4, string.format('%016d', old + 1))
-end
 return {0, keys, bytes}
 ";
 
@@ -128,7 +123,7 @@ pub(super) enum Outcome {
     Written,
     /// Online only: this quota (1 keys, 2 bytes) would be exceeded; nothing was written.
     OverQuota(i64),
-    /// Replay only: Redis holds a newer write; this one was not applied (it lost, as it should).
+    /// Redis holds a newer write; this one was not applied (it is ordered before that one).
     Superseded,
     /// A late replay (past the tombstone lifetime) onto an absent key: not applied.
     Unordered,
