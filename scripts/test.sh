@@ -96,10 +96,8 @@ fi
 
 # The history checker (issue 24): its unit tests, then its short run against the same binary:
 # 3 instances x 2 workers behind HAProxy, >= 2,000 operations under >= 10 link faults, checked
-# against the consistency model in bench/history.py; non-zero on any anomaly. Run time on the
-# shared 2-core machine: 23 s when every worker is back on Redis at once (20 s of load, boot,
-# the final reads; measured without faults), 43-48 s when a worker never comes back (64bedda:
-# the 20 s wait for it is spent).
+# against the consistency model in bench/history.py; non-zero on any anomaly. About 25 s: 20 s of
+# load, then boot, the wait for every worker to be back on Redis and the final reads.
 python3 -m unittest discover -s bench -p test_history.py
 python3 bench/history.py --short --herdsman "$bench_bin"
 

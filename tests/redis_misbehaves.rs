@@ -374,3 +374,50 @@ async fn a_slow_redis_costs_at_most_the_deadline_and_degrades_to_memory() {
     let tier = cache.set_with_tier("slow", Bytes::from_static(b"s"), None).await.expect("set");
     assert_eq!(tier, Tier::Redis);
 }
+
+/// A failover behind one endpoint (a managed Redis, a proxy that follows Sentinel) that moves
+/// late: for a second after the replica is promoted, new connections still reach the demoted
+/// primary, which answers READONLY. The cache must not stay on that node: each failed probe
+/// starts again from a fresh connection, so it follows the endpoint within a probe or two.
+#[tokio::test]
+async fn a_failover_is_followed_within_seconds_even_when_the_endpoint_moves_late() {
+    let Some(primary) = LocalRedis::start("failover_primary", &[]) else { return };
+    let primary_port = primary.port.to_string();
+    let Some(replica) = LocalRedis::start("failover_replica", &["--replicaof", "127.0.0.1", &primary_port]) else {
+        return;
+    };
+    let endpoint = SlowProxy::start(primary.port).await;
+    let cache = cache_at(&endpoint.url);
+    cache.connect().await.expect("connect through the endpoint");
+    for i in 0..20 {
+        let tier = cache.set_with_tier(&format!("before{i}"), Bytes::from_static(b"v"), None).await.expect("set");
+        assert_eq!(tier, Tier::Redis);
+    }
+    // Acknowledged writes the replica has not received yet are what asynchronous replication
+    // loses in a failover; this test is about following it, so it waits for them.
+    let started = Instant::now();
+    while raw_get(&replica, "before19").await.is_none() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the replica never caught up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    raw(&replica, &["REPLICAOF", "NO", "ONE"]).await.expect("promote");
+    raw(&primary, &["REPLICAOF", "127.0.0.1", &replica.port.to_string()]).await.expect("demote");
+    let during = cache.set_with_tier("during", Bytes::from_static(b"held"), None).await.expect("set");
+    assert_eq!(during, Tier::Memory, "the demoted primary took a write");
+    let reason = fallback_reason(&cache);
+    assert!(reason.to_ascii_uppercase().contains("READONLY"), "{reason}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    endpoint.set_upstream(replica.port);
+    let moved = Instant::now();
+    wait_for(&cache, Duration::from_secs(5), true).await;
+    eprintln!("back on Redis {:?} after the endpoint moved", moved.elapsed());
+
+    let after = cache.set_with_tier("after", Bytes::from_static(b"v"), None).await.expect("set");
+    assert_eq!(after, Tier::Redis);
+    assert_eq!(raw_get(&replica, "during").await.as_deref(), Some(&b"held"[..]), "the held write was not replayed");
+    for i in 0..20 {
+        let read = cache.get_with_tier(&format!("before{i}")).await.expect("get");
+        assert_eq!(read, (Some(Bytes::from_static(b"v")), Tier::Redis), "before{i}");
+    }
+}

@@ -5,7 +5,7 @@
 //! its own `docker_engine`).
 #![allow(dead_code)]
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +18,9 @@ use tokio::sync::watch;
 /// for [`SlowProxy::set_delay`] before passing it on (requests pass at once; replies are delayed,
 /// not serialised: a pipeline of many replies still takes one delay); [`SlowProxy::pause`]
 /// stops every byte either way until [`SlowProxy::resume`], and [`SlowProxy::cut`] closes every
-/// connection and refuses new ones until [`SlowProxy::heal`].
+/// connection and refuses new ones until [`SlowProxy::heal`]. [`SlowProxy::set_upstream`] moves
+/// it to another server, as an endpoint follows a failover: new connections go there, open ones
+/// stay where they are.
 pub struct SlowProxy {
     pub url: String,
     link: Arc<Link>,
@@ -27,6 +29,8 @@ pub struct SlowProxy {
 
 /// What the proxy does to the bytes it carries, shared by its connections.
 struct Link {
+    /// The port new connections are made to.
+    upstream: AtomicU16,
     delay_us: AtomicU64,
     /// While `true` nothing is forwarded; what arrives waits in the proxy and flows on resume,
     /// as bytes in flight on a stalled network would.
@@ -41,6 +45,7 @@ impl SlowProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let url = format!("redis://{}", listener.local_addr().expect("proxy addr"));
         let link = Arc::new(Link {
+            upstream: AtomicU16::new(upstream),
             delay_us: AtomicU64::new(0),
             paused: watch::Sender::new(false),
             cuts: watch::Sender::new(0),
@@ -55,6 +60,7 @@ impl SlowProxy {
                 }
                 let link = shared.clone();
                 tokio::spawn(async move {
+                    let upstream = link.upstream.load(Ordering::Relaxed);
                     let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else { return };
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
@@ -69,6 +75,11 @@ impl SlowProxy {
             }
         });
         SlowProxy { url, link, task }
+    }
+
+    /// New connections go to `port` from now on; open ones are left as they are.
+    pub fn set_upstream(&self, port: u16) {
+        self.link.upstream.store(port, Ordering::Relaxed);
     }
 
     pub fn set_delay(&self, delay: Duration) {
