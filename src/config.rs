@@ -1134,8 +1134,7 @@ mod tests {
 
     #[test]
     fn an_international_redis_host_must_be_written_in_its_ascii_form() {
-        // A redis:// host gets no IDNA (a non-special URL scheme), with or without the URL
-        // parser's Unicode tables, which the binary leaves out (Cargo.toml, idna_adapter 1.0).
+        // A redis:// host gets no IDNA: redis is not a special URL scheme, so its host is opaque.
         let err = resolve_env(&[("REDIS_URL", "redis://:hunter2@bücher.example:6379")]).unwrap_err().to_string();
         assert!(err.starts_with("invalid REDIS_URL=") && err.contains("in its xn-- form"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
