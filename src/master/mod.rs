@@ -231,6 +231,13 @@ impl Master {
             config.timeout.as_secs_f64(),
             config.graceful_timeout.as_secs_f64()
         );
+        if cfg!(panic = "abort") {
+            // The crate embedding herdsman chose it in its release profile; nothing else says so.
+            tracing::warn!(
+                "built with panic = \"abort\": a handler that panics kills its worker and every request on it, \
+                 instead of answering 500 (set panic = \"unwind\" in the [profile] that builds this binary)"
+            );
+        }
         let listener = move_above_contract_fds(OwnedFd::from(listener))?;
         let slots = match SlotTable::create().and_then(|table| {
             let fd = move_above_contract_fds(table.fd().try_clone()?)?;
