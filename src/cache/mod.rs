@@ -674,6 +674,28 @@ impl Cache {
     fn unavailable_reason(&self) -> String {
         unavailable_reason(self.status())
     }
+
+    /// A client for a connection of its own to the Redis of `config` (the sessions' revocation
+    /// channel, [`crate::revocations`]), with the URL's TLS choice, `tls_insecure` and `ca_cert`
+    /// honoured as for the pool; `None` without `REDIS_URL`.
+    pub(crate) fn dedicated_client(config: &CacheConfig) -> Result<Option<redis::Client>, CacheError> {
+        let Some(url) = config.redis_url.as_deref().map(str::trim).filter(|url| !url.is_empty()) else {
+            return Ok(None);
+        };
+        let (_, tls) = redis_tier::parse_url(url, config.tls_insecure, config.ca_cert.as_deref())?;
+        let chosen = redis_tier::with_tls_choice(url, tls && config.tls_insecure);
+        let invalid = |err: redis::RedisError| CacheError::InvalidUrl(format!("{}: {err}", redact_url(url)));
+        let info = redis::IntoConnectionInfo::into_connection_info(chosen.as_ref()).map_err(invalid)?;
+        let client = match &config.ca_cert {
+            Some(path) if tls => {
+                let pem = crate::config::read_ca_certificates(path)
+                    .map_err(|why| CacheError::InvalidConfig(format!("REDIS_CA_CERT {}: {why}", path.display())))?;
+                redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
+            }
+            _ => redis::Client::open(info),
+        };
+        client.map(Some).map_err(invalid)
+    }
 }
 
 fn unavailable_reason(status: RedisStatus) -> String {
