@@ -571,6 +571,52 @@ async fn a_logout_through_one_instance_is_refused_by_every_worker_of_another_wit
     assert!(max <= Duration::from_millis(100), "a worker took {max:?}");
 }
 
+/// A worker cut off from Redis (its link hangs: a proxy that holds every reply) cannot hear a
+/// logout made through another instance; it accepts the session no longer than
+/// HERDSMAN_SESSION_OUTAGE_TRUST (2 s here) after it last verified it, then answers 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_revoked_while_a_worker_is_cut_off_is_refused_there_within_the_outage_trust() {
+    const TRUST: Duration = Duration::from_secs(2);
+    let Some(redis) = TestRedis::start().await else { return };
+    let proxy = SlowProxy::start(redis.port).await;
+    let trust = TRUST.as_secs().to_string();
+    let cut_off = support::start(&[
+        ("WEB_CONCURRENCY", "1"),
+        ("REDIS_URL", proxy.url.as_str()),
+        ("HERDSMAN_SESSION_OUTAGE_TRUST", &trust),
+    ]);
+    let other = support::start(&[("WEB_CONCURRENCY", "1"), ("REDIS_URL", redis.url.as_str())]);
+    for server in [&cut_off, &other] {
+        server.wait_for_log("session revocations: subscribed", Duration::from_secs(10));
+    }
+    let token = support::register_and_login(&reqwest::Client::new(), &other, "traveller").await;
+    let client = support::client_with_token(&token);
+    assert_eq!(client.get(cut_off.url("/cache/k")).send().await.expect("GET").status(), 404, "verified");
+
+    proxy.set_delay(Duration::from_secs(3600));
+    let cut = Instant::now();
+    let logout = client.post(other.url("/auth/logout")).send().await.expect("logout");
+    assert_eq!(logout.status(), 204);
+    // Poll the cut-off worker until it refuses, then for a while longer: it must not accept again.
+    let (mut accepted, mut refused_at) = (0, None);
+    while refused_at.is_none_or(|at: Instant| at.elapsed() < Duration::from_secs(1)) {
+        let status = client.get(cut_off.url("/cache/k")).send().await.expect("GET").status().as_u16();
+        match (status, refused_at) {
+            (200 | 404, None) => accepted += 1,
+            (503, None) => refused_at = Some(Instant::now()),
+            (503, Some(_)) => {}
+            (other, _) => panic!("{other} from the cut-off worker"),
+        }
+        assert!(cut.elapsed() < TRUST * 5, "still accepted {:?} after the cut", cut.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused_after = refused_at.expect("refused").saturating_duration_since(cut);
+    eprintln!("cut off: accepted {accepted} requests, refused {refused_after:?} after the cut (trust {TRUST:?})");
+    // Its last check was before the cut; a request may wait one Redis deadline on top.
+    assert!(refused_after <= TRUST + Duration::from_millis(300), "refused only {refused_after:?} after the cut");
+    proxy.set_delay(Duration::ZERO);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_guessing_burst_is_429_before_any_bcrypt_work() {
     let Some(redis) = TestRedis::start().await else { return };
