@@ -91,10 +91,11 @@ impl Revocations {
     /// Starts the subscription task, once; each digest heard goes to `on_revoked`. Must run
     /// inside the runtime.
     pub fn start(&self, on_revoked: impl FnOnce() -> OnRevoked) {
-        let Some(client) = self.state.client.clone() else { return };
-        if self.state.started.swap(true, Ordering::AcqRel) {
+        // Called on every session check: one load when it runs already.
+        if self.state.started.load(Ordering::Acquire) || self.state.started.swap(true, Ordering::AcqRel) {
             return;
         }
+        let Some(client) = self.state.client.clone() else { return };
         let (state, on_revoked) = (self.state.clone(), on_revoked());
         tokio::spawn(async move {
             let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);

@@ -252,8 +252,8 @@ impl Sessions {
 
     /// Starts hearing revocations, once; inside the runtime.
     pub fn listen(&self) {
-        let known = self.known.clone();
-        self.revocations.start(move || {
+        self.revocations.start(|| {
+            let known = self.known.clone();
             Arc::new(move |digest| {
                 known.insert(digest, Known::Revoked { since: Instant::now() });
             })
