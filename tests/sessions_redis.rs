@@ -392,6 +392,34 @@ async fn a_verified_session_is_trusted_while_revocations_are_heard_and_a_logout_
     assert_eq!(sessions.count(), 0, "the logout reached Redis");
 }
 
+/// A subscription that drops and comes back does not bring back the trust of before: a session
+/// revoked in the gap (here: its key deleted in Redis by hand, which publishes nothing) is
+/// refused once the worker hears revocations again, because what it verified before the gap
+/// belongs to an earlier epoch and is checked in Redis again.
+#[tokio::test]
+async fn after_the_subscription_comes_back_nothing_verified_before_the_gap_is_trusted() {
+    let Some(redis) = TestRedis::start().await else { return };
+    let tune = |c: &mut Config| {
+        c.redis_timeout = Duration::from_secs(1);
+        c.redis_min_timeout = Duration::from_millis(500);
+    };
+    let (services, app) = worker(&redis, tune).await;
+    services.sessions.listen();
+    assert!(eventually(Duration::from_secs(10), async || services.sessions.hears_revocations()).await);
+    let token = login(&app, "nina").await;
+    assert_eq!(send(&app, Method::GET, "/auth/me", Some(&token), "").await.status, StatusCode::OK);
+
+    let mut conn = redis.client().await;
+    let killed: i64 =
+        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut conn).await.expect("CLIENT KILL");
+    assert_eq!(killed, 1, "the worker's one subscription");
+    assert!(eventually(Duration::from_secs(5), async || !services.sessions.hears_revocations()).await);
+    let keys: Vec<String> = redis::cmd("KEYS").arg("herdsman:session:*").query_async(&mut conn).await.expect("KEYS");
+    let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.expect("DEL");
+    assert!(eventually(Duration::from_secs(10), async || services.sessions.hears_revocations()).await, "back");
+    assert_401_bearer(&send(&app, Method::GET, "/auth/me", Some(&token), "").await, "revoked in the gap");
+}
+
 /// Without a live subscription nothing is trusted locally: every request asks Redis, so a
 /// revocation published while the worker could not hear it is not missed.
 #[tokio::test]
