@@ -28,8 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import (LOOPBACK, RedisServer, Server, cache_session, free_port, log, parse_wrk, process_tree,
-                     wait_workers_serving)
+from harness import (HEALTH_TOKEN, LOOPBACK, RedisServer, Server, cache_session, free_port, log, parse_wrk,
+                     process_tree, wait_workers_serving)
 from measure import time_to_first_200
 
 CONNECTIONS = 32
@@ -39,8 +39,10 @@ TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 def start(binary: Path, env: dict | None = None) -> Server:
     port = free_port()
+    # Both builds get the token that opens /health's details (the newer one shows them only so).
     return Server(f"ab-{binary.parent.name}", [str(binary)],
-                  {"PORT": port, "WEB_CONCURRENCY": 2, "HERDSMAN_HOST": LOOPBACK, **(env or {})}, port)
+                  {"PORT": port, "WEB_CONCURRENCY": 2, "HERDSMAN_HOST": LOOPBACK,
+                   "HERDSMAN_METRICS_TOKEN": HEALTH_TOKEN, **(env or {})}, port)
 
 
 def cpu_ticks(srv: Server) -> int:

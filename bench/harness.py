@@ -184,6 +184,12 @@ def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
     return status, headers, body
 
 
+# The metrics token every herdsman target gets, so that /health shows the bench its details
+# (the breaker's state, the answering worker's pid): an anonymous caller gets only
+# {"status": "ok"}. Sent with every /health request; a server without it ignores it.
+HEALTH_TOKEN = "bench-health-details-token"
+
+
 def http_request(
     port: int,
     method: str,
@@ -193,6 +199,8 @@ def http_request(
     timeout: float = 5.0,
     headers: dict | None = None,
 ) -> tuple[int, bytes]:
+    if path == "/health" and not headers:
+        headers = bearer(HEALTH_TOKEN)
     with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
         head = f"{method} {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nConnection: close\r\n"
         if content_type:
@@ -551,6 +559,7 @@ def start_target(ctx: Ctx, name: str, workers: int = 2, env: dict | None = None,
     env = {"PORT": port, "WEB_CONCURRENCY": workers, **(env or {})}
     if name == "herdsman":
         env.setdefault("HERDSMAN_HOST", LOOPBACK)
+        env.setdefault("HERDSMAN_METRICS_TOKEN", HEALTH_TOKEN)
         return Server("herdsman", [str(binary or ctx.herdsman)], env, port)
     if name == "peer":
         # Same knob as herdsman's Redis command timeout, under the peer's own name.

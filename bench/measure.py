@@ -27,6 +27,7 @@ import chaos
 from harness import (
     BENCH,
     HEALTH_PATH,
+    HEALTH_TOKEN,
     LOOPBACK,
     OUT,
     PEER_DIR,
@@ -74,7 +75,8 @@ def time_to_first_200(srv: Server, path: str, timeout: float = 60.0,
     t0 = srv.t_spawn
     deadline = t0 + timeout
     t_connect = None
-    req = f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\nConnection: close\r\n\r\n".encode()
+    auth = f"Authorization: Bearer {HEALTH_TOKEN}\r\n" if path == "/health" else ""
+    req = f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n{auth}Connection: close\r\n\r\n".encode()
     while time.perf_counter() < deadline:
         srv.check_alive()
         s = socket.socket()

@@ -29,8 +29,9 @@ use crate::platform::{self, Detected, Fit, Host};
 /// The highest `WEB_CONCURRENCY` accepted: a typo such as `100000` must not fork-bomb a container.
 pub const MAX_WORKERS: usize = 512;
 
-/// The longest `HERDSMAN_SESSION_RECHECK`: how long a worker remembers a session at all
-/// (`sessions::OUTAGE_GRACE` is this), so trust cannot outlive that memory.
+/// The longest `HERDSMAN_SESSION_RECHECK` and `HERDSMAN_SESSION_OUTAGE_TRUST`: how long a
+/// worker remembers a session at all (`sessions::REMEMBERED_FOR` is this), so trust cannot
+/// outlive that memory.
 pub const MAX_SESSION_RECHECK: Duration = Duration::from_secs(300);
 
 /// The resolved settings of a herdsman process, master and workers alike. Its `Debug` is
@@ -142,11 +143,19 @@ pub struct Config {
     /// is good for an hour at most, and a client logs in again at the cost of one bcrypt.
     #[serde(with = "secs")]
     pub session_ttl: Duration,
-    /// How long a worker trusts a session it verified in Redis before asking again
-    /// (`crate::sessions`): a logout through another worker reaches this one within it.
-    /// `HERDSMAN_SESSION_RECHECK`, default 1 s; 0 asks Redis on every request.
+    /// How long a worker trusts a session it verified in Redis before asking again, while its
+    /// subscription to revocations is live (`crate::sessions`): a logout reaches every worker
+    /// through that subscription at once, and this bounds what a revocation that bypasses it
+    /// (a session key deleted in Redis by hand) takes. `HERDSMAN_SESSION_RECHECK`, default 10 s;
+    /// 0 asks Redis on every request.
     #[serde(with = "secs")]
     pub session_recheck: Duration,
+    /// How long after its last verification in Redis a worker still accepts a session while
+    /// Redis cannot be asked (`crate::sessions`): rides out a failover's few seconds, and
+    /// bounds how long a token revoked meanwhile keeps working in a worker cut off from Redis.
+    /// `HERDSMAN_SESSION_OUTAGE_TRUST`, default 30 s; 0 refuses every session (503) in an outage.
+    #[serde(with = "secs")]
+    pub session_outage_trust: Duration,
     /// Proxies in front of this server that append to `X-Forwarded-For` (see
     /// [`crate::http::client_addr`]). `HERDSMAN_TRUSTED_PROXIES`, default 0: the TCP peer.
     pub trusted_proxies: usize,
@@ -482,8 +491,11 @@ settings! {
         "How long a login token stays valid [default: 3600]",
         default Duration::from_secs(3600), parse Raw::seconds;
     session_recheck, "HERDSMAN_SESSION_RECHECK", "session-recheck", "SECONDS",
-        "Seconds a worker trusts a session it verified in Redis; a logout elsewhere reaches it within this, 0 = ask Redis every request [default: 1]",
-        default Duration::from_secs(1), parse Raw::recheck_seconds;
+        "Seconds a worker trusts a session it verified in Redis while it hears revocations; 0 = ask Redis every request [default: 10]",
+        default Duration::from_secs(10), parse Raw::recheck_seconds;
+    session_outage_trust, "HERDSMAN_SESSION_OUTAGE_TRUST", "session-outage-trust", "SECONDS",
+        "Seconds after its last check in Redis a session is still accepted while Redis is away; 0 = none (503) [default: 30]",
+        default Duration::from_secs(30), parse Raw::recheck_seconds;
     trusted_proxies, "HERDSMAN_TRUSTED_PROXIES", "trusted-proxies", "N",
         "Proxies in front that append to X-Forwarded-For; 0 = use the TCP peer [default: 0]",
         default 0, parse |r: &Raw| r.integer(0usize, 16);
@@ -1064,6 +1076,9 @@ mod tests {
             ("BCRYPT_COST", "3"),
             ("HERDSMAN_SESSION_RECHECK", "-1"),
             ("HERDSMAN_SESSION_RECHECK", "301"),
+            ("HERDSMAN_SESSION_OUTAGE_TRUST", "-1"),
+            ("HERDSMAN_SESSION_OUTAGE_TRUST", "301"),
+            ("HERDSMAN_SESSION_OUTAGE_TRUST", "soon"),
         ];
         for (var, value) in cases {
             let err = resolve_env(&[(var, value)]).unwrap_err();
@@ -1074,12 +1089,21 @@ mod tests {
     }
 
     #[test]
-    fn the_session_recheck_may_be_zero_but_not_outlive_the_sessions_memory() {
-        assert_eq!(Config::default().session_recheck, Duration::from_secs(1));
-        let zero = resolve_env(&[("HERDSMAN_SESSION_RECHECK", "0")]).expect("0 asks Redis every request");
-        assert_eq!(zero.session_recheck, Duration::ZERO);
-        let most = resolve_env(&[("HERDSMAN_SESSION_RECHECK", "300")]).expect("up to the sessions' memory");
-        assert_eq!(most.session_recheck, MAX_SESSION_RECHECK);
+    fn the_session_recheck_and_outage_trust_may_be_zero_but_not_outlive_the_sessions_memory() {
+        assert_eq!(Config::default().session_recheck, Duration::from_secs(10));
+        assert_eq!(Config::default().session_outage_trust, Duration::from_secs(30));
+        for var in ["HERDSMAN_SESSION_RECHECK", "HERDSMAN_SESSION_OUTAGE_TRUST"] {
+            let read = |config: &Config| match var {
+                "HERDSMAN_SESSION_RECHECK" => config.session_recheck,
+                _ => config.session_outage_trust,
+            };
+            let zero = resolve_env(&[(var, "0")]).expect("0: no local trust");
+            assert_eq!(read(&zero), Duration::ZERO, "{var}");
+            let half = resolve_env(&[(var, "2.5")]).expect("fractions");
+            assert_eq!(read(&half), Duration::from_millis(2500), "{var}");
+            let most = resolve_env(&[(var, "300")]).expect("up to the sessions' memory");
+            assert_eq!(read(&most), MAX_SESSION_RECHECK, "{var}");
+        }
     }
 
     #[test]

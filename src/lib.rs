@@ -82,6 +82,7 @@ pub mod master;
 pub mod metrics;
 pub mod operator;
 pub mod platform;
+pub mod revocations;
 pub mod services;
 pub mod sessions;
 pub mod shared_memory;

@@ -80,6 +80,10 @@ pub struct WorkerReport {
     /// Its own memory (PSS), as the memory line measures it; none if it could not be read.
     #[serde(default)]
     pub own_memory_bytes: Option<u64>,
+    /// Whether its Redis circuit breaker is open (it serves from memory), from the metrics
+    /// table; none without one. Anonymous `/health` callers are not told this; the operator is.
+    #[serde(default)]
+    pub breaker_open: Option<bool>,
 }
 
 /// Why a command could not be carried out.
@@ -176,12 +180,12 @@ pub fn format_status(report: &StatusReport) -> String {
         out.push_str(&format!("workers over {} of their own memory (PSS) are replaced\n", mib(line)));
     }
     out.push_str(&format!(
-        "{:>6} {:>8} {:<9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}\n",
-        "SERIAL", "PID", "STATE", "AGE", "REQUESTS", "IN-FLIGHT", "HEARTBEAT", "RSS", "PSS"
+        "{:>6} {:>8} {:<9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:<8}\n",
+        "SERIAL", "PID", "STATE", "AGE", "REQUESTS", "IN-FLIGHT", "HEARTBEAT", "RSS", "PSS", "BREAKER"
     ));
     for w in &report.workers {
         out.push_str(&format!(
-            "{:>6} {:>8} {:<9} {:>8.1}s {:>9} {:>9} {:>8.1}s {:>10} {:>10}\n",
+            "{:>6} {:>8} {:<9} {:>8.1}s {:>9} {:>9} {:>8.1}s {:>10} {:>10} {:<8}\n",
             w.serial,
             w.pid,
             w.state,
@@ -191,6 +195,7 @@ pub fn format_status(report: &StatusReport) -> String {
             w.heartbeat_age_seconds,
             or_dash(w.rss_bytes.map(mib)),
             or_dash(w.own_memory_bytes.map(mib)),
+            or_dash(w.breaker_open.map(|open| if open { "open" } else { "closed" }.to_string())),
         ));
     }
     out

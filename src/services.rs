@@ -7,9 +7,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, CacheConfig};
 use crate::config::Config;
 use crate::hasher::Hasher;
+use crate::revocations::Revocations;
 use crate::sessions::Sessions;
 use crate::shutdown::Shutdown;
 use crate::throttle::Throttle;
@@ -44,7 +45,16 @@ impl Services {
     /// so do harnesses outside the crate (the fuzz targets), which cannot name the tracker.
     #[doc(hidden)]
     pub fn assemble(config: Arc<Config>, cache: Cache, hasher: Hasher, tracker: RequestTracker) -> Services {
-        let sessions = Sessions::new(cache.durable(), config.session_ttl).with_recheck(config.session_recheck);
+        // The URL was checked when the cache was built; should the channel's client still fail,
+        // sessions are checked in Redis on every request instead.
+        let channel = Cache::dedicated_client(&CacheConfig::from_config(&config)).unwrap_or_else(|err| {
+            tracing::warn!(error = %err, "session revocations cannot be heard; every session is checked in Redis");
+            None
+        });
+        let sessions = Sessions::new(cache.durable(), config.session_ttl)
+            .with_recheck(config.session_recheck)
+            .with_outage_trust(config.session_outage_trust)
+            .with_revocations(Revocations::new(channel));
         let throttle = Throttle::new(cache.durable());
         Services {
             config,

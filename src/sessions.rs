@@ -13,37 +13,38 @@
 //!
 //! # What a worker remembers of the sessions it verified
 //! Each worker keeps one bounded memory of the sessions Redis vouched for lately (at most
-//! [`VERIFIED_CAPACITY`] digests, a few hundred kilobytes), and of the tokens logged out through
-//! it. It serves three purposes:
+//! [`VERIFIED_CAPACITY`] digests, a few hundred kilobytes), and of the tokens revoked lately.
 //!
-//! - **Short local trust** (`HERDSMAN_SESSION_RECHECK`, default 1 s): a session this worker
-//!   verified in Redis less than that long ago is accepted without asking Redis again, so a
-//!   `/cache` request costs no session round trip, and a Redis that is slow but up does not slow
-//!   every request by its latency. A session in use is re-checked in the background once half
-//!   of that has passed (one re-check at a time per session), so its requests do not wait for
-//!   Redis either; one used after the whole interval is checked before it is answered.
-//!   **The price**: a session revoked through *another* worker (its logout, or its expiry being
-//!   cut short) keeps working in this one for up to `HERDSMAN_SESSION_RECHECK` after this worker
-//!   last verified it. A logout through *this* worker takes effect here at once: the token is
-//!   remembered as revoked and refused without asking Redis. `HERDSMAN_SESSION_RECHECK=0` asks
-//!   Redis on every request (every logout then reaches every worker at once, at the cost of a
-//!   round trip per request).
+//! - **Revocations reach every worker at once** ([`crate::revocations`]): a logout deletes the
+//!   session and publishes its digest in one Lua script; every worker of every instance is
+//!   subscribed and refuses the token as soon as the message arrives (one round trip after the
+//!   logout, with Redis up). A logout through this worker is refused here even before.
+//! - **Local trust, only while revocations can be heard** (`HERDSMAN_SESSION_RECHECK`, default
+//!   10 s): a session this worker verified in Redis less than that long ago is accepted without
+//!   asking Redis again, so a `/cache` request costs no session round trip — but only while the
+//!   worker's subscription is live and was live since that verification (its epoch). While it is
+//!   down, connecting or reconnecting, every request asks Redis, as with 0, so no revocation is
+//!   missed in the gap. A session in use is re-checked in the background once half the interval
+//!   has passed, so its requests do not wait for Redis either. The interval is only the backstop
+//!   for what does not go through the channel (a session key deleted in Redis by hand, a message
+//!   lost), which is why it can be longer than the 1 s it was when it was the only way a logout
+//!   reached the other workers. `0` asks Redis on every request.
 //! - **A Redis that does not answer in time**: a session check is one round trip bounded by the
 //!   cache's fitted deadline ([`crate::cache`]); when it runs out (or Redis is away) the outage
 //!   policy below answers, so no request waits longer than that deadline for its session.
-//! - **During a Redis outage**: the cache promises that an outage never makes a request wait or
-//!   fail needlessly. While Redis cannot be asked, a remembered session keeps working until its
-//!   own expiry or until [`OUTAGE_GRACE`] after this worker last verified it in Redis (give or
-//!   take [`REFRESH_EVERY`] with `HERDSMAN_SESSION_RECHECK=0`), whichever is first; an unknown
-//!   token is `503` with `Retry-After` (it may be valid, nobody can tell). The price: a session
-//!   revoked elsewhere just before or during an outage keeps working in this worker for up to
-//!   [`OUTAGE_GRACE`].
+//! - **During a Redis outage** (`HERDSMAN_SESSION_OUTAGE_TRUST`, default 30 s): while Redis cannot
+//!   be asked, a remembered session keeps working until its own expiry or until the outage trust
+//!   after this worker last verified it in Redis, whichever is first; past it, and for an unknown
+//!   token, the answer is `503` with `Retry-After` (it may be valid, nobody can tell). 30 s rides
+//!   out a failover or a restart (typically seconds) without logging users out, and bounds how
+//!   long a token revoked meanwhile keeps working in a worker cut off from Redis (and from the
+//!   channel). `0` trusts nothing in an outage.
 //!
 //! Without `REDIS_URL` there are no sessions at all: every check is refused with a message that
 //! says so.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,30 +52,31 @@ use axum::http::{header, HeaderMap};
 use quick_cache::sync::{Cache as MemoryCache, EntryAction, EntryResult};
 use sha2::{Digest, Sha256};
 
-use crate::cache::{CacheError, DurableStore};
+use crate::cache::{CacheError, DurableStore, Script};
+use crate::revocations::{stamp, Revocations};
 
 /// Redis key prefix of sessions; the rest of the key is the token's SHA-256, in hex.
 pub const SESSION_PREFIX: &str = "herdsman:session:";
 
-/// How long after its last check in Redis a worker still trusts a session while Redis is away:
-/// long enough to ride out a failover or a restart (seconds to a couple of minutes on the
-/// platforms' Redis offers), short enough that a revocation is not outlived by much. Also how
-/// long a token logged out through this worker is remembered as revoked.
-/// `HERDSMAN_SESSION_RECHECK` is at most this, since nothing is remembered longer.
-pub const OUTAGE_GRACE: Duration = crate::config::MAX_SESSION_RECHECK;
+/// How long a worker remembers a digest at all: a verified session after its last check, a
+/// revoked token after its revocation. `HERDSMAN_SESSION_RECHECK` and
+/// `HERDSMAN_SESSION_OUTAGE_TRUST` are at most this, since nothing is trusted longer than it is
+/// remembered.
+pub const REMEMBERED_FOR: Duration = crate::config::MAX_SESSION_RECHECK;
 
 /// Sessions (and revoked tokens) a worker remembers (about 100 bytes each).
 pub const VERIFIED_CAPACITY: usize = 10_000;
 
-/// With `HERDSMAN_SESSION_RECHECK=0` every request asks Redis, and the remembered session is
-/// refreshed at most this often: an insert costs more than a read, and a busy session is
-/// verified many times a second. So [`OUTAGE_GRACE`] counts from a moment at most this long
-/// before the last verification. With a recheck interval every check refreshes it (there is at
-/// most one a half-interval per session).
-pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
-
 /// Random bytes in a token.
 const TOKEN_BYTES: usize = 32;
+
+/// Ends a session and tells every worker, in one step: `KEYS[1]` is the session's key,
+/// `ARGV[1]` the length of its prefix. 1 if there was a session, else 0 (nothing to tell).
+const REVOKE_SCRIPT: &str = r"
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+redis.call('PUBLISH', 'herdsman:revoked', string.sub(KEYS[1], tonumber(ARGV[1]) + 1))
+return 1
+";
 
 /// A session token as the client holds it. Its `Debug` never shows it.
 pub struct Token(String);
@@ -111,7 +113,7 @@ pub enum SessionError {
     /// No `REDIS_URL`: sessions cannot exist.
     #[error("sessions need Redis, and this server has no REDIS_URL")]
     NoRedis,
-    /// Redis is away and this worker has not verified the token recently.
+    /// Redis is away and this worker has not verified the token recently enough to trust it.
     #[error("session store unavailable, retry later")]
     Unavailable,
 }
@@ -120,37 +122,67 @@ pub enum SessionError {
 #[derive(Clone)]
 enum Known {
     /// Redis vouched for it.
-    Verified(Verified),
-    /// Logged out through this worker: refused here without asking Redis, and never trusted
-    /// again by a check that was in flight during the logout.
-    Revoked,
+    Verified(Arc<Verified>),
+    /// Revoked (here, or heard on the revocation channel) at `since`: refused without asking
+    /// Redis, and never trusted again by a check that was in flight during the revocation.
+    Revoked { since: Instant },
 }
 
-/// What a worker remembers of a digest, and since when: forgotten [`OUTAGE_GRACE`] after.
-#[derive(Clone)]
-struct Remembered {
-    known: Known,
-    since: Instant,
-}
-
-#[derive(Clone)]
+/// A session Redis vouched for. A new check of the same session updates it in place, so that
+/// a busy session costs no insert per request.
 struct Verified {
     username: Arc<str>,
-    expires_at: Instant,
-    /// When Redis last vouched for it (give or take [`REFRESH_EVERY`] without local trust).
-    checked_at: Instant,
+    /// When Redis last vouched for it, as a [`stamp`].
+    checked: AtomicU64,
+    /// When it expires, as a [`stamp`].
+    expires: AtomicU64,
+    /// The revocation subscription's epoch before that check was sent; 0 when none was live.
+    epoch: AtomicU64,
     /// Set while a background re-check of this session runs: one at a time.
-    rechecking: Arc<AtomicBool>,
+    rechecking: AtomicBool,
 }
 
 impl Verified {
+    fn new(username: Arc<str>, now: Instant, expires_in: Duration, epoch: Option<u64>) -> Verified {
+        let verified = Verified {
+            username,
+            checked: AtomicU64::new(0),
+            expires: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            rechecking: AtomicBool::new(false),
+        };
+        verified.checked_again(now, expires_in, epoch);
+        verified
+    }
+
+    fn checked_again(&self, now: Instant, expires_in: Duration, epoch: Option<u64>) {
+        self.expires.store(stamp(now + expires_in), Ordering::Release);
+        self.epoch.store(epoch.unwrap_or(0), Ordering::Release);
+        self.checked.store(stamp(now), Ordering::Release);
+    }
+
+    /// How long ago Redis last vouched for it.
+    fn age(&self, now: Instant) -> Duration {
+        Duration::from_nanos(stamp(now).saturating_sub(self.checked.load(Ordering::Acquire)))
+    }
+
+    fn expires_in(&self, now: Instant) -> Duration {
+        Duration::from_nanos(self.expires.load(Ordering::Acquire).saturating_sub(stamp(now)))
+    }
+
     fn session(&self, now: Instant) -> Session {
-        Session { username: self.username.clone(), expires_in: self.expires_at.saturating_duration_since(now) }
+        Session { username: self.username.clone(), expires_in: self.expires_in(now) }
     }
 }
 
-fn is_recent(remembered: &Remembered, now: Instant) -> bool {
-    now.saturating_duration_since(remembered.since) < OUTAGE_GRACE
+impl Known {
+    /// Whether it was noted less than [`REMEMBERED_FOR`] ago.
+    fn is_recent(&self, now: Instant) -> bool {
+        match self {
+            Known::Verified(verified) => verified.age(now) < REMEMBERED_FOR,
+            Known::Revoked { since } => now.saturating_duration_since(*since) < REMEMBERED_FOR,
+        }
+    }
 }
 
 /// The session store of one worker. Cheap to clone: every clone shares the same state.
@@ -158,31 +190,80 @@ fn is_recent(remembered: &Remembered, now: Instant) -> bool {
 pub struct Sessions {
     store: Option<DurableStore>,
     ttl: Duration,
-    /// How long a session verified in Redis is trusted without asking again.
+    /// How long a session verified in Redis is trusted without asking again (revocations live).
     recheck: Duration,
-    /// Digests verified in Redis lately, or logged out here (see the module doc).
-    known: Arc<MemoryCache<[u8; 32], Remembered>>,
+    /// How long after its last check a session is still accepted while Redis cannot be asked.
+    outage_trust: Duration,
+    /// Digests verified in Redis lately, or revoked (see the module doc).
+    known: Arc<MemoryCache<[u8; 32], Known>>,
+    revocations: Revocations,
+    revoke_script: Arc<Script>,
 }
 
 impl fmt::Debug for Sessions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sessions").field("ttl", &self.ttl).field("recheck", &self.recheck).finish_non_exhaustive()
+        f.debug_struct("Sessions")
+            .field("ttl", &self.ttl)
+            .field("recheck", &self.recheck)
+            .field("outage_trust", &self.outage_trust)
+            .field("revocations", &self.revocations)
+            .finish_non_exhaustive()
     }
 }
 
 impl Sessions {
     /// `store` is `None` without `REDIS_URL`; `ttl` is `HERDSMAN_SESSION_TTL`. The local trust
-    /// is `HERDSMAN_SESSION_RECHECK`'s default until [`with_recheck`](Self::with_recheck).
+    /// and the outage trust are their settings' defaults until [`with_recheck`](Self::with_recheck)
+    /// and [`with_outage_trust`](Self::with_outage_trust); no revocation is heard until
+    /// [`with_revocations`](Self::with_revocations), so nothing is trusted locally.
     pub fn new(store: Option<DurableStore>, ttl: Duration) -> Sessions {
-        let known = Arc::new(MemoryCache::new(VERIFIED_CAPACITY));
-        Sessions { store, ttl, recheck: crate::config::Config::default().session_recheck, known }
+        let defaults = crate::config::Config::default();
+        Sessions {
+            store,
+            ttl,
+            recheck: defaults.session_recheck,
+            outage_trust: defaults.session_outage_trust,
+            known: Arc::new(MemoryCache::new(VERIFIED_CAPACITY)),
+            revocations: Revocations::new(None),
+            revoke_script: Arc::new(Script::new(REVOKE_SCRIPT)),
+        }
     }
 
-    /// Trusts a session verified in Redis for `recheck` without asking again (zero: ask on
-    /// every request). See the module doc for what this trades.
+    /// Trusts a session verified in Redis for `recheck` without asking again, while revocations
+    /// are heard (zero: ask on every request). See the module doc for what this trades.
     pub fn with_recheck(mut self, recheck: Duration) -> Sessions {
         self.recheck = recheck;
         self
+    }
+
+    /// Accepts a session for `trust` after its last check in Redis while Redis cannot be asked
+    /// (zero: 503 in every outage).
+    pub fn with_outage_trust(mut self, trust: Duration) -> Sessions {
+        self.outage_trust = trust;
+        self
+    }
+
+    /// Hears revocations through `revocations` (started by [`listen`](Self::listen) or the
+    /// first session check).
+    pub fn with_revocations(mut self, revocations: Revocations) -> Sessions {
+        self.revocations = revocations;
+        self
+    }
+
+    /// Starts hearing revocations, once; inside the runtime.
+    pub fn listen(&self) {
+        self.revocations.start(|| {
+            let known = self.known.clone();
+            Arc::new(move |digest| {
+                known.insert(digest, Known::Revoked { since: Instant::now() });
+            })
+        });
+    }
+
+    /// Whether this worker hears revocations now: only then does it trust a session without
+    /// asking Redis.
+    pub fn hears_revocations(&self) -> bool {
+        self.revocations.live_epoch().is_some()
     }
 
     /// How long a new session lives.
@@ -199,10 +280,12 @@ impl Sessions {
         let Some(store) = &self.store else {
             return Err(CacheError::Unavailable("no REDIS_URL".to_string()));
         };
+        self.listen();
         let token = new_token();
         let digest = digest(&token.0);
+        let epoch = self.revocations.live_epoch();
         store.set_ex(&session_key(&digest), username.as_bytes(), self.ttl).await?;
-        self.remember(digest, username.into(), self.ttl);
+        self.remember(digest, username.into(), self.ttl, epoch);
         Ok(token)
     }
 
@@ -215,65 +298,62 @@ impl Sessions {
     }
 
     /// Whose `token` is: from this worker's memory while it is trusted, else asked of Redis,
-    /// else (Redis away or late) from this worker's memory of it.
+    /// else (Redis away or late) from this worker's memory of it within the outage trust.
     pub async fn verify(&self, token: &str) -> Result<Session, SessionError> {
         let store = self.store()?;
+        self.listen();
         let digest = digest(token);
         let now = Instant::now();
         let known = self.recall(&digest, now);
         match &known {
-            Some(Known::Revoked) => return Err(SessionError::Invalid),
-            Some(Known::Verified(verified)) if verified.expires_at > now => {
-                let age = now.saturating_duration_since(verified.checked_at);
-                if age < self.recheck {
-                    if age >= self.recheck / 2 {
-                        self.recheck_in_background(digest, verified);
-                    }
-                    return Ok(verified.session(now));
+            Some(Known::Revoked { .. }) => return Err(SessionError::Invalid),
+            Some(Known::Verified(verified)) if self.trusted_locally(store, verified, now) => {
+                if verified.age(now) >= self.recheck / 2 {
+                    self.recheck_in_background(digest, verified);
                 }
+                return Ok(verified.session(now));
             }
             _ => {}
         }
         if store.is_available() {
-            match self.ask_redis(store, digest, known.as_ref()).await {
+            match self.ask_redis(store, digest).await {
                 Ok(found) => return found,
                 // The breaker has logged the outage; memory answers below.
                 Err(err) => tracing::debug!(error = %err, "session check fell back to memory"),
             }
         }
         match known {
-            Some(Known::Verified(verified)) if verified.expires_at > now => Ok(verified.session(now)),
-            Some(_) => Err(SessionError::Invalid),
-            None => Err(SessionError::Unavailable),
+            Some(Known::Verified(verified)) if verified.expires_in(now).is_zero() => Err(SessionError::Invalid),
+            Some(Known::Verified(verified)) if verified.age(now) < self.outage_trust => Ok(verified.session(now)),
+            Some(Known::Revoked { .. }) => Err(SessionError::Invalid),
+            _ => Err(SessionError::Unavailable),
         }
     }
 
+    /// Whether `verified` may be accepted without asking Redis: unexpired, checked less than
+    /// the recheck interval ago, with Redis up and revocations heard since that check.
+    fn trusted_locally(&self, store: &DurableStore, verified: &Verified, now: Instant) -> bool {
+        !verified.expires_in(now).is_zero()
+            && verified.age(now) < self.recheck
+            && store.is_available()
+            && self.revocations.live_epoch().is_some_and(|epoch| epoch == verified.epoch.load(Ordering::Acquire))
+    }
+
     /// One round trip to Redis, bounded by the cache's fitted deadline; what Redis said is
-    /// remembered (`seen`: what this worker knew before asking). `Err` when Redis did not
-    /// answer in time or is away.
+    /// remembered. `Err` when Redis did not answer in time or is away.
     async fn ask_redis(
         &self,
         store: &DurableStore,
         digest: [u8; 32],
-        seen: Option<&Known>,
     ) -> Result<Result<Session, SessionError>, CacheError> {
+        // The epoch before asking: a revocation published after it is heard, one published
+        // before it is in Redis's answer.
+        let epoch = self.revocations.live_epoch();
         match store.get_with_ttl(&session_key(&digest)).await? {
             Some((username, ttl)) => {
                 let username: Arc<str> = String::from_utf8_lossy(&username).into();
                 let expires_in = ttl.unwrap_or(self.ttl).min(self.ttl);
-                // Without local trust every request lands here: refresh the memory only now
-                // and then (an insert costs more than the read that found it fresh).
-                let fresh = |known: &Known| match known {
-                    Known::Verified(known) => {
-                        self.recheck.is_zero()
-                            && known.username == username
-                            && Instant::now().saturating_duration_since(known.checked_at) < REFRESH_EVERY
-                    }
-                    Known::Revoked => false,
-                };
-                if !seen.is_some_and(fresh) {
-                    self.remember(digest, username.clone(), expires_in);
-                }
+                self.remember(digest, username.clone(), expires_in, epoch);
                 Ok(Ok(Session { username, expires_in }))
             }
             None => {
@@ -285,69 +365,65 @@ impl Sessions {
 
     /// Starts a re-check of a trusted session in Redis, unless one is running: its requests
     /// keep being answered meanwhile, and a revoked session is forgotten when Redis says so.
-    fn recheck_in_background(&self, digest: [u8; 32], verified: &Verified) {
+    fn recheck_in_background(&self, digest: [u8; 32], verified: &Arc<Verified>) {
         let Some(store) = self.store.clone() else { return };
         if verified.rechecking.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (sessions, flag) = (self.clone(), verified.rechecking.clone());
+        let (sessions, verified) = (self.clone(), verified.clone());
         tokio::spawn(async move {
-            if !store.is_available() {
-                flag.store(false, Ordering::Release);
-                return;
+            if store.is_available() {
+                if let Err(err) = sessions.ask_redis(&store, digest).await {
+                    // Late or away: the trust runs out, and the next check is the request's own.
+                    tracing::debug!(error = %err, "background session check failed");
+                }
             }
-            if let Err(err) = sessions.ask_redis(&store, digest, None).await {
-                // Late or away: the trust runs out, and the next check is the request's own.
-                tracing::debug!(error = %err, "background session check failed");
-                flag.store(false, Ordering::Release);
-            }
+            verified.rechecking.store(false, Ordering::Release);
         });
     }
 
-    /// What this worker remembers of `digest`, unless it was noted [`OUTAGE_GRACE`] ago or more.
+    /// What this worker remembers of `digest`, unless it was noted [`REMEMBERED_FOR`] ago or more.
     fn recall(&self, digest: &[u8; 32], now: Instant) -> Option<Known> {
-        self.known.get(digest).filter(|remembered| is_recent(remembered, now)).map(|remembered| remembered.known)
+        self.known.get(digest).filter(|known| known.is_recent(now))
     }
 
-    /// Notes a session Redis just vouched for, unless the token was logged out here meanwhile.
-    fn remember(&self, digest: [u8; 32], username: Arc<str>, expires_in: Duration) {
+    /// Notes a session Redis just vouched for (`epoch`: the subscription's before asking),
+    /// unless the token was revoked meanwhile.
+    fn remember(&self, digest: [u8; 32], username: Arc<str>, expires_in: Duration, epoch: Option<u64>) {
         let now = Instant::now();
-        let verified = Remembered {
-            known: Known::Verified(Verified {
-                username,
-                expires_at: now + expires_in,
-                checked_at: now,
-                rechecking: Arc::default(),
-            }),
-            since: now,
-        };
-        // Look and write under the one lock: a logout here between the two must win.
+        // Look and write under the one lock: a revocation between the two must win.
         let vacant = self.known.entry(&digest, None, |_, current| {
-            if !(matches!(current.known, Known::Revoked) && is_recent(current, now)) {
-                *current = verified.clone();
+            match current {
+                Known::Revoked { .. } if current.is_recent(now) => {}
+                Known::Verified(verified) if verified.username == username => {
+                    verified.checked_again(now, expires_in, epoch);
+                }
+                _ => *current = Known::Verified(Arc::new(Verified::new(username.clone(), now, expires_in, epoch))),
             }
             EntryAction::Retain(())
         });
         if let EntryResult::Vacant(slot) = vacant {
-            let _ = slot.insert(verified);
+            let _ = slot.insert(Known::Verified(Arc::new(Verified::new(username, now, expires_in, epoch))));
         }
     }
 
     /// Forgets a session Redis no longer has; a revoked mark stays.
     fn forget_unless_revoked(&self, digest: [u8; 32]) {
-        self.known.remove_if(&digest, |remembered| matches!(remembered.known, Known::Verified(_)));
+        self.known.remove_if(&digest, |known| matches!(known, Known::Verified(_)));
     }
 
-    /// Ends the session of `token`: `Invalid` if there was none. This worker refuses it from
-    /// now on, even when Redis cannot be reached (then `Unavailable`: the client must retry for
-    /// the other workers' sake).
+    /// Ends the session of `token`: `Invalid` if there was none. Deleting it and telling every
+    /// worker ([`crate::revocations`]) are one script. This worker refuses it from now on, even
+    /// when Redis cannot be reached (then `Unavailable`: the client must retry for the other
+    /// workers' sake).
     pub async fn revoke(&self, token: &str) -> Result<(), SessionError> {
         let store = self.store()?;
         let digest = digest(token);
-        self.known.insert(digest, Remembered { known: Known::Revoked, since: Instant::now() });
-        match store.delete(&session_key(&digest)).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(SessionError::Invalid),
+        self.known.insert(digest, Known::Revoked { since: Instant::now() });
+        let prefix = i64::try_from(SESSION_PREFIX.len()).unwrap_or(i64::MAX);
+        match store.eval::<i64>(&self.revoke_script, &[session_key(&digest)], &[prefix]).await {
+            Ok(1) => Ok(()),
+            Ok(_) => Err(SessionError::Invalid),
             Err(_) => Err(SessionError::Unavailable),
         }
     }
@@ -397,24 +473,33 @@ mod tests {
     use axum::http::HeaderValue;
 
     #[test]
-    fn a_check_in_flight_does_not_bring_back_a_token_logged_out_here() {
+    fn a_check_in_flight_does_not_bring_back_a_revoked_token() {
         let sessions = Sessions::new(None, Duration::from_secs(60));
         let digest = digest("token");
-        sessions.known.insert(digest, Remembered { known: Known::Revoked, since: Instant::now() });
-        // Redis vouched for it just before the logout reached it: the logout wins.
-        sessions.remember(digest, "alice".into(), Duration::from_secs(60));
-        assert!(matches!(sessions.recall(&digest, Instant::now()), Some(Known::Revoked)));
+        let minute = Duration::from_secs(60);
+        sessions.known.insert(digest, Known::Revoked { since: Instant::now() });
+        // Redis vouched for it just before the revocation reached it: the revocation wins.
+        sessions.remember(digest, "alice".into(), minute, Some(1));
+        assert!(matches!(sessions.recall(&digest, Instant::now()), Some(Known::Revoked { .. })));
         sessions.forget_unless_revoked(digest);
-        assert!(matches!(sessions.recall(&digest, Instant::now()), Some(Known::Revoked)));
+        assert!(matches!(sessions.recall(&digest, Instant::now()), Some(Known::Revoked { .. })));
 
-        // A mark older than OUTAGE_GRACE is forgotten, and what Redis says next is kept.
-        let Some(long_ago) = Instant::now().checked_sub(OUTAGE_GRACE) else { return };
-        sessions.known.insert(digest, Remembered { known: Known::Revoked, since: long_ago });
+        // A mark older than REMEMBERED_FOR is forgotten, and what Redis says next is kept.
+        let Some(long_ago) = Instant::now().checked_sub(REMEMBERED_FOR) else { return };
+        sessions.known.insert(digest, Known::Revoked { since: long_ago });
         assert!(sessions.recall(&digest, Instant::now()).is_none());
-        sessions.remember(digest, "alice".into(), Duration::from_secs(60));
-        assert!(matches!(sessions.recall(&digest, Instant::now()), Some(Known::Verified(_))));
+        sessions.remember(digest, "alice".into(), minute, Some(1));
+        let Some(Known::Verified(verified)) = sessions.recall(&digest, Instant::now()) else { panic!("verified") };
+        // Checked again: updated in place, with the new epoch.
+        sessions.remember(digest, "alice".into(), minute, Some(2));
+        assert_eq!(verified.epoch.load(Ordering::Acquire), 2);
         sessions.forget_unless_revoked(digest);
         assert!(sessions.recall(&digest, Instant::now()).is_none());
+    }
+
+    #[test]
+    fn the_revocation_script_publishes_on_the_channel_the_workers_hear() {
+        assert!(REVOKE_SCRIPT.contains(&format!("'{}'", crate::revocations::CHANNEL)));
     }
 
     fn with_authorization(value: &[u8]) -> HeaderMap {

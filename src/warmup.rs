@@ -238,8 +238,11 @@ pub fn builtin(config: &crate::config::Config) -> Vec<WarmupTask> {
     if config.redis_url.is_some() {
         // Workers booting together must not all connect in the same instant.
         tasks.push(
-            WarmupTask::new("redis", |services: Services| async move { services.cache.connect().await })
-                .jitter(REDIS_CONNECT_JITTER),
+            WarmupTask::new("redis", |services: Services| async move {
+                services.sessions.listen();
+                services.cache.connect().await
+            })
+            .jitter(REDIS_CONNECT_JITTER),
         );
         if !config.cache_warm_keys.is_empty() {
             let keys = config.cache_warm_keys.clone();

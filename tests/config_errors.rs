@@ -29,6 +29,8 @@ fn bad_environment_values_exit_2_with_one_line() {
         ("MAX_REQUESTS", "-3"),
         ("LOG_FORMAT", "yaml"),
         ("HERDSMAN_HOST", "not-an-ip"),
+        ("HERDSMAN_SESSION_RECHECK", "301"),
+        ("HERDSMAN_SESSION_OUTAGE_TRUST", "-2"),
     ];
     for (var, value) in cases {
         assert_rejected(&[], &[(var, value)], var, value);

@@ -247,6 +247,8 @@ fn run_herdsman(build: Build, extra: &[&str]) -> Container {
         "WEB_CONCURRENCY=2",
         "--env",
         "BCRYPT_COST=4",
+        "--env",
+        HEALTH_TOKEN_ENV,
         "--memory",
         "256m",
         "--cpus",
@@ -285,8 +287,12 @@ fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
 }
 
+/// The metrics token every container gets, so that `/health` shows its details to [`health`].
+const HEALTH_TOKEN_ENV: &str = "HERDSMAN_METRICS_TOKEN=health-details-token-for-tests";
+
 async fn health(client: &reqwest::Client, base: &str) -> Value {
-    let r = client.get(format!("{base}/health")).send().await.expect("GET /health");
+    let token = HEALTH_TOKEN_ENV.split_once('=').map_or("", |(_, token)| token);
+    let r = client.get(format!("{base}/health")).bearer_auth(token).send().await.expect("GET /health");
     assert_eq!(r.status(), 200);
     r.json().await.expect("JSON health")
 }

@@ -7,17 +7,23 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::start;
+use support::{start, start_with_health};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_endpoints_answer_from_the_first_request() {
-    let server = start(&[("WEB_CONCURRENCY", "1")]);
+    let server = start_with_health(&[("WEB_CONCURRENCY", "1")]);
     let live = reqwest::get(server.url("/live")).await.unwrap();
     assert_eq!(live.status(), 200);
     assert_eq!(live.text().await.unwrap(), "ok");
     let ready = reqwest::get(server.url("/ready")).await.unwrap();
     assert_eq!(ready.status(), 200);
-    let health: serde_json::Value = reqwest::get(server.url("/health")).await.unwrap().json().await.unwrap();
+    // Anonymous: liveness only, nothing about the worker or its dependencies.
+    let anonymous: serde_json::Value = reqwest::get(server.url("/health")).await.unwrap().json().await.unwrap();
+    assert_eq!(anonymous, serde_json::json!({ "status": "ok" }));
+    let wrong = reqwest::Client::new().get(server.url("/health")).bearer_auth("not-the-token-at-all").send();
+    assert_eq!(wrong.await.unwrap().json::<serde_json::Value>().await.unwrap(), anonymous);
+    // With the metrics token: the details.
+    let health = support::health_details(&reqwest::Client::new(), &server).await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
     // The pid is the answering worker's, the uptime that worker's: it has just started.
@@ -146,7 +152,7 @@ fn the_healthcheck_command_sees_a_running_server() {
 
 #[test]
 fn a_burst_of_keep_alive_connections_is_spread_over_the_workers() {
-    let server = start(&[("WEB_CONCURRENCY", "2")]);
+    let server = start_with_health(&[("WEB_CONCURRENCY", "2")]);
     server.wait_for_nth_log("ready in", 2, Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(300)); // both workers have stamped their slot
                                                     // A connection pool opened all at once, as a load balancer or a benchmark does.
@@ -155,7 +161,9 @@ fn a_burst_of_keep_alive_connections_is_spread_over_the_workers() {
     let mut per_pid = std::collections::HashMap::<u64, usize>::new();
     for stream in &mut streams {
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let request =
+            format!("GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n", support::HEALTH_TOKEN);
+        stream.write_all(request.as_bytes()).unwrap();
         let mut buf = vec![0u8; 4096];
         let n = stream.read(&mut buf).unwrap();
         let text = String::from_utf8_lossy(&buf[..n]);

@@ -70,6 +70,8 @@ fn status_json_matches_the_real_children() {
         assert!(rss > 1 << 20 && rss.abs_diff(rss_pages * 4096) < 16 << 20, "{worker} vs {rss_pages} pages");
         assert!(worker["heartbeat_age_seconds"].as_f64().unwrap() < 30.0);
         assert_eq!(worker["in_flight"], 0);
+        // What anonymous /health callers are no longer told: no Redis here, so never open.
+        assert_eq!(worker["breaker_open"], false);
     }
     // And for people: one line per worker, under a header.
     let text = String::from_utf8(herdsman(&server, &["status"]).stdout).unwrap();

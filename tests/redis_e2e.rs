@@ -12,18 +12,18 @@ mod support;
 use std::time::{Duration, Instant};
 
 use redis_support::TestRedis;
-use support::start;
+use support::start_with_health as start;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-async fn health(url: &str) -> serde_json::Value {
-    reqwest::get(url).await.expect("GET /health").json().await.expect("JSON health")
+async fn health(server: &support::Herdsman) -> serde_json::Value {
+    support::health_details(&reqwest::Client::new(), server).await
 }
 
 async fn wait_for_redis_status(server: &support::Herdsman, status: &str, within: Duration) -> Duration {
     let started = Instant::now();
     loop {
-        let h = health(&server.url("/health")).await;
+        let h = health(server).await;
         if h["checks"]["redis"]["status"] == status {
             return started.elapsed();
         }
@@ -45,7 +45,8 @@ async fn a_hanging_redis_does_not_delay_the_first_health_answer() {
         ("STARTUP_OPERATION_TIMEOUT", "5"),
     ]);
     let h = loop {
-        if let Ok(response) = reqwest::get(server.url("/health")).await {
+        let details = reqwest::Client::new().get(server.url("/health")).bearer_auth(support::HEALTH_TOKEN);
+        if let Ok(response) = details.send().await {
             break response.json::<serde_json::Value>().await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -67,7 +68,10 @@ async fn redis_required_holds_readiness_until_redis_answers() {
     let server = start(&[("WEB_CONCURRENCY", "1"), ("REDIS_URL", &redis.url), ("REDIS_REQUIRED", "true")]);
     let ready = reqwest::get(server.url("/ready")).await.unwrap();
     assert_eq!(ready.status(), 503);
-    let body: serde_json::Value = ready.json().await.unwrap();
+    // Anonymous: not ready, and no reason (it would say what the worker is waiting for).
+    assert_eq!(ready.json::<serde_json::Value>().await.unwrap(), serde_json::json!({ "ready": false }));
+    let ready = reqwest::Client::new().get(server.url("/ready")).bearer_auth(support::HEALTH_TOKEN).send();
+    let body: serde_json::Value = ready.await.unwrap().json().await.unwrap();
     assert!(body["reason"].as_str().unwrap().contains("Redis"), "{body}");
     // Liveness is not readiness: the worker is alive.
     assert_eq!(reqwest::get(server.url("/live")).await.unwrap().status(), 200);

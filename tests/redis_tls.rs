@@ -163,7 +163,7 @@ fn cache(url: String, ca_cert: Option<&Path>, tls_insecure: bool) -> Cache {
 }
 
 async fn health(server: &support::Herdsman) -> Value {
-    reqwest::get(server.url("/health")).await.expect("GET /health").json().await.expect("JSON /health")
+    support::health_details(&reqwest::Client::new(), server).await
 }
 
 /// Polls `/health` until `checks.redis.status` is `status`; returns that `checks.redis`.
@@ -199,7 +199,7 @@ fn start_herdsman(redis: &LocalRedis, extra: &[(&str, &str)]) -> support::Herdsm
     let url = tls_url(redis, "localhost");
     let mut env = vec![("REDIS_URL", url.as_str()), ("WEB_CONCURRENCY", "1"), ("HERDSMAN_REDIS_TIMEOUT", "2")];
     env.extend_from_slice(extra);
-    support::start(&env)
+    support::start_with_health(&env)
 }
 
 #[tokio::test]
@@ -213,6 +213,9 @@ async fn a_server_signed_by_the_configured_ca_is_used() {
     let server = start_herdsman(&redis, &[("REDIS_CA_CERT", ca)]);
     wait_for_redis_status(&server, "up").await;
     assert_eq!(put_then_get(&server, "tls-ok").await, ("redis".to_string(), "redis".to_string()));
+    // The revocation channel's own connection trusts the same CA.
+    server.wait_for_log("session revocations: subscribed", Duration::from_secs(10));
+    assert_eq!(health(&server).await["checks"]["revocations"]["status"], "live");
 
     // The library alone, by name and by address (the certificate names both).
     for host in ["localhost", "127.0.0.1"] {
@@ -238,6 +241,7 @@ async fn an_untrusted_server_is_refused_and_the_cache_stays_in_memory() {
     let reason = check["reason"].as_str().expect("a reason").to_string();
     assert!(reason.contains("certificate"), "the reason names the certificate: {reason}");
     assert_eq!(health(&server).await["status"], "degraded");
+    assert_eq!(health(&server).await["checks"]["revocations"]["status"], "down", "nor the revocation channel");
     // Users live in Redis only: with it unreachable, logging in is a 503 to retry, not a 401.
     let credentials = serde_json::json!({ "username": "tls-user", "password": "password-tls-user" });
     let login = reqwest::Client::new().post(server.url("/auth/login")).json(&credentials).send().await.expect("login");

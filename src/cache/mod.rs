@@ -673,6 +673,17 @@ impl Cache {
     fn unavailable_reason(&self) -> String {
         unavailable_reason(self.status())
     }
+
+    /// A client for a connection of its own to the Redis of `config` (the sessions' revocation
+    /// channel, [`crate::revocations`]), with the URL's TLS choice, `tls_insecure` and `ca_cert`
+    /// honoured as for the pool; `None` without `REDIS_URL`.
+    pub(crate) fn dedicated_client(config: &CacheConfig) -> Result<Option<redis::Client>, CacheError> {
+        let Some(url) = config.redis_url.as_deref().map(str::trim).filter(|url| !url.is_empty()) else {
+            return Ok(None);
+        };
+        let (info, _) = redis_tier::connection_info(url, config.tls_insecure, config.ca_cert.as_deref())?;
+        redis::Client::open(info).map(Some).map_err(|err| CacheError::InvalidUrl(format!("{}: {err}", redact_url(url))))
+    }
 }
 
 fn unavailable_reason(status: RedisStatus) -> String {

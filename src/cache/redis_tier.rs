@@ -377,6 +377,19 @@ pub(super) fn parse_url(
     tls_insecure: bool,
     ca_cert: Option<&Path>,
 ) -> Result<(RedisConnectionManager, bool), CacheError> {
+    let (info, tls) = connection_info(url, tls_insecure, ca_cert)?;
+    let manager = RedisConnectionManager::new(info)
+        .map_err(|err| CacheError::InvalidUrl(format!("{}: {err}", redact_url(url))))?;
+    Ok((manager, tls))
+}
+
+/// What a connection to `url` needs (address, credentials, TLS roots), and whether it is TLS;
+/// the checks of [`parse_url`], shared with connections outside the pool.
+pub(super) fn connection_info(
+    url: &str,
+    tls_insecure: bool,
+    ca_cert: Option<&Path>,
+) -> Result<(redis::ConnectionInfo, bool), CacheError> {
     let tls = if url.starts_with("rediss://") {
         true
     } else if url.starts_with("redis://") {
@@ -401,9 +414,7 @@ pub(super) fn parse_url(
         }
         _ => info,
     };
-    let manager = RedisConnectionManager::new(info)
-        .map_err(|err| CacheError::InvalidUrl(format!("{}: {err}", redact_url(url))))?;
-    Ok((manager, tls))
+    Ok((info, tls))
 }
 
 pub(super) fn redis_key(key: &str) -> String {

@@ -32,8 +32,9 @@
 //! `Retry-After`: it was not kept, and the client is told so.
 //!
 //! Values in transit (a `PUT`'s body being read, a `GET`'s answer until the client has taken it)
-//! hold a share of the worker's [`InFlight`] budget; past it the answer is `503` with
-//! `Retry-After`, so clients that do not read cannot make the worker hold a copy per request.
+//! hold a share of the worker's [`InFlight`] budget, each user at most a quarter of it; past
+//! either the answer is `503` with `Retry-After`, so clients that do not read cannot make the
+//! worker hold a copy per request, nor one user's transfers shut out the others.
 //!
 //! Every answer carries `x-cache-tier: redis|memory`, saying which tier
 //! served it, so an operator (or a test) can see the circuit breaker at work
@@ -157,17 +158,15 @@ fn parse_ttl(params: Result<Query<PutParams>, QueryRejection>, limits: &Limits) 
 }
 
 async fn get_value(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(key): Path<String>) -> Response {
-    let key = match user_key(&state, &headers, &key).await {
-        Ok((username, key)) => {
-            state.quotas.learn(&state.cache, &username);
-            key
-        }
+    let (username, key) = match user_key(&state, &headers, &key).await {
+        Ok(found) => found,
         Err(err) => return err.into_response(),
     };
+    state.quotas.learn(&state.cache, &username);
     // A value this worker has seen takes its share before it is fetched, so that refused reads
     // cost no fetch (and no copy of the value) at all; an unknown one once it is fetched.
     let early = match state.cache.cached_len(&key) {
-        Some(expected) => match state.in_flight.try_take(expected) {
+        Some(expected) => match state.in_flight.try_take(&username, expected) {
             Some(share) => Some((expected, share)),
             None => return busy().into_response(),
         },
@@ -180,7 +179,7 @@ async fn get_value(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(
                 // Larger than seen (or not seen): the early share goes back before a new one.
                 other => {
                     drop(other);
-                    state.in_flight.try_take(value.len())
+                    state.in_flight.try_take(&username, value.len())
                 }
             };
             match share {
@@ -219,7 +218,7 @@ async fn put_value(
     let limit = state.limits.max_value_bytes;
     let most =
         request.body().size_hint().upper().map_or(limit, |upper| usize::try_from(upper).unwrap_or(limit).min(limit));
-    let Some(_share) = state.in_flight.try_take(most) else {
+    let Some(_share) = state.in_flight.try_take(&username, most) else {
         return refuse_unread(request, busy()).await;
     };
     let value = match Bytes::from_request(request, &()).await {
@@ -234,11 +233,11 @@ async fn put_value(
     }
 }
 
-/// The worker holds all the values in transit it may ([`InFlight`]).
+/// The worker holds all the values in transit it may, or all it may for this user ([`InFlight`]).
 fn busy() -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "this worker is sending and receiving all the values it may hold; retry",
+        "this worker is sending and receiving all the values it may hold, for you or for everyone; retry",
     )
     .retry_after(1)
 }

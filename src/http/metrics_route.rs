@@ -12,10 +12,16 @@ use crate::metrics::exposition::{render, CONTENT_TYPE};
 /// The path served.
 pub const PATH: &str = "/metrics";
 
+/// Whether `headers` carry `Authorization: Bearer {token}`, compared in constant time (also
+/// what opens `/health`'s details, [`super::health`]).
+pub fn bears(headers: &HeaderMap, token: &str) -> bool {
+    let presented = headers.get(header::AUTHORIZATION).and_then(|value| value.as_bytes().strip_prefix(b"Bearer "));
+    presented.is_some_and(|presented| bool::from(presented.ct_eq(token.as_bytes())))
+}
+
 /// The metrics, when `headers` carry `token`; `None` lets the request through to the router.
 pub fn answer(headers: &HeaderMap, token: &str) -> Option<Response> {
-    let presented = headers.get(header::AUTHORIZATION)?.as_bytes().strip_prefix(b"Bearer ")?;
-    if !bool::from(presented.ct_eq(token.as_bytes())) {
+    if !bears(headers, token) {
         return None;
     }
     let Some(snapshot) = crate::metrics::snapshot() else {

@@ -82,6 +82,11 @@ impl Master {
                     heartbeat_age_seconds: now.saturating_duration_since(w.last_heartbeat).as_secs_f64(),
                     rss_bytes: super::memory::resident_bytes(pid.as_raw()),
                     own_memory_bytes: super::memory::own_memory(pid.as_raw()).map(|(bytes, _)| bytes),
+                    breaker_open: self
+                        .metrics
+                        .as_ref()
+                        .zip(w.slot)
+                        .map(|((table, _), slot)| table.slot_level(slot, crate::metrics::Level::BreakerOpen) > 0),
                 }
             })
             .collect();

@@ -204,6 +204,11 @@ impl MetricsTable {
         (served.sum(), block.in_flight.load(Ordering::Relaxed))
     }
 
+    /// One worker's value of `level` (its breaker open or not, its hashes queued).
+    pub fn slot_level(&self, slot: usize, level: Level) -> i64 {
+        self.block(slot).map_or(0, |block| block.levels[level as usize].load(Ordering::Relaxed))
+    }
+
     pub fn count_restart(&self, reason: RestartReason) {
         self.layout().header.restarts[reason as usize].fetch_add(1, Ordering::Relaxed);
     }

@@ -24,6 +24,23 @@ pub fn start(env: &[(&str, &str)]) -> Herdsman {
     start_with_args(&[], env)
 }
 
+/// The `HERDSMAN_METRICS_TOKEN` of [`start_with_health`]: it opens `/health`'s details.
+pub const HEALTH_TOKEN: &str = "health-details-token-for-tests";
+
+/// [`start`] with [`HEALTH_TOKEN`] as the metrics token, for tests that read `/health`'s details
+/// (an anonymous caller gets only `{"status":"ok"}`).
+pub fn start_with_health(env: &[(&str, &str)]) -> Herdsman {
+    let mut env = env.to_vec();
+    env.push(("HERDSMAN_METRICS_TOKEN", HEALTH_TOKEN));
+    start(&env)
+}
+
+/// `/health`'s details from a server of [`start_with_health`], on `client`'s connection.
+pub async fn health_details(client: &reqwest::Client, server: &Herdsman) -> serde_json::Value {
+    let health = client.get(server.url("/health")).bearer_auth(HEALTH_TOKEN).send().await.expect("GET /health");
+    health.json().await.expect("JSON /health")
+}
+
 pub fn start_with_args(args: &[&str], env: &[(&str, &str)]) -> Herdsman {
     let mut command = Command::new(env!("CARGO_BIN_EXE_herdsman"));
     command
