@@ -4,8 +4,9 @@
     python3 bench/ab.py A_BINARY B_BINARY [--rounds 5] [--duration 5] [--json out.json] [--tls]
 
 For a change that must not cost anything (a restructure, a release profile, metrics counting):
-boot (spawn -> first 200 on /health, no Redis), wrk GET /live, and wrk GET /cache/k served from a
-real Redis, each measured on A then B then A then B... so that whatever else the machine does
+boot (spawn -> first 200 on /health, no Redis), wrk GET /live, wrk GET /cache/k served from a
+real Redis, and wrk PUT /cache/k (the same 64-byte value again, 204: a cache write), each
+measured on A then B then A then B... so that whatever else the machine does
 (other builds, a noisy neighbour) hits both alike. It prints each figure's median per binary and
 the ratio B/A; a ratio within the spread of the rounds is noise, not a difference. Beside
 req/s and p99, `*_cpu_us` is the server's CPU time (user + kernel, master and workers, from
@@ -28,12 +29,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import (HEALTH_TOKEN, LOOPBACK, RedisServer, Server, cache_session, free_port, log, parse_wrk,
+from harness import (HEALTH_TOKEN, LOOPBACK, OUT, RedisServer, Server, cache_session, free_port, log, parse_wrk,
                      process_tree, wait_workers_serving)
 from measure import time_to_first_200
 
 CONNECTIONS = 32
 VALUE = b"0123456789abcdef" * 4  # 64 bytes, as measure_cache uses
+PUT_LUA = f"""
+wrk.method = "PUT"
+wrk.body = "{VALUE.decode()}"
+"""
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
@@ -57,10 +62,14 @@ def cpu_ticks(srv: Server) -> int:
     return total
 
 
-def wrk(port: int, path: str, duration: int, headers: dict) -> dict:
+def wrk(port: int, path: str, duration: int, headers: dict, script: Path | None = None) -> dict:
+    """wrk GET `path`, or what `script` (a wrk Lua script) makes of the request; every answer
+    must be 2xx (a PUT's is 204)."""
     argv = ["wrk", "--latency", "-t2", f"-c{CONNECTIONS}", f"-d{duration}s", "--timeout", "5s"]
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
+    if script:
+        argv += ["-s", str(script)]
     out = subprocess.run([*argv, f"http://{LOOPBACK}:{port}{path}"], capture_output=True, text=True,
                          timeout=duration + 30, check=True).stdout
     res = parse_wrk(out)
@@ -69,12 +78,12 @@ def wrk(port: int, path: str, duration: int, headers: dict) -> dict:
     return res
 
 
-def measured_wrk(srv: Server, path: str, duration: int, headers: dict) -> dict:
+def measured_wrk(srv: Server, path: str, duration: int, headers: dict, script: Path | None = None) -> dict:
     """wrk, plus the server's CPU time per answered request (µs): what one request costs the
     machine, user and kernel, less disturbed than req/s by what else the machine runs (wrk is on
     the same two cores, so req/s also counts wrk's share)."""
     before = cpu_ticks(srv)
-    res = wrk(srv.port, path, duration, headers)
+    res = wrk(srv.port, path, duration, headers, script)
     res["cpu_us"] = (cpu_ticks(srv) - before) * 1e6 / TICKS_PER_SECOND / res["requests"]
     return res
 
@@ -89,8 +98,12 @@ def main() -> None:
     ap.add_argument("--tls", action="store_true", help="the servers reach Redis over TLS (rediss://)")
     args = ap.parse_args()
     binaries = {"A": args.a.resolve(), "B": args.b.resolve()}
-    figures = ("boot_ms", "live_rps", "live_p99_ms", "live_cpu_us", "cache_rps", "cache_p99_ms", "cache_cpu_us")
+    figures = ("boot_ms", "live_rps", "live_p99_ms", "live_cpu_us", "cache_rps", "cache_p99_ms", "cache_cpu_us",
+               "put_rps", "put_p99_ms", "put_cpu_us")
     samples: dict = {k: {figure: [] for figure in figures} for k in binaries}
+    put_script = OUT / "ab-put.lua"
+    OUT.mkdir(parents=True, exist_ok=True)
+    put_script.write_text(PUT_LUA)
     with RedisServer(tls=args.tls) as redis:
         servers, headers = {}, {}
         for key, binary in binaries.items():
@@ -105,8 +118,10 @@ def main() -> None:
                 for key, binary in binaries.items():
                     with start(binary) as fresh:
                         samples[key]["boot_ms"].append(time_to_first_200(fresh, "/health")["first_200_ms"])
-                    for name, path, hdrs in (("live", "/live", {}), ("cache", "/cache/k", headers[key])):
-                        res = measured_wrk(servers[key], path, args.duration, hdrs)
+                    for name, path, hdrs, script in (("live", "/live", {}, None),
+                                                     ("cache", "/cache/k", headers[key], None),
+                                                     ("put", "/cache/k", headers[key], put_script)):
+                        res = measured_wrk(servers[key], path, args.duration, hdrs, script)
                         samples[key][f"{name}_rps"].append(res["rps"])
                         samples[key][f"{name}_p99_ms"].append(res["p99_ms"])
                         samples[key][f"{name}_cpu_us"].append(res["cpu_us"])

@@ -3,7 +3,7 @@
 process on the machine can disturb (wall-clock figures on a shared machine can).
 
     python3 bench/instructions.py BINARY [BINARY ...] [--path /live] [--requests 2000] [--redis]
-                                  [--bcrypt-cost 4] [--h2c] [--tls]
+                                  [--put] [--bcrypt-cost 4] [--h2c] [--tls]
 
 For each binary: a master with one worker (WEB_CONCURRENCY=1) runs under
 `valgrind --tool=callgrind --trace-children=yes`, twice: once idle, once answering N `GET path`
@@ -12,6 +12,7 @@ runs boot, finish warming up and stop the same way, so the difference
 between the worker's totals, divided by N, is the cost of one request. With --redis, a real
 redis-server backs the cache and `/cache/k` holds a 64-byte value (a cached GET is then a Redis
 round trip); a build whose /cache needs a session gets one (register + login, Redis is real).
+With --put each request is a `PUT path` of that 64-byte value instead (204): a cache write.
 
 With --redis --tls the Redis is reached over TLS (rediss://, a self-signed certificate, so
 REDIS_TLS_INSECURE=true): what a cached GET costs with a managed Redis that requires TLS.
@@ -68,15 +69,17 @@ def wait_health(port: int, redis: bool, timeout: float = 120.0) -> None:
     raise SystemExit(f"no healthy /health on :{port} within {timeout}s")
 
 
-def keepalive_gets(port: int, path: str, n: int, headers: dict) -> None:
+def keepalive_requests(port: int, path: str, n: int, headers: dict, put: bool = False) -> None:
     extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    req = f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n{extra}\r\n".encode()
+    method, body, expected = ("PUT", VALUE, 204) if put else ("GET", b"", 200)
+    length = f"Content-Length: {len(body)}\r\n" if put else ""
+    req = f"{method} {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n{extra}{length}\r\n".encode() + body
     with socket.create_connection((LOOPBACK, port), timeout=30) as s:
         for _ in range(n):
             s.sendall(req)
             status, _, _ = read_response(s)
-            if status != 200:
-                raise SystemExit(f"GET {path} answered {status}")
+            if status != expected:
+                raise SystemExit(f"{method} {path} answered {status}")
 
 
 def h2c_gets(port: int, path: str, n: int, headers: dict) -> None:
@@ -90,7 +93,7 @@ def h2c_gets(port: int, path: str, n: int, headers: dict) -> None:
 
 
 def worker_instructions(binary: Path, env: dict, path: str, n: int, redis: bool, bcrypt_cost: int,
-                        h2c: bool = False) -> int:
+                        h2c: bool = False, put: bool = False) -> int:
     """Total instructions of the worker process of one run (the largest callgrind file that is
     not the master's)."""
     with tempfile.TemporaryDirectory() as out:
@@ -105,8 +108,10 @@ def worker_instructions(binary: Path, env: dict, path: str, n: int, redis: bool,
         try:
             wait_health(port, redis)
             headers = cache_session(port, "k", VALUE) if redis else {}
-            if n:
-                (h2c_gets if h2c else keepalive_gets)(port, path, n, headers)
+            if n and h2c:
+                h2c_gets(port, path, n, headers)
+            elif n:
+                keepalive_requests(port, path, n, headers, put)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
@@ -131,15 +136,20 @@ def main() -> None:
     ap.add_argument("--bcrypt-cost", type=int, default=4, help="BCRYPT_COST of both runs (the pre-warm's hash)")
     ap.add_argument("--h2c", action="store_true", help="requests over cleartext HTTP/2 (h2load)")
     ap.add_argument("--tls", action="store_true", help="with --redis: Redis over TLS (rediss://)")
+    ap.add_argument("--put", action="store_true", help="each request a PUT of a 64-byte value (204)")
     args = ap.parse_args()
+    if args.put and args.h2c:
+        ap.error("--put is HTTP/1.1 only")
     print(f"{'binary':<50} {'idle':>14} {f'{args.requests} requests':>16} {'per request':>12}")
     for binary in args.binaries:
         def run(n: int) -> int:
             if not args.redis:
-                return worker_instructions(binary.resolve(), {}, args.path, n, False, args.bcrypt_cost, args.h2c)
+                return worker_instructions(binary.resolve(), {}, args.path, n, False, args.bcrypt_cost, args.h2c,
+                                           args.put)
             with RedisServer(tls=args.tls) as redis:
                 env = {"REDIS_URL": redis.url, "REDIS_TLS_INSECURE": "true"}
-                return worker_instructions(binary.resolve(), env, args.path, n, True, args.bcrypt_cost, args.h2c)
+                return worker_instructions(binary.resolve(), env, args.path, n, True, args.bcrypt_cost, args.h2c,
+                                           args.put)
         idle = run(0)
         if not args.requests:
             print(f"{str(binary):<50} {idle:>14,} {'-':>16} {'-':>12}")
