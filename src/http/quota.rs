@@ -28,7 +28,8 @@
 //! worker knew of (writes through several workers cut off at once each fit their own view);
 //! a user at or over a quota cannot store more through any worker, Redis up or not.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -68,13 +69,42 @@ return {keys, bytes}
 ";
 
 /// What this worker knows of one user's usage.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Known {
     /// As Redis counted it, at `seen`.
     usage: Usage,
     seen: Instant,
-    /// Held by this worker for replay since `seen` (counted as new keys).
-    held: Usage,
+    /// Held by this worker for replay since `seen`.
+    held: Arc<Mutex<Held>>,
+}
+
+/// A user's writes held by this worker: each key once (a key written again replaces its size),
+/// counted as a new key, since the worker cannot tell whether Redis already holds it.
+#[derive(Debug, Default)]
+struct Held {
+    sizes: HashMap<String, u64>,
+    bytes: u64,
+}
+
+impl Held {
+    fn keys(&self) -> u64 {
+        self.sizes.len() as u64
+    }
+
+    /// Keys and bytes held once `key` is held at `size`.
+    fn with(&self, key: &str, size: u64) -> Usage {
+        let replaced = self.sizes.get(key).copied();
+        Usage {
+            keys: self.keys() + u64::from(replaced.is_none()),
+            bytes: self.bytes.saturating_sub(replaced.unwrap_or(0)) + size,
+        }
+    }
+
+    fn hold(&mut self, key: &str, size: u64) {
+        let after = self.with(key, size);
+        self.sizes.insert(key.to_string(), size);
+        self.bytes = after.bytes;
+    }
 }
 
 /// The quotas (counted in Redis, through the cache), and what this worker knows of each user's
@@ -145,7 +175,7 @@ impl Quotas {
     ) -> Result<Result<Tier, CacheError>, ApiError> {
         let size = value.len() as u64;
         let quota = self.quota(username, key);
-        let headroom = self.headroom(cache, username, size);
+        let headroom = self.headroom(cache, (username, key), size);
         let may_hold = matches!(headroom, Headroom::Fits);
         match cache.set_checked(cache_key, value, ttl, &quota, may_hold).await {
             Ok(Checked::Stored(Tier::Redis, usage)) => {
@@ -153,10 +183,8 @@ impl Quotas {
                 Ok(Ok(Tier::Redis))
             }
             Ok(Checked::Stored(Tier::Memory, _)) => {
-                if let Some(mut known) = self.known.get(username) {
-                    known.held.keys += 1;
-                    known.held.bytes += size;
-                    self.known.insert(username.to_string(), known);
+                if let Some(known) = self.known.get(username) {
+                    known.held.lock().unwrap_or_else(|e| e.into_inner()).hold(key, size);
                 }
                 Ok(Ok(Tier::Memory))
             }
@@ -199,17 +227,18 @@ impl Quotas {
     }
 
     /// Whether this worker may hold a write of `size` bytes for `username` (module doc).
-    fn headroom(&self, cache: &Cache, username: &str, size: u64) -> Headroom {
+    fn headroom(&self, cache: &Cache, (username, key): (&str, &str), size: u64) -> Headroom {
         let Some(known) = self.known.get(username).filter(|known| known.seen.elapsed() < KNOWN_FOR) else {
             return Headroom::Unknown;
         };
+        let held = known.held.lock().unwrap_or_else(|e| e.into_inner()).with(key, size);
         let (share_keys, share_bytes) = cache.replay_budget();
         let (share_keys, share_bytes) = (share_keys / SHARE_DIVISOR, share_bytes / SHARE_DIVISOR);
-        if known.usage.keys + known.held.keys + 1 > self.max_keys {
+        if known.usage.keys + held.keys > self.max_keys {
             Headroom::Over(1)
-        } else if known.usage.bytes + known.held.bytes + size > self.max_bytes {
+        } else if known.usage.bytes + held.bytes > self.max_bytes {
             Headroom::Over(2)
-        } else if known.held.keys + 1 > share_keys || known.held.bytes + size > share_bytes {
+        } else if held.keys > share_keys || held.bytes > share_bytes {
             Headroom::Over(3)
         } else {
             Headroom::Fits
@@ -219,7 +248,7 @@ impl Quotas {
     /// Remembers the usage Redis just counted for `username`.
     fn learn_usage(&self, username: &str, usage: Option<Usage>) {
         if let Some(usage) = usage {
-            let known = Known { usage, seen: Instant::now(), held: Usage { keys: 0, bytes: 0 } };
+            let known = Known { usage, seen: Instant::now(), held: Arc::default() };
             self.known.insert(username.to_string(), known);
         }
     }
@@ -242,4 +271,21 @@ impl Quotas {
 
 fn refused(message: String) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_held_again_is_counted_once_at_its_latest_size() {
+        let mut held = Held::default();
+        held.hold("a", 10);
+        held.hold("b", 5);
+        for _ in 0..1000 {
+            held.hold("a", 7);
+        }
+        assert_eq!(held.with("a", 7), Usage { keys: 2, bytes: 12 });
+        assert_eq!(held.with("c", 1), Usage { keys: 3, bytes: 13 });
+    }
 }
