@@ -17,8 +17,9 @@
 //!   fitted deadline, up to the operation timeout (`HERDSMAN_REDIS_TIMEOUT`).
 //! - PING is late too, or fails: Redis is hung or gone; the breaker opens and releases every
 //!   waiting request, as soon as before plus one PING's deadline. A PING left unanswered while
-//!   this worker spent most of its deadline on the CPU (parsing megabytes of replies, say) is no
-//!   verdict: the answer may be sitting unread, so the request waits on as if alive.
+//!   this worker spent most of its deadline on the CPU (parsing megabytes of replies, say) or
+//!   waiting for one (an overloaded host) is no verdict: the answer may be sitting unread, so the
+//!   request waits on as if alive, within the operation timeout.
 //!
 //! Before asking, a late request looks at what the worker's other requests saw ([`Progress`]): a
 //! reply that arrived within the last fitted deadline, on any connection, already says Redis is
@@ -139,8 +140,8 @@ pub(super) enum Verdict {
     Alive,
     /// PING did not answer within this.
     Silent(Duration),
-    /// PING did not answer, but this worker was busy on the CPU meanwhile: it may not have read
-    /// the answer. Not a verdict on Redis; the request waits on (within the operation timeout).
+    /// PING did not answer, but this worker was busy on the CPU (or waiting for one) meanwhile:
+    /// it may not have read the answer. Not a verdict on Redis; the request waits on (within the operation timeout).
     Unheard,
     /// PING (or opening its connection) failed.
     Failed(redis::RedisError),

@@ -765,33 +765,47 @@ pub(super) async fn check_then_replay(redis: &RedisTier) -> Result<usize, CacheE
     replay_and_close(redis).await
 }
 
-/// PING within `bound`. Unanswered while this process spent most of that time on the CPU
-/// itself, it says nothing of Redis: the answer may be waiting for this worker to read it.
+/// PING within `bound`. Unanswered while this worker spent most of that time on the CPU or
+/// waiting for one, it says nothing of Redis: the answer may be waiting for this worker to read it.
 async fn ping(conn: &mut MultiplexedConnection, bound: Duration) -> Verdict {
-    let cpu = CpuClock::now();
+    let started = Occupied::now();
     match tokio::time::timeout(bound, redis::cmd("PING").query_async::<()>(conn)).await {
         Ok(Ok(())) => Verdict::Alive,
         Ok(Err(err)) => Verdict::Failed(err),
-        Err(_) if cpu.busy_for(bound) => Verdict::Unheard,
+        Err(_) if started.occupied_for(bound) => Verdict::Unheard,
         Err(_) => Verdict::Silent(bound),
     }
 }
 
-/// This process's CPU time at one moment.
-struct CpuClock(Option<Duration>);
+/// How long this process has been on the CPU, and this thread waiting for one (a worker's
+/// runtime is one thread: the one that would read the PING's answer).
+struct Occupied {
+    cpu: Option<Duration>,
+    thread: nix::unistd::Pid,
+    run_delay: Option<Duration>,
+}
 
-impl CpuClock {
-    fn now() -> CpuClock {
-        let spent = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID).ok();
-        CpuClock(spent.map(Duration::from))
+impl Occupied {
+    fn now() -> Occupied {
+        let cpu = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID).ok().map(Duration::from);
+        // `/proc/thread-self/schedstat`: time on the CPU, time runnable but waiting for one, slices.
+        let run_delay = std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|line| line.split_whitespace().nth(1).and_then(|ns| ns.parse().ok()))
+            .map(Duration::from_nanos);
+        Occupied { cpu, thread: nix::unistd::gettid(), run_delay }
     }
 
-    /// Whether the process spent at least half of `window` on the CPU since this moment.
-    fn busy_for(&self, window: Duration) -> bool {
-        match (self.0, CpuClock::now().0) {
-            (Some(then), Some(now)) => now.saturating_sub(then) >= window / 2,
-            _ => false,
-        }
+    /// Whether, since this moment, the process spent at least half of `window` on the CPU or
+    /// (on this same thread) waiting for one.
+    fn occupied_for(&self, window: Duration) -> bool {
+        let now = Occupied::now();
+        let spent = |then: Option<Duration>, now: Option<Duration>| match (then, now) {
+            (Some(then), Some(now)) => now.saturating_sub(then),
+            _ => Duration::ZERO,
+        };
+        let waited = if now.thread == self.thread { spent(self.run_delay, now.run_delay) } else { Duration::ZERO };
+        spent(self.cpu, now.cpu) + waited >= window / 2
     }
 }
 
