@@ -17,13 +17,14 @@
 //!   fitted deadline, up to the operation timeout (`HERDSMAN_REDIS_TIMEOUT`).
 //! - PING is late too, or fails: Redis is hung or gone; the breaker opens and releases every
 //!   waiting request, as soon as before plus one PING's deadline. A PING left unanswered while
-//!   this worker spent most of its deadline on the CPU (parsing megabytes of replies, say) or
-//!   waiting for one (an overloaded host) is no verdict: the answer may be sitting unread, so the
-//!   request waits on as if alive, within the operation timeout.
+//!   this worker was busy itself (on the CPU or waiting for one for most of the deadline: parsing
+//!   megabytes of replies on a loaded host, say) is no verdict: the answer may be sitting unread,
+//!   so the request waits on as if alive, within the operation timeout. A worker waiting for a
+//!   hung Redis is mostly idle, and not runnable while idle, however loaded the host.
 //!
 //! Before asking, a late request looks at what the worker's other requests saw ([`Progress`]): a
-//! reply that arrived within the last fitted deadline, on any connection, already says Redis is
-//! alive (liveness is replies arriving, not this reply being on time). This matters most when
+//! reply that arrived within the last half fitted deadline, on any connection, already says Redis
+//! is alive (liveness is replies arriving, not this reply being on time). This matters most when
 //! the worker itself is slow to read (a busy host, a process parsing megabytes of replies): the
 //! PING's answer would wait for the same reader. Otherwise one check runs at a time per worker,
 //! and every request that became late before a check ended takes that check's answer:
@@ -140,8 +141,7 @@ pub(super) enum Verdict {
     Alive,
     /// PING did not answer within this.
     Silent(Duration),
-    /// PING did not answer, but this worker was busy on the CPU (or waiting for one) meanwhile:
-    /// it may not have read the answer. Not a verdict on Redis; the request waits on (within the operation timeout).
+    /// PING did not answer, but this worker was busy meanwhile: it may not have read the answer. Not a verdict on Redis; the request waits on (within the operation timeout).
     Unheard,
     /// PING (or opening its connection) failed.
     Failed(redis::RedisError),

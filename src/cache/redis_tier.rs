@@ -356,7 +356,8 @@ impl RedisTier {
             if late_since >= until {
                 return Err(self.late_failure(purpose));
             }
-            if !self.progress.within(fitted, late_since) {
+            // Half a deadline: answers that stopped just before a hang do not delay noticing it.
+            if !self.progress.within(fitted / 2, late_since) {
                 self.alive(late_since, fitted).await?;
             }
         }
@@ -765,47 +766,60 @@ pub(super) async fn check_then_replay(redis: &RedisTier) -> Result<usize, CacheE
     replay_and_close(redis).await
 }
 
-/// PING within `bound`. Unanswered while this worker spent most of that time on the CPU or
-/// waiting for one, it says nothing of Redis: the answer may be waiting for this worker to read it.
+/// PING within `bound`. Unanswered while this worker was itself occupied, it says nothing of
+/// Redis: the answer may be waiting for this worker to read it.
 async fn ping(conn: &mut MultiplexedConnection, bound: Duration) -> Verdict {
+    use futures_util::FutureExt;
     let started = Occupied::now();
-    match tokio::time::timeout(bound, redis::cmd("PING").query_async::<()>(conn)).await {
-        Ok(Ok(())) => Verdict::Alive,
-        Ok(Err(err)) => Verdict::Failed(err),
-        Err(_) if started.occupied_for(bound) => Verdict::Unheard,
-        Err(_) => Verdict::Silent(bound),
+    let ping = redis::cmd("PING");
+    let pinging = ping.query_async::<()>(conn);
+    tokio::pin!(pinging);
+    let answer = match tokio::time::timeout(bound, pinging.as_mut()).await {
+        Ok(answer) => Some(answer),
+        Err(_) => {
+            // The answer may have come in the same turn of the runtime as the timer: the
+            // connection's task reads it once this one yields.
+            tokio::task::yield_now().await;
+            pinging.now_or_never()
+        }
+    };
+    match answer {
+        Some(Ok(())) => Verdict::Alive,
+        Some(Err(err)) => Verdict::Failed(err),
+        None if started.occupied_for(bound) => Verdict::Unheard,
+        None => Verdict::Silent(bound),
     }
 }
 
 /// How long this process has been on the CPU, and this thread waiting for one (a worker's
 /// runtime is one thread: the one that would read the PING's answer).
 struct Occupied {
-    cpu: Option<Duration>,
+    cpu: Duration,
     thread: nix::unistd::Pid,
-    run_delay: Option<Duration>,
+    run_delay: Duration,
 }
 
 impl Occupied {
     fn now() -> Occupied {
-        let cpu = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID).ok().map(Duration::from);
-        // `/proc/thread-self/schedstat`: time on the CPU, time runnable but waiting for one, slices.
+        let cpu = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
+            .map_or(Duration::ZERO, Duration::from);
+        // Time on the CPU, time runnable but waiting for one, slices.
         let run_delay = std::fs::read_to_string("/proc/thread-self/schedstat")
             .ok()
             .and_then(|line| line.split_whitespace().nth(1).and_then(|ns| ns.parse().ok()))
-            .map(Duration::from_nanos);
+            .map_or(Duration::ZERO, Duration::from_nanos);
         Occupied { cpu, thread: nix::unistd::gettid(), run_delay }
     }
 
-    /// Whether, since this moment, the process spent at least half of `window` on the CPU or
-    /// (on this same thread) waiting for one.
+    /// Whether, since this moment, the worker was working (an eighth of `window` on the CPU) and
+    /// on the CPU or waiting for one (on this same thread) for half of it. An idle worker waiting
+    /// for a hung Redis is neither, however loaded the host.
     fn occupied_for(&self, window: Duration) -> bool {
         let now = Occupied::now();
-        let spent = |then: Option<Duration>, now: Option<Duration>| match (then, now) {
-            (Some(then), Some(now)) => now.saturating_sub(then),
-            _ => Duration::ZERO,
-        };
-        let waited = if now.thread == self.thread { spent(self.run_delay, now.run_delay) } else { Duration::ZERO };
-        spent(self.cpu, now.cpu) + waited >= window / 2
+        let cpu = now.cpu.saturating_sub(self.cpu);
+        let waited =
+            if now.thread == self.thread { now.run_delay.saturating_sub(self.run_delay) } else { Duration::ZERO };
+        cpu >= window / 8 && cpu + waited >= window / 2
     }
 }
 
