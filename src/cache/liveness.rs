@@ -42,9 +42,9 @@
 //! The pool's connections are multiplexed, so replies come back in order: a session check sent
 //! after sixty-four 1 MB values waits for all of them. So each request says what it is
 //! ([`Purpose`]), and bulk traffic (a write of a large value, a read of a key whose memory copy is
-//! large, the replay and warm-up pipelines) has a pool of its own. Sessions, the login throttle,
-//! quota checks and small values never queue behind it, and only small round trips are samples
-//! of Redis's latency for the fitted deadline.
+//! large, the replay and warm-up pipelines) has a pool of its own, a few round trips at a time.
+//! Sessions, the login throttle, quota checks and small values never queue behind it, and only
+//! small round trips are samples of Redis's latency for the fitted deadline.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

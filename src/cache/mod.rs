@@ -25,10 +25,12 @@
 //!
 //! 1. a request gets an outage error (connection refused or reset, or a reply in the outage
 //!    rows of the table below): at once;
-//! 2. a request's fitted deadline passes without a reply, *and* a `PING` on a connection that
-//!    carries nothing else is not answered within the same fitted deadline (or fails): so a hung
-//!    Redis is left after one fitted deadline plus one PING's. One such check runs at a time per
-//!    worker, and every request that became late before it ended takes its answer;
+//! 2. a request's fitted deadline passes without a reply, no other reply arrived within the last
+//!    half deadline, *and* a `PING` on a connection that carries nothing else is not answered
+//!    within the same fitted deadline (or fails) while the worker was not itself too busy to
+//!    read it: so a hung Redis is left after one fitted deadline plus one PING's. One such check
+//!    runs at a time per worker, and every request that became late before it ended takes its
+//!    answer;
 //! 3. five small requests in a row that Redis, answering PING, did not answer within the
 //!    operation timeout (a stuck connection; any small success resets the count).
 //!

@@ -45,6 +45,12 @@ pub(super) const REPLAY_BATCH: usize = 256;
 /// Most Redis connections per worker and purpose; multiplexed, so a few carry every request.
 pub(super) const POOL_SIZE: u32 = 8;
 
+/// Bulk round trips in flight at once per worker. Redis runs a client's pipelined commands
+/// back to back, copying each reply before it answers anyone else: sixty-four 1 MB GETs sent at
+/// once hold its event loop (and every other client's PING) for tens of milliseconds, a few at a
+/// time for a millisecond or two, with the same throughput.
+const BULK_IN_FLIGHT: usize = 4;
+
 /// Idle pooled connections are closed after this, well before servers close them.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -131,6 +137,8 @@ pub(super) struct RedisTier {
     progress: Progress,
     /// Small requests in a row that Redis, alive, did not answer within the operation timeout.
     late: LateFailures,
+    /// Bulk round trips in flight ([`BULK_IN_FLIGHT`]).
+    bulk_permits: tokio::sync::Semaphore,
     shared: Mutex<Shared>,
 }
 
@@ -196,6 +204,7 @@ impl RedisTier {
             liveness: Liveness::new(),
             progress: Progress::new(),
             late: LateFailures::default(),
+            bulk_permits: tokio::sync::Semaphore::new(BULK_IN_FLIGHT),
             // The writes held for replay get the memory tier's byte budget again.
             pending_max_bytes: config.memory_capacity,
             shared: Mutex::new(Shared {
@@ -298,6 +307,14 @@ impl RedisTier {
     ) -> Result<T, CacheError> {
         let started = Instant::now();
         let cap = self.deadline.cap();
+        let _permit = match purpose {
+            Purpose::Small => None,
+            // Waiting for a turn is the worker's own queue, not Redis's lateness.
+            Purpose::Bulk => match tokio::time::timeout(cap, self.bulk_permits.acquire()).await {
+                Ok(Ok(permit)) => Some(permit),
+                Ok(Err(_)) | Err(_) => return Err(CacheError::Late(cap)),
+            },
+        };
         // The pool's connections are multiplexed: many requests can share one in flight.
         // So a connection is held only long enough to clone its handle, and goes back to
         // the pool at once; holding it for the round trip would cap a worker at
@@ -311,7 +328,8 @@ impl RedisTier {
             })?;
             Ok::<_, CacheError>((*pooled).clone())
         };
-        let mut conn = tokio::time::timeout(cap, checkout).await.map_err(|_| self.timed_out(started, cap))??;
+        let left = (started + cap).saturating_duration_since(Instant::now());
+        let mut conn = tokio::time::timeout(left, checkout).await.map_err(|_| self.timed_out(started, cap))??;
         let sent = Instant::now();
         let reply = async {
             match request {
