@@ -7,8 +7,9 @@
 //! host), so it is far above a round trip's usual few hundred microseconds. When Redis stops
 //! answering without closing its connections (SIGSTOP, a stalled host, a long fork or fsync)
 //! every request in flight waits that whole timeout before anyone learns of the hang. Fitted
-//! to the observed latency, the first request notices in a few milliseconds; the breaker then
-//! releases every other one at once ([`super::redis_tier`]).
+//! to the observed latency, the first request notices in a few milliseconds, asks Redis whether
+//! it is alive ([`super::liveness`]), and when it is not the breaker releases every other one at
+//! once ([`super::redis_tier`]). The deadline decides when to ask, not that Redis is gone.
 //!
 //! # The estimate
 //!
@@ -22,7 +23,8 @@
 //! [`CacheConfig::operation_timeout`](super::CacheConfig), which stays the bound of every
 //! operation. Until the first round trip succeeds the deadline is the cap.
 //!
-//! Only round trips that succeeded are samples; one that ran out of time opens the breaker,
+//! Only small round trips that succeeded are samples (a large value's round trip measures its
+//! size, not Redis); one that ran out of time, with Redis silent to PING too, opens the breaker,
 //! and the probe that closes it again re-seeds the estimate from its own round trip when
 //! Redis has become slower than the deadline (a slower network after a failover), so a
 //! Redis that is slow but within the cap is used again after one fallback instead of

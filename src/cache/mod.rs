@@ -18,13 +18,35 @@
 //!
 //! # The circuit breaker
 //!
-//! Every Redis operation, including checking a connection out of the pool,
-//! is bounded by [`CacheConfig::operation_timeout`]; a request's round trip
-//! by a tighter deadline fitted to Redis's observed latency ([`deadline`]).
-//! The first outage error or timeout *opens the breaker*: the request that
-//! saw it is answered from memory, every request of the worker still waiting
-//! on Redis is released to memory at once ([`redis_tier`]: a hang costs no
-//! more than an outage), and later requests do not touch Redis at all. A
+//! Every Redis operation, including checking a connection out of the pool, is bounded by
+//! [`CacheConfig::operation_timeout`]; a request's round trip is first given a tighter deadline
+//! fitted to Redis's observed latency ([`deadline`]). The breaker opens for a Redis that does
+//! not answer, never for a busy one ([`liveness`]). Precisely, it *opens* when:
+//!
+//! 1. a request gets an outage error (connection refused or reset, or a reply in the outage
+//!    rows of the table below): at once;
+//! 2. a request's fitted deadline passes without a reply, no other reply arrived within the last
+//!    half deadline, *and* a `PING` on a connection that carries nothing else is not answered
+//!    within the same fitted deadline (or fails) while the worker was not itself too busy to
+//!    read it: so a hung Redis is left after one fitted deadline plus one PING's. One such check
+//!    runs at a time per worker, and every request that became late before it ended takes its
+//!    answer;
+//! 3. five small requests in a row that Redis, answering PING, did not answer within the
+//!    operation timeout (a stuck connection; any small success resets the count).
+//!
+//! A late request whose PING is answered keeps waiting (asking again each fitted deadline), up to
+//! the operation timeout, instead of being answered from a possibly stale memory copy. If the
+//! timeout passes first, that request alone fails ([`CacheError::Late`]): a read is answered
+//! from memory (counted as refused), a write is refused (the HTTP API's 503) and its memory
+//! copy dropped, since Redis may or may not have applied it; a durable operation fails (503).
+//! Large transfers (a write of 64 KiB or more, a read of a key whose memory copy is that large,
+//! the replay and warm-up pipelines) ride a pool of their own, so sessions, the login throttle,
+//! quota checks and small values never queue behind them, and their lateness never counts
+//! toward rule 3.
+//!
+//! Opening the breaker answers the request that saw it from memory, releases every request of
+//! the worker still waiting on Redis to memory at once ([`redis_tier`]: a hang costs little more
+//! than an outage), and later requests do not touch Redis at all. A
 //! single background task then writes a probe key ([`redis_tier::PROBE_KEY`])
 //! with exponential back-off plus ±25% jitter (250 ms doubling up to 1 s, so a
 //! recovered Redis is noticed within about 1.25 s) and closes the breaker once
@@ -38,7 +60,7 @@
 //!
 //! | Redis says                                   | Means                      | Cache (`/cache`)                                  | Durable (users)                |
 //! |----------------------------------------------|----------------------------|---------------------------------------------------|--------------------------------|
-//! | connection refused or reset, no answer by the deadline | down or hung     | breaker opens: memory, writes replayed afterwards | 503 + `Retry-After`            |
+//! | connection refused or reset, no answer nor PING by the deadline | down or hung | breaker opens: memory, writes replayed afterwards | 503 + `Retry-After`            |
 //! | `OOM` (full, `noeviction`)                   | cannot take writes now     | same                                              | same                           |
 //! | `READONLY` (a replica after a failover)      | same; reconnecting may reach the new primary | same (the pool is discarded, the probe reconnects) | same |
 //! | `LOADING` (restarted, loading its data)      | cannot serve yet           | same                                              | same                           |
@@ -49,8 +71,8 @@
 //! | any other error (`WRONGTYPE`, `ERR ...`)     | this command is refused    | read: answered from memory; write: refused (503), memory copy dropped | the error (503) |
 //!
 //! The HTTP API's session check ([`crate::sessions`]) is a durable round trip, and its quota
-//! check is made by Redis in the write's own round trip ([`Cache::set_checked`]); both have the
-//! same fitted deadline, and one that runs out opens the breaker like any other. The session is
+//! check is made by Redis in the write's own round trip ([`Cache::set_checked`]); both ride the
+//! small connections with the same fitted deadline, and open the breaker by the same rules. The session is
 //! then answered from the worker's memory of the sessions it verified (a remembered one works,
 //! an unknown token is 503 + `Retry-After`), and a write whose quota could not be checked takes
 //! the outage path below (memory and replay, 507 when full), its quota unchecked.
@@ -102,9 +124,10 @@
 //!
 //! # Files
 //!
-//! [`memory`] (the bounded tier), [`redis_tier`] (pool, breaker, probe, replay),
+//! [`memory`] (the bounded tier), [`redis_tier`] (pools, breaker, probe, replay),
 //! [`stamped`] (the order of writes: stamps, tombstones, the write script),
-//! [`deadline`] (a round trip's deadline, fitted to Redis's latency) and [`durable`]
+//! [`deadline`] (a round trip's deadline, fitted to Redis's latency), [`liveness`] (a late reply:
+//! hung or busy; small and bulk connections) and [`durable`]
 //! (no-fallback operations); this file is the [`Cache`] that chooses between them.
 //!
 //! # Lifecycle
@@ -116,6 +139,7 @@
 
 mod deadline;
 mod durable;
+mod liveness;
 mod memory;
 mod redis_tier;
 mod stamped;
@@ -231,6 +255,9 @@ pub enum CacheError {
     /// Redis did not answer within the operation timeout.
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    /// Redis answers (PING) but did not answer this request within the operation timeout.
+    #[error("redis is busy: this request was not answered within {0:?}")]
+    Late(Duration),
 }
 
 impl CacheError {
@@ -240,7 +267,9 @@ impl CacheError {
     pub fn is_outage(&self) -> bool {
         use redis::ErrorKind;
         match self {
-            CacheError::InvalidUrl(_) | CacheError::InvalidConfig(_) | CacheError::ReplayFull => false,
+            CacheError::InvalidUrl(_) | CacheError::InvalidConfig(_) | CacheError::ReplayFull | CacheError::Late(_) => {
+                false
+            }
             CacheError::Unavailable(_) | CacheError::Timeout(_) => true,
             CacheError::Redis(err) => match err.kind() {
                 ErrorKind::Server(_) | ErrorKind::Extension => match err.code() {
@@ -416,7 +445,8 @@ impl Cache {
         if let Some(redis) = self.redis_if_up() {
             let mut pipe = redis::pipe();
             redis_tier::get_with_pttl(&mut pipe, key);
-            let reply = redis.query::<(Option<Vec<u8>>, i64)>(Request::Pipe(&pipe)).await;
+            let purpose = liveness::Purpose::reading(self.cached_len(key));
+            let reply = redis.query_for::<(Option<Vec<u8>>, i64)>(purpose, Request::Pipe(&pipe)).await;
             // A tombstone reads as absent.
             match reply.map(|(stored, pttl)| (stored.and_then(|stored| stamped::decode(Bytes::from(stored))), pttl)) {
                 Ok((Some(value), pttl)) => {
@@ -564,7 +594,12 @@ impl Cache {
         // our check and `remember`, which then refused the write.
         for _ in 0..2 {
             if redis.is_up() {
-                match redis.write_online(key, pending).await {
+                // Boxed: the write script's round trip nests the liveness check's futures, and a
+                // crate awaiting a cache write inside its own deep futures must not have to lay
+                // out all of them (rustc's query depth limit).
+                let online: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
+                    Box::pin(redis.write_online(key, pending));
+                match online.await {
                     Ok((outcome, usage)) => return Ok(Stored::Online(outcome, usage)),
                     Err(err) if err.is_outage() => trip(&self.inner, redis, &err),
                     Err(err) => return Err(self.refused_write(key, err)),

@@ -1,21 +1,25 @@
-//! The Redis tier: the bb8 pool, the circuit breaker, the probe that closes it again and the
+//! The Redis tier: the bb8 pools, the circuit breaker, the probe that closes it again and the
 //! replay of the writes made while it was open (see the parent module for the why).
 //!
-//! # A hang costs no more than an outage
+//! # A hang costs little more than an outage, a busy Redis nothing
 //!
 //! A Redis that refuses connections fails every request at once; one that hangs (SIGSTOP, a
 //! stalled host, a long fork or fsync) answers nothing, and every request already waiting on
-//! it would sit out its own timeout. Three things keep a hang as cheap as a refusal:
+//! it would sit out its own timeout. Three things keep a hang cheap without mistaking a busy
+//! Redis for a hung one:
 //!
 //! - a request's round trip gets the [`Deadline`] fitted to Redis's observed latency (a few
 //!   milliseconds for a healthy Redis), not the configured timeout, which stays the bound of
 //!   the whole operation (pool checkout included) and of the probe's round trips;
-//! - the first request to run out of time opens the breaker, and opening it releases every
-//!   request of the worker still waiting on Redis ([`RedisTier::query`] races each round trip
-//!   against [`RedisTier::opened`]): they are answered from memory at once instead of each
-//!   discovering the hang on its own;
+//! - a request still waiting at its fitted deadline asks whether Redis is alive, with a PING
+//!   on a connection of its own ([`super::liveness`]): if that is late too, the breaker opens,
+//!   and opening it releases every request of the worker still waiting on Redis
+//!   ([`RedisTier::query`] races each round trip against [`RedisTier::opened`]): they are
+//!   answered from memory at once instead of each discovering the hang on its own. If the PING
+//!   answers, Redis is busy, and the request waits on, up to the configured timeout;
 //! - a connection is held only to clone its multiplexed handle, so no request queues behind
-//!   a stuck one in the pool.
+//!   a stuck one in the pool; and large transfers have a pool of their own, so small requests
+//!   do not queue behind their replies ([`Purpose`]).
 
 use crate::metrics::{self, Event, Level};
 use std::collections::HashMap;
@@ -23,13 +27,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use bb8_redis::bb8;
+use bb8_redis::bb8::{self, ManageConnection};
 use bb8_redis::redis;
 use bb8_redis::RedisConnectionManager;
+use redis::aio::MultiplexedConnection;
 use tracing::{debug, info, warn};
 
 use super::deadline::Deadline;
 use super::durable::Script;
+use super::liveness::{LateFailures, Liveness, Progress, Purpose, Verdict};
 use super::memory::Entry;
 use super::stamped::{self, Mode, Outcome, Quota, Usage};
 use super::{CacheConfig, CacheError, Inner, RedisStatus, KEY_PREFIX, MAX_PENDING_WRITES};
@@ -38,8 +44,14 @@ use crate::config::{read_ca_certificates, redact_url};
 /// Replayed writes per pipelined round trip.
 pub(super) const REPLAY_BATCH: usize = 256;
 
-/// Most Redis connections per worker; multiplexed, so a few carry every request.
+/// Most Redis connections per worker and purpose; multiplexed, so a few carry every request.
 pub(super) const POOL_SIZE: u32 = 8;
+
+/// Bulk round trips in flight at once per worker. Redis runs a client's pipelined commands
+/// back to back, copying each reply before it answers anyone else: sixty-four 1 MB GETs sent at
+/// once hold its event loop (and every other client's PING) for tens of milliseconds, a few at a
+/// time for a millisecond or two, with the same throughput.
+const BULK_IN_FLIGHT: usize = 4;
 
 /// Idle pooled connections are closed after this, well before servers close them.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -135,8 +147,32 @@ pub(super) struct RedisTier {
     closed: tokio::sync::Notify,
     /// Built lazily inside the runtime (bb8 spawns tasks when it is built).
     /// Built on first use; replaced after every outage (see [`RedisTier::discard_pool`]).
-    pool: Mutex<Option<bb8::Pool<RedisConnectionManager>>>,
+    pools: Mutex<Pools>,
+    /// The PING that tells a hung Redis from a busy one, on a connection of its own.
+    liveness: Liveness<MultiplexedConnection>,
+    /// When Redis last answered: replies arriving on any connection are a sign of life.
+    progress: Progress,
+    /// Small requests in a row that Redis, alive, did not answer within the operation timeout.
+    late: LateFailures,
+    /// Bulk round trips in flight ([`BULK_IN_FLIGHT`]).
+    bulk_permits: tokio::sync::Semaphore,
     shared: Mutex<Shared>,
+}
+
+/// One pool per [`Purpose`], each built on first use.
+#[derive(Default)]
+struct Pools {
+    small: Option<bb8::Pool<RedisConnectionManager>>,
+    bulk: Option<bb8::Pool<RedisConnectionManager>>,
+}
+
+impl Pools {
+    fn slot(&mut self, purpose: Purpose) -> &mut Option<bb8::Pool<RedisConnectionManager>> {
+        match purpose {
+            Purpose::Small => &mut self.small,
+            Purpose::Bulk => &mut self.bulk,
+        }
+    }
 }
 
 /// The pool's error sink: keeps the last error met opening a connection, and when.
@@ -181,7 +217,11 @@ impl RedisTier {
             deadline: Deadline::new(config.deadline_floor, config.operation_timeout),
             opened: tokio::sync::Notify::new(),
             closed: tokio::sync::Notify::new(),
-            pool: Mutex::new(None),
+            pools: Mutex::new(Pools::default()),
+            liveness: Liveness::new(),
+            progress: Progress::new(),
+            late: LateFailures::default(),
+            bulk_permits: tokio::sync::Semaphore::new(BULK_IN_FLIGHT),
             // The writes held for replay get the memory tier's byte budget again.
             pending_max_bytes: config.memory_capacity,
             tombstone_lifetime: config.tombstone_lifetime,
@@ -203,40 +243,57 @@ impl RedisTier {
         self.shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(super) fn pool(&self) -> bb8::Pool<RedisConnectionManager> {
-        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        pool.get_or_insert_with(|| {
-            if self.tls {
-                // rediss:// needs a process-wide rustls provider; a second
-                // install (another cache, the app itself) is harmless.
-                let _ = rustls::crypto::ring::default_provider().install_default();
-            }
-            // No PING on every checkout (it would double the round trips of every operation).
-            // Connections a server or proxy closes while idle are avoided by recycling idle
-            // ones first (Heroku Redis closes them after 300 s); one that dies anyway fails its
-            // operation, which opens the breaker and discards the whole pool, so the probe and
-            // everything after it use fresh connections.
-            bb8::Pool::builder()
-                .max_size(self.pool_size)
-                .connection_timeout(self.deadline.cap())
-                .test_on_check_out(false)
-                .idle_timeout(Some(POOL_IDLE_TIMEOUT))
-                .max_lifetime(Some(POOL_MAX_LIFETIME))
-                .error_sink(Box::new(self.connect_error.clone()))
-                .build_unchecked(self.manager.clone())
-        })
-        .clone()
+    fn pools(&self) -> MutexGuard<'_, Pools> {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pool(&self, purpose: Purpose) -> bb8::Pool<RedisConnectionManager> {
+        let mut pools = self.pools();
+        pools
+            .slot(purpose)
+            .get_or_insert_with(|| {
+                if self.tls {
+                    // rediss:// needs a process-wide rustls provider; a second
+                    // install (another cache, the app itself) is harmless.
+                    let _ = rustls::crypto::ring::default_provider().install_default();
+                }
+                // No PING on every checkout (it would double the round trips of every operation).
+                // Connections a server or proxy closes while idle are avoided by recycling idle
+                // ones first (Heroku Redis closes them after 300 s); one that dies anyway fails its
+                // operation, which opens the breaker and discards the whole pool, so the probe and
+                // everything after it use fresh connections.
+                bb8::Pool::builder()
+                    .max_size(self.pool_size)
+                    .connection_timeout(self.deadline.cap())
+                    .test_on_check_out(false)
+                    .idle_timeout(Some(POOL_IDLE_TIMEOUT))
+                    .max_lifetime(Some(POOL_MAX_LIFETIME))
+                    .error_sink(Box::new(self.connect_error.clone()))
+                    .build_unchecked(self.manager.clone())
+            })
+            .clone()
     }
 
     /// Drops every pooled connection: after an outage they may all be dead (a restarted Redis,
     /// a failover), and bb8 cannot tell without a PING per checkout.
     pub(super) fn discard_pool(&self) {
-        self.pool.lock().unwrap_or_else(|e| e.into_inner()).take();
+        *self.pools() = Pools::default();
     }
 
-    /// A request's round trip: bounded by the fitted deadline (and, pool checkout included, by
-    /// the operation timeout), and given up at once when the breaker opens meanwhile.
+    /// A request's round trip on the connections of its [`Purpose`] by what it sends; see
+    /// [`RedisTier::query_for`].
     pub(super) async fn query<T: redis::FromRedisValue>(&self, request: Request<'_>) -> Result<T, CacheError> {
+        self.query_for(Purpose::of(&request), request).await
+    }
+
+    /// A request's round trip: given up when its fitted deadline passes and Redis does not
+    /// answer a PING either, else waited for up to the operation timeout (pool checkout
+    /// included); given up at once when the breaker opens meanwhile.
+    pub(super) async fn query_for<T: redis::FromRedisValue>(
+        &self,
+        purpose: Purpose,
+        request: Request<'_>,
+    ) -> Result<T, CacheError> {
         // Registered before the breaker is read, so an opening in between is not missed.
         let opened = self.opened.notified();
         tokio::pin!(opened);
@@ -246,54 +303,164 @@ impl RedisTier {
         }
         tokio::select! {
             biased;
-            result = self.round_trip(request, self.deadline.current()) => result,
+            result = self.round_trip(purpose, request, true) => result,
             () = opened => Err(CacheError::Unavailable(RELEASED.to_string())),
         }
     }
 
-    /// The round trips of the probe, the replay and the warm-up: bounded by the operation
+    /// The round trips of the probe, the replay and the warm-up: bulk, bounded by the operation
     /// timeout alone (they open connections and send large pipelines), never released.
     pub(super) async fn query_unfitted<T: redis::FromRedisValue>(&self, request: Request<'_>) -> Result<T, CacheError> {
-        self.round_trip(request, self.deadline.cap()).await
+        self.round_trip(Purpose::Bulk, request, false).await
     }
 
-    /// One round trip within `limit`, pool checkout included within the operation timeout.
-    /// Every round trip that succeeds is a sample of Redis's latency for the deadline.
+    /// One round trip within the operation timeout, pool checkout included; `fitted`, it asks
+    /// whether Redis is alive each time the fitted deadline passes without a reply. Every small
+    /// round trip that succeeds is a sample of Redis's latency for the deadline (a bulk one
+    /// measures its size).
     async fn round_trip<T: redis::FromRedisValue>(
         &self,
+        purpose: Purpose,
         request: Request<'_>,
-        limit: Duration,
+        fitted: bool,
     ) -> Result<T, CacheError> {
         let started = Instant::now();
-        let work = async {
-            // The pool's connections are multiplexed: many requests can share one in flight.
-            // So a connection is held only long enough to clone its handle, and goes back to
-            // the pool at once; holding it for the round trip would cap a worker at
-            // `pool_size` concurrent Redis operations (measured: 0.35x of redis-benchmark's
-            // GET rate instead of 0.5x and more), and queue requests behind a stuck one.
-            let mut conn = {
-                let pool = self.pool();
-                let pooled = pool.get().await.map_err(|err| match err {
-                    bb8::RunError::User(err) => CacheError::Redis(err),
-                    bb8::RunError::TimedOut => self.timed_out(started, self.deadline.cap()),
-                })?;
-                (*pooled).clone()
-            };
-            let sent = Instant::now();
-            let reply = async {
-                match request {
-                    Request::Cmd(cmd) => cmd.query_async(&mut conn).await,
-                    Request::Pipe(pipe) => pipe.query_async(&mut conn).await,
-                }
-            };
-            let result = tokio::time::timeout(limit, reply).await.map_err(|_| CacheError::Timeout(limit))?;
-            if result.is_ok() {
-                self.deadline.observe(sent.elapsed());
-            }
-            result.map_err(CacheError::Redis)
-        };
         let cap = self.deadline.cap();
-        tokio::time::timeout(cap, work).await.map_err(|_| self.timed_out(started, cap))?
+        let _permit = match purpose {
+            Purpose::Small => None,
+            // Waiting for a turn is the worker's own queue, not Redis's lateness.
+            Purpose::Bulk => match tokio::time::timeout(cap, self.bulk_permits.acquire()).await {
+                Ok(Ok(permit)) => Some(permit),
+                Ok(Err(_)) | Err(_) => return Err(CacheError::Late(cap)),
+            },
+        };
+        // The pool's connections are multiplexed: many requests can share one in flight.
+        // So a connection is held only long enough to clone its handle, and goes back to
+        // the pool at once; holding it for the round trip would cap a worker at
+        // `pool_size` concurrent Redis operations (measured: 0.35x of redis-benchmark's
+        // GET rate instead of 0.5x and more), and queue requests behind a stuck one.
+        let checkout = async {
+            let pool = self.pool(purpose);
+            let pooled = pool.get().await.map_err(|err| match err {
+                bb8::RunError::User(err) => CacheError::Redis(err),
+                bb8::RunError::TimedOut => self.timed_out(started, cap),
+            })?;
+            Ok::<_, CacheError>((*pooled).clone())
+        };
+        let left = (started + cap).saturating_duration_since(Instant::now());
+        let mut conn = tokio::time::timeout(left, checkout).await.map_err(|_| self.timed_out(started, cap))??;
+        let sent = Instant::now();
+        let reply = async {
+            match request {
+                Request::Cmd(cmd) => cmd.query_async(&mut conn).await,
+                Request::Pipe(pipe) => pipe.query_async(&mut conn).await,
+            }
+        };
+        tokio::pin!(reply);
+        let until = started + cap;
+        let result = if fitted {
+            self.await_reply(purpose, reply, until).await?
+        } else {
+            let left = until.saturating_duration_since(Instant::now());
+            tokio::time::timeout(left, reply).await.map_err(|_| CacheError::Timeout(cap))?
+        };
+        if result.is_ok() {
+            self.progress.answered();
+            if purpose == Purpose::Small {
+                self.deadline.observe(sent.elapsed());
+                self.late.reset();
+            }
+        }
+        result.map_err(CacheError::Redis)
+    }
+
+    /// Waits for `reply` until `until`. Each time the fitted deadline passes without it and
+    /// without any other reply meanwhile, asks whether Redis is alive: an error when it is not
+    /// (which opens the breaker), another wait when it is.
+    async fn await_reply<T>(
+        &self,
+        purpose: Purpose,
+        mut reply: std::pin::Pin<&mut impl std::future::Future<Output = redis::RedisResult<T>>>,
+        until: Instant,
+    ) -> Result<redis::RedisResult<T>, CacheError> {
+        loop {
+            let fitted = self.deadline.current();
+            let wait = fitted.min(until.saturating_duration_since(Instant::now()));
+            if let Ok(result) = tokio::time::timeout(wait, reply.as_mut()).await {
+                return Ok(result);
+            }
+            let late_since = Instant::now();
+            if late_since >= until {
+                return Err(self.late_failure(purpose));
+            }
+            // Half a deadline: answers that stopped just before a hang do not delay noticing it.
+            if !self.progress.within(fitted / 2, late_since) {
+                self.alive(late_since, fitted).await?;
+            }
+        }
+    }
+
+    /// A request Redis, alive, did not answer within the operation timeout: an error for this
+    /// request, which opens the breaker only as the [`super::liveness::LATE_LIMIT`]th small one
+    /// in a row. A late bulk transfer gets a fresh connection for the next ones instead.
+    fn late_failure(&self, purpose: Purpose) -> CacheError {
+        let cap = self.deadline.cap();
+        match purpose {
+            Purpose::Small if self.late.failure() => CacheError::Timeout(cap),
+            Purpose::Small => CacheError::Late(cap),
+            Purpose::Bulk => {
+                self.pools().bulk = None;
+                CacheError::Late(cap)
+            }
+        }
+    }
+
+    /// Whether Redis answers a PING on the dedicated connection within `bound`, for a request
+    /// late since `late_since` (one check at a time per worker; see [`Liveness`]).
+    async fn alive(&self, late_since: Instant, bound: Duration) -> Result<(), CacheError> {
+        let verdict = self.liveness.check(late_since, |conn| self.ping_alone(conn, bound)).await;
+        match &verdict {
+            Verdict::Alive => {
+                self.progress.answered();
+                debug!("a redis reply is late, but redis answers PING: waiting on")
+            }
+            other => debug!(verdict = ?other, "a redis reply is late, and so is PING"),
+        }
+        verdict.into_result()
+    }
+
+    /// PINGs on the dedicated connection, opening it if there is none. One that fails is
+    /// replaced once: servers and proxies close idle connections, which says nothing of Redis.
+    async fn ping_alone(
+        &self,
+        conn: Option<MultiplexedConnection>,
+        bound: Duration,
+    ) -> (Option<MultiplexedConnection>, Verdict) {
+        if let Some(mut old) = conn {
+            match ping(&mut old, bound).await {
+                Verdict::Failed(err) => debug!(error = %err, "the liveness connection failed; opening another"),
+                verdict => return (Some(old), verdict),
+            }
+        }
+        let mut fresh = match self.connect_alone().await {
+            Ok(conn) => conn,
+            Err(verdict) => return (None, verdict),
+        };
+        match ping(&mut fresh, bound).await {
+            Verdict::Failed(err) => (None, Verdict::Failed(err)),
+            verdict => (Some(fresh), verdict),
+        }
+    }
+
+    /// A new connection for the liveness check, outside the pools, within the operation timeout
+    /// (a TLS handshake may take longer than a fitted deadline).
+    async fn connect_alone(&self) -> Result<MultiplexedConnection, Verdict> {
+        let cap = self.deadline.cap();
+        match tokio::time::timeout(cap, self.manager.connect()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(err)) => Err(Verdict::Failed(err)),
+            Err(_) => Err(Verdict::Silent(cap)),
+        }
     }
 
     /// The error for an operation begun at `started` that ran out of time: the pool's failure
@@ -461,6 +628,7 @@ impl RedisTier {
 /// makes sure a probe is running.
 pub(super) fn trip(inner: &Arc<Inner>, redis: &RedisTier, err: &CacheError) {
     redis.discard_pool();
+    redis.late.reset();
     let mut shared = redis.lock();
     match &mut shared.breaker {
         Breaker::Up | Breaker::Connecting => {
@@ -688,7 +856,70 @@ pub(super) async fn check_then_replay(redis: &RedisTier) -> Result<usize, CacheE
     let started = Instant::now();
     redis.query_unfitted::<()>(Request::Cmd(&probe)).await?;
     redis.deadline.reseed_if_slower(started.elapsed());
+    // Opened now, not when a request is late: opening it then (to a hung Redis, whose kernel
+    // still accepts connections) would take the operation timeout, not a PING's deadline.
+    match redis.connect_alone().await {
+        Ok(conn) => redis.liveness.replace(conn).await,
+        Err(verdict) => debug!(?verdict, "no liveness connection yet; the first late request opens one"),
+    }
     replay_and_close(redis).await
+}
+
+/// PING within `bound`. Unanswered while this worker was itself occupied, it says nothing of
+/// Redis: the answer may be waiting for this worker to read it.
+async fn ping(conn: &mut MultiplexedConnection, bound: Duration) -> Verdict {
+    use futures_util::FutureExt;
+    let started = Occupied::now();
+    let ping = redis::cmd("PING");
+    let pinging = ping.query_async::<()>(conn);
+    tokio::pin!(pinging);
+    let answer = match tokio::time::timeout(bound, pinging.as_mut()).await {
+        Ok(answer) => Some(answer),
+        Err(_) => {
+            // The answer may have come in the same turn of the runtime as the timer: the
+            // connection's task reads it once this one yields.
+            tokio::task::yield_now().await;
+            pinging.now_or_never()
+        }
+    };
+    match answer {
+        Some(Ok(())) => Verdict::Alive,
+        Some(Err(err)) => Verdict::Failed(err),
+        None if started.occupied_for(bound) => Verdict::Unheard,
+        None => Verdict::Silent(bound),
+    }
+}
+
+/// How long this process has been on the CPU, and this thread waiting for one (a worker's
+/// runtime is one thread: the one that would read the PING's answer).
+struct Occupied {
+    cpu: Duration,
+    thread: nix::unistd::Pid,
+    run_delay: Duration,
+}
+
+impl Occupied {
+    fn now() -> Occupied {
+        let cpu = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
+            .map_or(Duration::ZERO, Duration::from);
+        // Time on the CPU, time runnable but waiting for one, slices.
+        let run_delay = std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|line| line.split_whitespace().nth(1).and_then(|ns| ns.parse().ok()))
+            .map_or(Duration::ZERO, Duration::from_nanos);
+        Occupied { cpu, thread: nix::unistd::gettid(), run_delay }
+    }
+
+    /// Whether, since this moment, the worker was working (an eighth of `window` on the CPU) and
+    /// on the CPU or waiting for one (on this same thread) for half of it. An idle worker waiting
+    /// for a hung Redis is neither, however loaded the host.
+    fn occupied_for(&self, window: Duration) -> bool {
+        let now = Occupied::now();
+        let cpu = now.cpu.saturating_sub(self.cpu);
+        let waited =
+            if now.thread == self.thread { now.run_delay.saturating_sub(self.run_delay) } else { Duration::ZERO };
+        cpu >= window / 8 && cpu + waited >= window / 2
+    }
 }
 
 /// Adds `GET key` and `PTTL key` to `pipe`: a value and its remaining lifetime in one round

@@ -120,6 +120,16 @@ fn cache_error(err: CacheError) -> Response {
         // kept, and the client must hear so (it may retry once Redis is back).
         return ApiError::new(StatusCode::INSUFFICIENT_STORAGE, err.to_string()).retry_after(2).into_response();
     }
+    if let CacheError::Late(_) = err {
+        // Redis is alive but busy past the operation timeout: the write may still land, so the
+        // client is told it is unconfirmed, not that it failed.
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redis did not confirm this write in time: it may or may not be stored; retry",
+        )
+        .retry_after(1)
+        .into_response();
+    }
     // The cache falls back to memory instead of failing; reaching this means
     // something unexpected, and the details stay in the log.
     tracing::error!(error = %err, "cache operation failed");
