@@ -69,6 +69,9 @@ async fn sixty_four_1mb_reads_on_one_h2_connection_never_open_the_breaker() {
         ("HERDSMAN_METRICS_PORT", "0"),
         ("HERDSMAN_REDIS_MIN_TIMEOUT", FLOOR_SECS),
         ("HERDSMAN_REDIS_TIMEOUT", "1"),
+        // One user may have a quarter of the in-flight budget (src/http/in_flight.rs): 256 MiB
+        // lets all 64 reads of each burst go to Redis at once, which is what is under test.
+        ("HERDSMAN_CACHE_MAX_BYTES", "268435456"),
     ]);
     let metrics = metrics_port(&server);
     server.wait_for_log("redis connected", Duration::from_secs(10));
