@@ -97,7 +97,8 @@ pub struct Config {
     pub redis_ca_cert: Option<PathBuf>,
     /// `/ready` waits for Redis. `REDIS_REQUIRED`, default false.
     pub redis_required: bool,
-    /// Bound on one Redis command; past it the cache falls back to memory.
+    /// Bound on one Redis command: a late reply is waited for this long while Redis answers
+    /// PING, then that command alone fails (the breaker opens for a Redis that does not answer).
     /// `HERDSMAN_REDIS_TIMEOUT`, default 0.25 s.
     #[serde(with = "secs")]
     pub redis_timeout: Duration,
@@ -452,7 +453,7 @@ settings! {
         "/ready waits for Redis: true or false [default: false]",
         default false, parse Raw::boolean;
     redis_timeout, "HERDSMAN_REDIS_TIMEOUT", "redis-timeout", "SECONDS",
-        "Seconds one Redis command may take before the cache falls back to memory [default: 0.25]",
+        "Seconds one Redis command may take at most, while Redis answers PING [default: 0.25]",
         default Duration::from_millis(250), parse Raw::seconds;
     redis_min_timeout, "HERDSMAN_REDIS_MIN_TIMEOUT", "redis-min-timeout", "SECONDS",
         "Shortest Redis deadline: it follows Redis's observed latency from this up to HERDSMAN_REDIS_TIMEOUT [default: 0.02]",

@@ -507,8 +507,8 @@ impl Cache {
 
     /// Like [`set_with_tier`](Self::set_with_tier), with `quota` checked and counted by Redis in
     /// the same round trip, atomically: a write costs one round trip, not one for the check and
-    /// one for the write. While Redis is away, or when it does not answer in time (which opens
-    /// the breaker), the quota cannot be checked: the write is held for replay (counted then,
+    /// one for the write. While Redis is away, or when it does not answer at all (no reply, no
+    /// PING: the breaker opens), the quota cannot be checked: the write is held for replay (counted then,
     /// never refused) only if the caller allows it with `may_hold`, which it decides from what
     /// it knows of the owner's usage; otherwise it is [`Checked::NotHeld`] and stored nowhere.
     /// A refused write leaves both tiers as they were.
