@@ -357,14 +357,17 @@ async fn eventually(within: Duration, mut done: impl AsyncFnMut() -> bool) -> bo
     done().await
 }
 
+/// A deadline floor far above a round trip: no false alarm on a busy machine, where these tests
+/// are not about outages.
+fn no_false_alarms(c: &mut Config) {
+    c.redis_timeout = Duration::from_secs(1);
+    c.redis_min_timeout = Duration::from_millis(500);
+}
+
 #[tokio::test]
 async fn a_verified_session_is_trusted_while_revocations_are_heard_and_a_logout_anywhere_ends_it() {
     let Some(redis) = TestRedis::start().await else { return };
-    // A deadline floor far above a round trip: no false alarm on a busy machine (not tested here).
-    let tune = |c: &mut Config| {
-        c.redis_timeout = Duration::from_secs(1);
-        c.redis_min_timeout = Duration::from_millis(500);
-    };
+    let tune = no_false_alarms;
     let (here_services, here) = worker(&redis, tune).await;
     let (elsewhere_services, elsewhere) = worker(&redis, tune).await;
     let token = login(&here, "kate").await;
@@ -403,10 +406,7 @@ async fn a_verified_session_is_trusted_while_revocations_are_heard_and_a_logout_
 #[tokio::test]
 async fn after_the_subscription_comes_back_nothing_verified_before_the_gap_is_trusted() {
     let Some(redis) = TestRedis::start().await else { return };
-    let tune = |c: &mut Config| {
-        c.redis_timeout = Duration::from_secs(1);
-        c.redis_min_timeout = Duration::from_millis(500);
-    };
+    let tune = no_false_alarms;
     let (services, app) = worker(&redis, tune).await;
     services.sessions.listen();
     assert!(eventually(Duration::from_secs(10), async || services.sessions.hears_revocations()).await);
@@ -429,10 +429,7 @@ async fn after_the_subscription_comes_back_nothing_verified_before_the_gap_is_tr
 #[tokio::test]
 async fn a_worker_that_cannot_hear_revocations_asks_redis_every_time() {
     let Some(redis) = TestRedis::start().await else { return };
-    let tune = |c: &mut Config| {
-        c.redis_timeout = Duration::from_secs(1);
-        c.redis_min_timeout = Duration::from_millis(500);
-    };
+    let tune = no_false_alarms;
     let (_here, here) = worker(&redis, tune).await;
     // Built by hand, never listening: its subscription never becomes live.
     let mut config = Config { redis_url: Some(redis.url.clone()), ..Config::default() };
@@ -455,9 +452,8 @@ async fn a_worker_that_cannot_hear_revocations_asks_redis_every_time() {
 async fn with_no_local_trust_a_logout_elsewhere_takes_effect_at_once() {
     let Some(redis) = TestRedis::start().await else { return };
     let tune = |c: &mut Config| {
+        no_false_alarms(c);
         c.session_recheck = Duration::ZERO;
-        c.redis_timeout = Duration::from_secs(1);
-        c.redis_min_timeout = Duration::from_millis(500);
     };
     let (_here, here) = worker(&redis, tune).await;
     let (_elsewhere, elsewhere) = worker(&redis, tune).await;

@@ -75,7 +75,8 @@
 //! small connections with the same fitted deadline, and open the breaker by the same rules. The session is
 //! then answered from the worker's memory of the sessions it verified (a remembered one works,
 //! an unknown token is 503 + `Retry-After`), and a write whose quota could not be checked takes
-//! the outage path below (memory and replay, 507 when full), its quota unchecked.
+//! the outage path below only within what the caller knows of the owner's usage
+//! ([`Cache::set_checked`]'s `may_hold`), counted when replayed.
 //!
 //! So a write Redis did not take is never acknowledged as stored in Redis: it
 //! is kept in memory (`x-cache-tier: memory`), read back from there while the
@@ -371,6 +372,15 @@ enum Stored {
     NotHeld,
 }
 
+impl Stored {
+    fn tier(&self) -> Tier {
+        match self {
+            Stored::Online(..) => Tier::Redis,
+            Stored::Held | Stored::NotHeld => Tier::Memory,
+        }
+    }
+}
+
 /// Which tier answered an operation (exposed as `x-cache-tier` by the HTTP API).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tier {
@@ -499,10 +509,7 @@ impl Cache {
         // Redis expiries have millisecond resolution and reject 0.
         let ttl = ttl.map(|ttl| ttl.max(Duration::from_millis(1)));
         let write = Write::Set(Entry::new(value, ttl));
-        match self.write(key, write, None, true).await? {
-            Stored::Online(..) => Ok(Tier::Redis),
-            Stored::Held | Stored::NotHeld => Ok(Tier::Memory),
-        }
+        Ok(self.write(key, write, None, true).await?.tier())
     }
 
     /// Like [`set_with_tier`](Self::set_with_tier), with `quota` checked and counted by Redis in
@@ -517,12 +524,11 @@ impl Cache {
         key: &str,
         value: Bytes,
         ttl: Duration,
-        quota: &Quota,
+        quota: Quota,
         may_hold: bool,
     ) -> Result<Checked, CacheError> {
         let write = Write::Set(Entry::new(value, Some(ttl.max(Duration::from_millis(1)))));
-        let quota = Some(Arc::new(quota.clone()));
-        Ok(match self.write(key, write, quota, may_hold).await? {
+        Ok(match self.write(key, write, Some(Arc::new(quota)), may_hold).await? {
             Stored::Online(Outcome::OverQuota(code), usage) => Checked::Refused(code, usage),
             Stored::Online(_, usage) => Checked::Stored(Tier::Redis, usage),
             Stored::Held => Checked::Stored(Tier::Memory, None),
@@ -543,15 +549,12 @@ impl Cache {
 
     /// Like [`delete_with_tier`](Self::delete_with_tier), also releasing the value's entry in
     /// `quota`'s usage hash in the same round trip, online or when held and replayed.
-    pub async fn delete_with_quota(&self, key: &str, quota: &Quota) -> Result<Tier, CacheError> {
-        self.delete_counted(key, Some(Arc::new(quota.clone()))).await
+    pub async fn delete_with_quota(&self, key: &str, quota: Quota) -> Result<Tier, CacheError> {
+        self.delete_counted(key, Some(Arc::new(quota))).await
     }
 
     async fn delete_counted(&self, key: &str, quota: Option<Arc<Quota>>) -> Result<Tier, CacheError> {
-        match self.write(key, Write::Delete, quota, true).await? {
-            Stored::Online(..) => Ok(Tier::Redis),
-            Stored::Held | Stored::NotHeld => Ok(Tier::Memory),
-        }
+        Ok(self.write(key, Write::Delete, quota, true).await?.tier())
     }
 
     /// Writes through to Redis, or holds the write for replay; keeps memory in step with what

@@ -177,7 +177,7 @@ impl Quotas {
         let quota = self.quota(username, key);
         let headroom = self.headroom(cache, (username, key), size);
         let may_hold = matches!(headroom, Headroom::Fits);
-        match cache.set_checked(cache_key, value, ttl, &quota, may_hold).await {
+        match cache.set_checked(cache_key, value, ttl, quota, may_hold).await {
             Ok(Checked::Stored(Tier::Redis, usage)) => {
                 self.learn_usage(username, usage);
                 Ok(Ok(Tier::Redis))
@@ -214,7 +214,7 @@ impl Quotas {
         cache_key: &str,
     ) -> Result<Tier, CacheError> {
         self.learn(cache, username);
-        cache.delete_with_quota(cache_key, &self.quota(username, key)).await
+        cache.delete_with_quota(cache_key, self.quota(username, key)).await
     }
 
     fn quota(&self, username: &str, key: &str) -> Quota {
